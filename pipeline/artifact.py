@@ -1,0 +1,202 @@
+"""Model artifacts: a directory (local path or any fsspec URI) holding ``config.json`` and ``model.safetensors``.
+
+``config.json`` says everything needed to rebuild and use the model without this package's defaults:
+
+    {"format": "perceptclip-model", "format_version": 1,
+     "task": "iqa", "labels": null, "higher_is_better": true,
+     "model": {backbone, lora, head, heads},        # ModelConfig.to_dict()
+     "preprocess": {...},                            # PreprocessConfig.to_dict()
+     "provenance": {...},                            # where the weights came from
+     "weights": {"file": "model.safetensors", "sha256": "...", "bytes": N}}
+
+Weights are the full, unmerged state dict (base + LoRA + heads) in safetensors, so an artifact scores
+and fine-tunes offline. Nothing is ever unpickled. Remote artifacts are copied once per machine into a
+local cache (``PERCEPTCLIP_CACHE``, default ``~/.cache/perceptclip``) and verified against the checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.model import ClipLoraModel, ModelConfig
+from pipeline.preprocess import PreprocessConfig
+from pipeline.tasks import get_task
+
+FORMAT = "perceptclip-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ArtifactError(Exception):
+    """A model artifact that is missing, malformed or fails its checksum."""
+
+
+@dataclass
+class ArtifactMeta:
+    task: str
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    labels: list[str] | None = None
+    higher_is_better: bool = True
+    provenance: dict = field(default_factory=dict)
+    weights_sha256: str | None = None
+
+    @classmethod
+    def for_task(cls, task: str, model: ModelConfig, provenance: dict | None = None, **preprocess) -> "ArtifactMeta":
+        """Metadata with the task's defaults: its labels, direction and preprocessing at the model's size."""
+        t = get_task(task)
+        pre = PreprocessConfig(kind=t.preprocess, size=model.backbone.image_size, **preprocess)
+        return cls(task=t.name, model=model, preprocess=pre, labels=list(t.labels) if t.labels else None,
+                   higher_is_better=t.higher_is_better, provenance=dict(provenance or {}))
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "task": self.task,
+            "labels": self.labels,
+            "higher_is_better": self.higher_is_better,
+            "model": self.model.to_dict(),
+            "preprocess": self.preprocess.to_dict(),
+            "provenance": self.provenance,
+            "weights": {"file": WEIGHTS_FILE, "sha256": self.weights_sha256},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config.json") -> "ArtifactMeta":
+        if d.get("format") != FORMAT:
+            raise ArtifactError(f"{where}: not a perceptclip model config (format={d.get('format')!r})")
+        if d.get("format_version", 0) > FORMAT_VERSION:
+            raise ArtifactError(f"{where}: format_version {d['format_version']} is newer than this perceptclip reads")
+        try:
+            get_task(d["task"])
+            return cls(
+                task=d["task"],
+                model=ModelConfig.from_dict(d["model"]),
+                preprocess=PreprocessConfig(**d["preprocess"]),
+                labels=d.get("labels"),
+                higher_is_better=bool(d.get("higher_is_better", True)),
+                provenance=d.get("provenance", {}),
+                weights_sha256=d.get("weights", {}).get("sha256"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{where}: invalid model config: {e}") from None
+
+
+def _sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_artifact(model: ClipLoraModel, meta: ArtifactMeta, dest: str) -> str:
+    """Write ``model`` (unmerged) and ``meta`` to ``dest`` (local or fsspec URI). Returns the weights' sha256."""
+    import fsspec
+    from safetensors.torch import save_file
+
+    if model.cfg.lora.r and not any(".lora." in k for k in model.state_dict()):
+        # a merged model has lost its LoRA tensors and no longer matches its own config
+        raise ArtifactError("cannot save a merged model: save before merge_lora()")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    fs, root = fsspec.core.url_to_fs(dest)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, WEIGHTS_FILE)
+        save_file(state, local, metadata={"format": FORMAT})
+        meta.weights_sha256 = _sha256_file(local)
+        fs.makedirs(root, exist_ok=True)
+        # weights first, config last: a config.json only ever describes complete weights
+        fs.put_file(local, f"{root.rstrip('/')}/{WEIGHTS_FILE}")
+    with fs.open(f"{root.rstrip('/')}/{CONFIG_FILE}", "w") as f:
+        json.dump(meta.to_dict(), f, indent=2)
+    return meta.weights_sha256
+
+
+def read_meta(uri: str) -> ArtifactMeta:
+    import fsspec
+
+    path = f"{uri.rstrip('/')}/{CONFIG_FILE}"
+    try:
+        with fsspec.open(path, "r") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ArtifactError(f"{uri}: no {CONFIG_FILE} here; is this a perceptclip model directory?") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    return ArtifactMeta.from_dict(raw, where=path)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PERCEPTCLIP_CACHE", Path.home() / ".cache" / "perceptclip"))
+
+
+def fetch_artifact(uri: str) -> Path:
+    """A local directory holding the artifact at ``uri``: the path itself if local, else a verified
+    copy in the cache, downloaded at most once per machine (concurrent callers share the result)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        path = Path(root)
+        if not path.is_dir():
+            raise ArtifactError(f"{uri}: no such model directory")
+        return path
+    meta = read_meta(uri)
+    target = cache_dir() / "artifacts" / hashlib.sha256(f"{uri}|{meta.weights_sha256}".encode()).hexdigest()[:32]
+    if (target / CONFIG_FILE).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            fs.get_file(f"{root.rstrip('/')}/{name}", str(staging / name))
+        try:
+            staging.rename(target)   # atomic on one filesystem; a concurrent winner keeps its copy
+        except OSError:
+            if not (target / CONFIG_FILE).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_artifact(uri: str, verify: bool = True) -> tuple[ClipLoraModel, ArtifactMeta]:
+    """Rebuild the model saved at ``uri`` (unmerged, eval mode, on CPU) and its metadata."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    local = fetch_artifact(uri)
+    meta = read_meta(str(local))
+    weights = local / WEIGHTS_FILE
+    if not weights.exists():
+        raise ArtifactError(f"{uri}: {WEIGHTS_FILE} is missing")
+    if verify and meta.weights_sha256 and _sha256_file(weights) != meta.weights_sha256:
+        raise ArtifactError(f"{uri}: {WEIGHTS_FILE} does not match the sha256 in {CONFIG_FILE}; refusing to load it")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{uri}: cannot read {WEIGHTS_FILE}: {e}") from None
+    model = ClipLoraModel(meta.model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{uri}: weights do not fit the architecture in {CONFIG_FILE}: {e}") from None
+    return model.eval(), meta
+
+
+def describe(meta: ArtifactMeta) -> dict:
+    """A short JSON-able identity for logs and Parquet metadata."""
+    return {"task": meta.task, "backbone": meta.model.backbone.name, "weights_sha256": meta.weights_sha256,
+            "labels": meta.labels, "higher_is_better": meta.higher_is_better,
+            "preprocess": meta.preprocess.to_dict(), "provenance": meta.provenance}
+

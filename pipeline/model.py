@@ -1,0 +1,159 @@
+"""PerceptCLIP: an open_clip vision transformer with LoRA on q, k, v of every block and a small MLP head.
+
+    image (B, 3, S, S), normalised
+      -> open_clip VisionTransformer (frozen; LoRA on q, k, v)      class token after ln_post
+      -> CLIP's visual projection (frozen)                            (B, embed_dim), 768 for ViT-L/14
+      -> head: Linear(embed_dim, 512) ReLU Dropout(0.5)
+               Linear(512, 256) ReLU Dropout(0.5) Linear(256, K)      (B, K)
+
+Several heads may share one backbone (multi-dataset training); each head has a name and the model
+has a default one. Architecture lives in ``ModelConfig``; weights live apart, in artifacts
+(``pipeline.artifact``) or in the released checkpoints (``pipeline.official``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.lora import LoraPair, add_lora, merge_lora
+
+DEFAULT_BACKBONE = "ViT-L-14-quickgelu"
+DEFAULT_PRETRAINED = "openai"
+
+
+@dataclass
+class BackboneConfig:
+    """An open_clip vision tower: its name (for provenance and pretrained weights) and its shape."""
+
+    name: str = DEFAULT_BACKBONE
+    pretrained: str | None = DEFAULT_PRETRAINED
+    embed_dim: int = 768                 # width of CLIP's visual projection output
+    quick_gelu: bool = True              # OpenAI's CLIP was trained with QuickGELU
+    vision: dict = field(default_factory=lambda: {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14})
+
+    @classmethod
+    def from_open_clip(cls, name: str, pretrained: str | None = DEFAULT_PRETRAINED) -> "BackboneConfig":
+        import open_clip
+
+        cfg = open_clip.get_model_config(name)
+        if cfg is None:
+            raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+        vision = dict(cfg["vision_cfg"])
+        if vision.get("timm_model_name") or isinstance(vision.get("layers"), (list, tuple)):
+            raise ValueError(f"{name!r} is not an open_clip vision transformer (timm or ResNet tower)")
+        return cls(
+            name=name,
+            pretrained=pretrained,
+            embed_dim=cfg["embed_dim"],
+            quick_gelu=cfg.get("quick_gelu", False),
+            vision=vision,
+        )
+
+    @property
+    def image_size(self) -> int:
+        size = self.vision.get("image_size", 224)
+        return size if isinstance(size, int) else size[0]
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 8.0
+    dropout: float = 0.1
+
+
+@dataclass
+class HeadConfig:
+    outputs: int = 1
+    hidden: tuple[int, ...] = (512, 256)
+    dropout: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    heads: tuple[str, ...] = ("default",)   # one head per training dataset; the first is the default
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["head"]["hidden"] = list(self.head.hidden)
+        d["heads"] = list(self.heads)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        head = dict(d.get("head", {}))
+        if "hidden" in head:
+            head["hidden"] = tuple(head["hidden"])
+        return cls(
+            backbone=BackboneConfig(**d.get("backbone", {})),
+            lora=LoraConfig(**d.get("lora", {})),
+            head=HeadConfig(**head),
+            heads=tuple(d.get("heads", ("default",))),
+        )
+
+
+class MLPHead(nn.Sequential):
+    def __init__(self, in_features: int, cfg: HeadConfig):
+        layers: list[nn.Module] = []
+        width = in_features
+        for hidden in cfg.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, cfg.outputs))
+        super().__init__(*layers)
+
+
+def build_vision_tower(cfg: BackboneConfig) -> nn.Module:
+    """The open_clip VisionTransformer for ``cfg``, randomly initialised (weights are loaded separately)."""
+    from open_clip.model import _build_vision_tower
+
+    return _build_vision_tower(cfg.embed_dim, dict(cfg.vision), quick_gelu=cfg.quick_gelu)
+
+
+class ClipLoraModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, visual: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = visual if visual is not None else build_vision_tower(cfg.backbone)
+        if cfg.lora.r:
+            add_lora(self.visual, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+        # The base and CLIP's projection stay frozen; only the LoRA pairs (and the heads) train.
+        self.visual.requires_grad_(False)
+        for module in self.visual.modules():
+            if isinstance(module, LoraPair):
+                module.requires_grad_(True)
+        self.heads = nn.ModuleDict({name: MLPHead(cfg.backbone.embed_dim, cfg.head) for name in cfg.heads})
+
+    @classmethod
+    def from_pretrained_backbone(cls, cfg: ModelConfig) -> "ClipLoraModel":
+        """Build with the backbone's pretrained open_clip weights (downloads them on first use)."""
+        import open_clip
+
+        clip = open_clip.create_model(cfg.backbone.name, pretrained=cfg.backbone.pretrained)
+        return cls(cfg, visual=clip.visual)
+
+    @property
+    def default_head(self) -> str:
+        return self.cfg.heads[0]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)                              # (B, embed_dim), projected, not normalised
+
+    def forward(self, images: torch.Tensor, head: str | None = None) -> torch.Tensor:
+        return self.heads[head or self.default_head](self.embed(images))  # (B, K)
+
+    def merge_lora(self) -> "ClipLoraModel":
+        """Fold LoRA into the base weights for inference; the model then has no LoRA parameters."""
+        merge_lora(self.visual)
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA and head tensors only: what a training checkpoint needs to hold."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}

@@ -1,0 +1,157 @@
+"""Image decoding and per-task preprocessing.
+
+Decoding turns bytes into a correct RGB ``PIL.Image`` (EXIF orientation applied, every mode handled)
+or raises ``ImageError`` with a reason code; it never lets another exception escape, so a caller can
+turn any bad image into an error row.
+
+Preprocessing turns an RGB image into uint8 crops, shape (n, 3, S, S): normalisation happens on the
+model's device (``Scorer``), so what travels between processes is a quarter of float32's size.
+
+- ``resize_center_crop`` (memorability, emotion): torchvision ``Resize(S)`` on the shorter side with
+  its default bilinear filter, then ``CenterCrop(S)``, as the released code does.
+- ``multi_crop`` (iqa): ``crops`` S x S crops of the unresized image at positions drawn from a seeded
+  generator (the same image always gets the same crops); the scores of the crops are averaged. Images
+  longer than ``max_side`` are first scaled down to it; images shorter than S are scaled up to S.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own decompression-bomb threshold (2x MAX_IMAGE_PIXELS)
+
+
+class ImageError(Exception):
+    """An image that cannot be scored. ``reason`` is a short stable code for counting and filtering."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class PreprocessConfig:
+    kind: str = "resize_center_crop"      # "resize_center_crop" | "multi_crop"
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    crops: int = 5                        # multi_crop only
+    max_side: int = 2048                  # multi_crop only: longer images are scaled down first
+    seed: int = 0                         # multi_crop only: crop positions
+
+    def __post_init__(self):
+        if self.kind not in ("resize_center_crop", "multi_crop"):
+            raise ValueError(f"preprocess.kind must be resize_center_crop or multi_crop, not {self.kind!r}")
+        if self.size <= 0 or self.crops <= 0 or self.max_side < self.size:
+            raise ValueError(f"preprocess: need size > 0, crops > 0 and max_side >= size, got {self}")
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> RGB image, upright. Raises ``ImageError`` for anything that is not a usable image."""
+    if not data:
+        raise ImageError("empty", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError("too_large", f"{width}x{height} exceeds the limit of {max_pixels} pixels")
+            img.seek(0)                              # animations: the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("too_large", str(e)) from None
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "no image format recognised") from None
+    except (OSError, SyntaxError, EOFError) as e:
+        raise ImageError("corrupt", str(e) or type(e).__name__) from None
+    except Exception as e:  # a decoder bug must still become an error row, not a crashed job
+        raise ImageError("decode_failed", f"{type(e).__name__}: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited on white; high bit depths are scaled, not clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's convert("L") clips these to 0..255, turning 16-bit images white. Scale instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if img.mode in ("I", "F") and arr.max() <= 255 and arr.min() >= 0:
+            top = 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
+    from torchvision.transforms import functional as TF
+
+    img = TF.resize(img, size)                       # shorter side -> size, bilinear (PIL, antialiased)
+    img = TF.center_crop(img, [size, size])
+    return _to_uint8_chw(img).unsqueeze(0)           # (1, 3, S, S)
+
+
+def crop_positions(width: int, height: int, size: int, count: int, seed: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    xs = rng.integers(0, width - size + 1, size=count)
+    ys = rng.integers(0, height - size + 1, size=count)
+    return [(int(x), int(y)) for x, y in zip(xs, ys)]
+
+
+def multi_crop(img: Image.Image, size: int, crops: int, max_side: int, seed: int) -> torch.Tensor:
+    width, height = img.size
+    if max(width, height) > max_side:
+        scale = max_side / max(width, height)
+        img = img.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+    if min(img.size) < size:
+        from torchvision.transforms import functional as TF
+
+        img = TF.resize(img, size)
+    arr = np.asarray(img, dtype=np.uint8)            # (H, W, 3)
+    height, width = arr.shape[:2]
+    out = np.stack([arr[y:y + size, x:x + size] for x, y in crop_positions(width, height, size, crops, seed)])
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (crops, 3, S, S)
+
+
+def preprocess(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """RGB image -> uint8 crops (n, 3, S, S): n = 1 for resize_center_crop, ``cfg.crops`` for multi_crop."""
+    if cfg.kind == "multi_crop":
+        return multi_crop(img, cfg.size, cfg.crops, cfg.max_side, cfg.seed)
+    return resize_center_crop(img, cfg.size)
+
+
+def normalize(crops: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (n, 3, S, S) -> float normalised with CLIP's statistics, on ``crops``' device."""
+    mean_t = torch.tensor(mean, device=crops.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=crops.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (crops.float() / 255.0 - mean_t) / std_t

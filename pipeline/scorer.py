@@ -1,0 +1,97 @@
+"""A loaded model ready to score images: the one inference path shared by ``predict`` and the scoring job.
+
+    scorer = Scorer.load("perceptclip-iqa")           # or a local path / s3:// artifact
+    crops = scorer.preprocess(decode_image(data))     # uint8 (n, 3, S, S), on the CPU
+    out = scorer.score([crops, ...])                  # float32 (N, K): crop outputs averaged per image
+    scorer.columns(out)                               # {"iqa": array}  or  {"emotion": [...], "emotion_awe": array, ...}
+
+LoRA is merged at load (no adapter cost at inference); on a GPU the model runs in bf16 autocast and
+images travel as uint8, normalised on the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.artifact import ArtifactMeta, describe, load_artifact
+from pipeline.model import ClipLoraModel
+from pipeline.preprocess import normalize, preprocess
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Scorer:
+    def __init__(self, model: ClipLoraModel, meta: ArtifactMeta, name: str | None = None,
+                 device: str | torch.device | None = None, head: str | None = None):
+        self.meta = meta
+        self.name = name or meta.task
+        self.device = torch.device(device) if device is not None else default_device()
+        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.head = head or model.default_head
+        if self.head not in model.heads:
+            raise ValueError(f"model has no head {self.head!r}; heads: {', '.join(model.heads)}")
+        self.model = model.merge_lora().eval().to(self.device)
+
+    @classmethod
+    def load(cls, ref: str, device: str | torch.device | None = None, name: str | None = None) -> "Scorer":
+        """``ref``: a built-in name (``perceptclip-iqa``), a local artifact directory or an fsspec URI.
+        ``NAME=REF`` names the output columns (two models of one task need different names) and
+        ``REF#HEAD`` picks a head of a multi-dataset model."""
+        from pipeline.official import resolve_model
+
+        if "=" in ref and name is None and not ref.split("=", 1)[0].count("/"):
+            name, ref = ref.split("=", 1)
+        head = None
+        if "#" in ref:
+            ref, head = ref.rsplit("#", 1)
+        model, meta = load_artifact(resolve_model(ref))
+        meta.provenance.setdefault("ref", ref)
+        return cls(model, meta, name=name, device=device, head=head)
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.meta.labels
+
+    def describe(self) -> dict:
+        return {"name": self.name, "head": self.head, **describe(self.meta)}
+
+    def preprocess(self, image) -> torch.Tensor:
+        return preprocess(image, self.meta.preprocess)
+
+    @torch.inference_mode()
+    def score(self, crops: list[torch.Tensor]) -> np.ndarray:
+        """Per-image uint8 crops -> float32 (N, K) outputs, each image's crops averaged.
+
+        Classification models average logits over crops; ``columns`` applies the softmax."""
+        if not crops:
+            return np.zeros((0, self.meta.model.head.outputs), dtype=np.float32)
+        counts = [c.shape[0] for c in crops]
+        batch = torch.cat(crops).to(self.device, non_blocking=True)
+        x = normalize(batch, self.meta.preprocess.mean, self.meta.preprocess.std)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.model(x, head=self.head)
+        out = out.float()
+        per_image = torch.stack([chunk.mean(0) for chunk in out.split(counts)])
+        return per_image.cpu().numpy()
+
+    def columns(self, outputs: np.ndarray) -> dict[str, object]:
+        """Table columns for ``outputs`` (N, K): one float per regression model; for a classifier the
+        arg-max label and one probability column per class."""
+        if self.labels is None:
+            return {self.name: outputs[:, 0].astype(np.float32)}
+        probs = torch.softmax(torch.from_numpy(outputs), dim=1).numpy().astype(np.float32)
+        cols: dict[str, object] = {self.name: [self.labels[i] for i in probs.argmax(1)]}
+        for i, label in enumerate(self.labels):
+            cols[f"{self.name}_{label}"] = probs[:, i]
+        return cols
+
+    def record(self, output: np.ndarray) -> dict[str, object]:
+        """One image's JSON fields: ``{name: float}``, or ``{name: label, name_probs: {label: p}}``."""
+        if self.labels is None:
+            return {self.name: float(output[0])}
+        probs = torch.softmax(torch.from_numpy(output), dim=0).tolist()
+        return {self.name: self.labels[int(np.argmax(probs))],
+                f"{self.name}_probs": {label: p for label, p in zip(self.labels, probs)}}
