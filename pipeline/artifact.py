@@ -154,16 +154,26 @@ def fetch_artifact(uri: str) -> Path:
     target = cache_dir() / "artifacts" / hashlib.sha256(f"{uri}|{meta.weights_sha256}".encode()).hexdigest()[:32]
     if (target / CONFIG_FILE).exists():
         return target
+
+    def download(staging: Path) -> None:
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            fs.get_file(f"{root.rstrip('/')}/{name}", str(staging / name))
+
+    return publish_once(target, download)
+
+
+def publish_once(target: Path, fill) -> Path:
+    """Create directory ``target`` by ``fill(staging_dir)`` then one rename, so readers never see a half
+    written directory and concurrent writers (several actors on one node) all end with one good copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            fs.get_file(f"{root.rstrip('/')}/{name}", str(staging / name))
+        fill(staging)
         try:
-            staging.rename(target)   # atomic on one filesystem; a concurrent winner keeps its copy
+            staging.rename(target)
         except OSError:
-            if not (target / CONFIG_FILE).exists():
+            if not (target / CONFIG_FILE).exists():   # lost the race to a complete copy: fine
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

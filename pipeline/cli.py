@@ -18,3 +18,66 @@ def main(verbose: int) -> None:
     """Perceptual scores (image quality, memorability, evoked emotion) for images at scale."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--model", "-m", "models", multiple=True, required=True,
+              help="Built-in name (perceptclip-iqa, perceptclip-memorability, perceptclip-emotion), a model "
+                   "directory or an s3:// URI. Repeat to add each model's keys to every line; NAME=MODEL "
+                   "renames a model's keys.")
+@click.option("--device", default=None, help="cpu or cuda[:N]; default: cuda when available.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+def predict(images, models, device, batch_size):
+    """Score IMAGES and print one JSON object per line.
+
+    \b
+    Example:
+      perceptclip predict photo.jpg other.png --model perceptclip-iqa --model perceptclip-emotion
+      {"path": "photo.jpg", "iqa": 0.71, "emotion": "awe", "emotion_probs": {"amusement": 0.02, ...}}
+
+    An image that cannot be read prints {"path": ..., "error": "reason: message"}; the rest still print,
+    and the exit status is 1.
+    """
+    import json
+
+    from pipeline.predict import load_scorers, predict as run_predict
+
+    scorers = _or_fail(lambda: load_scorers(models, device=device))
+    failed = 0
+    for row in run_predict(images, scorers, batch_size=batch_size):
+        failed += "error" in row
+        click.echo(json.dumps(row))
+    if failed:
+        raise SystemExit(1)
+
+
+@main.command("import-official")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--task", required=True, type=click.Choice(["iqa", "memorability", "emotion"]))
+@click.option("--output", "-o", required=True, help="Model directory to write (local path or s3:// URI).")
+def import_official(checkpoint, task, output):
+    """Convert a released PerceptCLIP checkpoint (.pth) into a model directory.
+
+    \b
+    Example:
+      perceptclip import-official perceptCLIP_IQA.pth --task iqa --output models/iqa
+      perceptclip predict photo.jpg --model models/iqa
+
+    The architecture is read from the tensor shapes; the file is loaded with weights_only=True, so a
+    pickle that carries code is refused.
+    """
+    from pipeline.official import import_official as convert
+
+    meta = _or_fail(lambda: convert(checkpoint, task, output))
+    click.echo(f"wrote {output} ({meta.task}, {meta.model.backbone.name}, sha256 {meta.weights_sha256[:12]})")
+
+
+def _or_fail(action):
+    """Run ``action``; our own errors (bad file, bad model, bad config) end the command with their message."""
+    from pipeline.artifact import ArtifactError
+
+    try:
+        return action()
+    except (ArtifactError, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
