@@ -1,0 +1,105 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.preprocess import (ImageError, PreprocessConfig, crop_positions, decode_image, normalize,
+                                 preprocess)
+from pipeline.testing import image_bytes, make_image
+
+
+def test_resize_center_crop_matches_torchvision_reference():
+    from torchvision import transforms as T
+
+    img = make_image(5, (300, 200))
+    reference = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(),
+                           T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    cfg = PreprocessConfig()
+    ours = normalize(preprocess(img, cfg), cfg.mean, cfg.std)
+    assert ours.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(ours[0], reference(img), rtol=0, atol=1e-5)
+
+
+def test_multi_crop_is_deterministic_and_unresized():
+    img = make_image(7, (400, 300))
+    cfg = PreprocessConfig(kind="multi_crop", size=224, crops=4)
+    a, b = preprocess(img, cfg), preprocess(img, cfg)
+    assert a.shape == (4, 3, 224, 224) and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+    x, y = crop_positions(400, 300, 224, 4, 0)[0]
+    expected = torch.from_numpy(np.asarray(img)[y:y + 224, x:x + 224]).permute(2, 0, 1)
+    assert torch.equal(a[0], expected)                                 # pixels straight from the image
+
+
+def test_multi_crop_scales_small_and_huge_images():
+    cfg = PreprocessConfig(kind="multi_crop", size=64, crops=2, max_side=128)
+    assert preprocess(make_image(1, (40, 30)), cfg).shape == (2, 3, 64, 64)
+    assert preprocess(make_image(1, (1000, 200)), cfg).shape == (2, 3, 64, 64)
+
+
+def test_bad_preprocess_config_names_the_problem():
+    with pytest.raises(ValueError, match="preprocess.kind"):
+        PreprocessConfig(kind="squash")
+    with pytest.raises(ValueError, match="max_side >= size"):
+        PreprocessConfig(size=224, max_side=100)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "LA", "1"])
+def test_every_mode_becomes_rgb(mode):
+    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
+    img = decode_image(image_bytes(make_image(2, (40, 30), mode=mode), fmt))
+    assert img.mode == "RGB" and img.size == (40, 30)
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))                    # fully transparent red
+    assert decode_image(image_bytes(rgba, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([0, 0, 0] * 256)
+    pal.info["transparency"] = 0
+    assert decode_image(image_bytes(pal, "PNG", transparency=0)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    arr = np.full((8, 8), 32768, dtype=np.uint16)                       # mid grey in 16 bits
+    img = Image.fromarray(arr)
+    assert img.mode.startswith("I;16")
+    r, g, b = decode_image(image_bytes(img, "PNG")).getpixel((0, 0))
+    assert r == g == b and 120 <= r <= 135
+
+
+def test_exif_orientation_is_applied():
+    img = make_image(3, (60, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                    # rotate 90 degrees clockwise
+    assert decode_image(image_bytes(img, "JPEG", exif=exif)).size == (20, 60)
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty"),
+    (b"this is text, not an image", "not_an_image"),
+])
+def test_undecodable_bytes_raise_image_error(data, reason):
+    with pytest.raises(ImageError) as err:
+        decode_image(data)
+    assert err.value.reason == reason
+
+
+def test_truncated_and_oversized_images():
+    data = image_bytes(make_image(4, (200, 200)))
+    with pytest.raises(ImageError) as err:
+        decode_image(data[: len(data) // 2])
+    assert err.value.reason == "corrupt"
+    with pytest.raises(ImageError) as err:
+        decode_image(data, max_pixels=100 * 100)
+    assert err.value.reason == "too_large"
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    r, g, b = decode_image(buf.getvalue()).getpixel((5, 5))
+    assert r > 200 and b < 50
