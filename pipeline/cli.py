@@ -81,3 +81,42 @@ def _or_fail(action):
         return action()
     except (ArtifactError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@click.argument("dataset", type=click.Choice(["koniq", "lamem", "emoset", "manifest"]))
+@click.argument("source")
+@click.option("--output", "-o", required=True, help="Folder for the shards (local path or fsspec URL).")
+@click.option("--split", default=None,
+              help="lamem: train_1..test_5 (default train_1); emoset: train, val or test (default train); "
+                   "koniq and manifest: a name in --fractions, or all (the default).")
+@click.option("--fractions", default="train=0.8,val=0.1,test=0.1", show_default=True,
+              help="koniq and manifest: the seeded random split's parts.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random split.")
+@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Samples per shard.")
+def convert(dataset, source, output, split, fractions, seed, shard_size):
+    """Write DATASET at SOURCE as WebDataset shards: key.<ext> (the original image) and key.json (label).
+
+    \b
+    Example:
+      perceptclip convert lamem /data/lamem --split train_1 --output s3://bucket/lamem/train_1
+      perceptclip convert manifest labels.parquet --split val --output shards/val
+
+    SOURCE is the dataset's folder, or for manifest a CSV or Parquet file with path (or url) and label.
+    A malformed line or a missing image is printed with its file and line; the others are written.
+    The last line printed is a JSON summary. The exit status is 1 when nothing was written.
+    """
+    import json
+
+    from pipeline.convert import convert as run_convert, parse_fractions
+
+    try:
+        report = run_convert(dataset, source, output, split=split, shard_size=shard_size,
+                             fractions=parse_fractions(fractions), seed=seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    for problem in report.problems:
+        click.echo(str(problem), err=True)
+    click.echo(json.dumps(report.to_dict()))
+    if not report.written:
+        raise SystemExit(1)
