@@ -1,0 +1,200 @@
+"""WebDataset shards: which shards a spec names, and what one shard holds.
+
+A spec is a local path or any fsspec URL (``s3://``, ``gs://``, ...), with brace ranges
+(``shard-{000000..000999}.tar``) and globs (``data/*.tar``), a list of such specs, or a ``.txt`` file
+holding one spec per line (blank lines and ``#`` comments ignored).
+
+A shard is read as a unit. ``iter_shard`` streams its samples, each a dict ``{"__key__": key,
+ext: bytes, ...}`` grouped by key the webdataset way (``dir/key.ext``, ``ext`` everything after the
+first dot of the file name); ``read_shard`` returns them all, so a caller knows the sample count
+before it emits anything and never emits part of a shard that turns out to be broken. Anything wrong
+with the shard itself (missing, not a tar, truncated, a sample whose files are not together) raises
+``ShardError`` with a reason code; nothing else escapes. What is wrong with one sample's image is the
+decoder's business, not the reader's.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+
+from pipeline.storage import filesystem, protocol, redact_text
+
+SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+URL_LIST_SUFFIXES = (".txt",)
+# Lower-case extensions of the image formats PIL reads, in the order a sample's image is picked.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "ppm", "pgm", "pbm", "pnm",
+                    "jp2", "j2k", "avif", "tga", "ico")
+_META_MEMBER = re.compile(r"(^|/)__[^/]*__($|/)")    # webdataset's own metadata, such as __index__
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class ShardError(Exception):
+    """A shard that cannot be read as a whole. ``reason``: missing, unreadable, not_a_tar, truncated,
+    unordered or duplicate_member."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+# --- listing -----------------------------------------------------------------------------------------
+
+def expand_shards(spec: str | Sequence[str], storage_options: dict | None = None) -> list[str]:
+    """Every shard URL ``spec`` names, in order, each once. Local paths come back absolute.
+
+    A glob that matches nothing, or a URL list that cannot be read, raises ``ValueError``: a typo in a
+    nightly job should fail loudly, not score zero shards."""
+    from braceexpand import braceexpand
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in specs:
+        item = item.strip()
+        if item.endswith(URL_LIST_SUFFIXES):
+            urls += expand_shards(_read_url_list(item, storage_options), storage_options)
+            continue
+        for one in braceexpand(item):
+            urls += _glob(one, storage_options) if _GLOB_CHARS.search(_path_part(one)) else [_absolute(one)]
+    return list(dict.fromkeys(urls))
+
+
+def _path_part(url: str) -> str:
+    return url.split("://", 1)[1] if "://" in url else url
+
+
+def _absolute(url: str) -> str:
+    if protocol(url) != "file":
+        return url
+    return posixpath.abspath(url.removeprefix("file://"))
+
+
+def _glob(pattern: str, storage_options: dict | None) -> list[str]:
+    fs, path = filesystem(pattern, storage_options)
+    matches = sorted(fs.glob(path))
+    if not matches:
+        raise ValueError(f"{pattern}: the pattern matches no shards")
+    proto = protocol(pattern)
+    return [_absolute(m) if proto == "file" else f"{proto}://{m}" for m in matches]
+
+
+def _read_url_list(path: str, storage_options: dict | None) -> list[str]:
+    fs, p = filesystem(path, storage_options)
+    try:
+        with fs.open(p, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the list of shard URLs: {redact_text(str(e), storage_options or {})}") from None
+    specs = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not specs:
+        raise ValueError(f"{path}: the list of shard URLs is empty")
+    return specs
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name without its tar suffix: ``s3://b/x/shard-000012.tar`` -> ``shard-000012``."""
+    name = posixpath.basename(_path_part(url).rstrip("/"))
+    for suffix in SHARD_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[dict]:
+    """Stream the samples of one shard. Raises ``ShardError`` (and only that) for a broken shard,
+    possibly after some samples were yielded: use ``read_shard`` to get all or nothing."""
+    options = storage_options or {}
+    try:
+        fs, path = filesystem(url, options)
+        with fs.open(path, "rb") as raw:
+            yield from _samples(tarfile.open(fileobj=raw, mode="r|*"), url)
+    except ShardError:
+        raise
+    except FileNotFoundError:
+        raise ShardError("missing", f"{url}: no such shard") from None
+    except IsADirectoryError:
+        raise ShardError("missing", f"{url}: a directory, not a shard") from None
+    except tarfile.ReadError as e:
+        reason = "truncated" if "unexpected end" in str(e) else "not_a_tar"
+        raise ShardError(reason, f"{url}: {e}") from None
+    except (EOFError, tarfile.CompressionError) as e:   # a compressed shard cut short, or unknown compression
+        raise ShardError("truncated" if isinstance(e, EOFError) else "not_a_tar", f"{url}: {e}") from None
+    except Exception as e:  # storage errors (permissions, network, throttling) after the client's own retries
+        raise ShardError("unreadable", redact_text(f"{url}: {type(e).__name__}: {e}", options)) from None
+
+
+def read_shard(url: str, storage_options: dict | None = None) -> list[dict]:
+    """All samples of one shard, in tar order, or ``ShardError``."""
+    return list(iter_shard(url, storage_options))
+
+
+def _samples(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
+    current: dict | None = None
+    seen: set[str] = set()
+    for member in tar:
+        if not member.isreg() or _META_MEMBER.search(member.name):
+            continue
+        match = _KEY_EXT.match(member.name)
+        if not match:               # a file without an extension belongs to no sample
+            continue
+        key, ext = match.groups()
+        data = tar.extractfile(member).read()
+        if current is not None and current["__key__"] == key:
+            if ext in current:
+                raise ShardError("duplicate_member", f"{url}: sample {key!r} has two {ext!r} files")
+            current[ext] = data
+            continue
+        if key in seen:
+            # Silently emitting the stray file as a second sample would double-count and split it.
+            raise ShardError("unordered", f"{url}: the files of sample {key!r} are not next to each other in the tar")
+        if current is not None:
+            yield current
+        seen.add(key)
+        current = {"__key__": key, ext: data}
+    _check_end_of_archive(tar, url)
+    if current is not None:
+        yield current
+
+
+def _check_end_of_archive(tar: tarfile.TarFile, url: str) -> None:
+    """tarfile stops quietly when a shard is cut exactly between two members; a complete tar ends with
+    zero blocks after its last member, so insist on seeing them."""
+    stream = tar.fileobj
+    while stream.read(1 << 20):
+        pass
+    if stream.tell() - tar.offset < tarfile.BLOCKSIZE:
+        raise ShardError("truncated", f"{url}: the tar ends without its end-of-archive blocks")
+
+
+# --- samples -----------------------------------------------------------------------------------------
+
+def image_member(sample: dict) -> str | None:
+    """The extension of the sample's image, or None when it has none."""
+    by_type: dict[str, str] = {}
+    for ext in sample:
+        if ext != "__key__":
+            by_type.setdefault(ext.rsplit(".", 1)[-1].lower(), ext)
+    return next((by_type[t] for t in IMAGE_EXTENSIONS if t in by_type), None)
+
+
+def sample_info(sample: dict) -> dict:
+    """``url`` and ``caption`` as img2dataset writes them (``key.json``, ``key.txt``); None when absent."""
+    meta: dict = {}
+    if isinstance(sample.get("json"), bytes):
+        try:
+            loaded = json.loads(sample["json"])
+            meta = loaded if isinstance(loaded, dict) else {}
+        except ValueError:
+            meta = {}
+    caption = meta.get("caption")
+    if isinstance(sample.get("txt"), bytes):
+        caption = sample["txt"].decode("utf-8", errors="replace").strip()
+    url = meta.get("url")
+    return {"url": url if isinstance(url, str) else None, "caption": caption if isinstance(caption, str) else None}

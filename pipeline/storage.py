@@ -1,0 +1,108 @@
+"""Where data lives: fsspec filesystems for local paths and object stores, their options, and secrets.
+
+Options are resolved once, on the driver, from the config and the standard environment
+(``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``), then passed to every task
+and actor, so workers on other machines reach the same store whatever their own environment holds.
+Anything not set is left to the storage client's own credential chain (instance roles, IRSA, profiles).
+
+Secrets travel only inside these options. ``redact`` and ``redact_text`` keep them out of logs,
+summaries and error messages.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+REDACTED = "***"
+SECRET_OPTION_NAMES = frozenset({"key", "secret", "token", "password", "aws_access_key_id",
+                                 "aws_secret_access_key", "aws_session_token"})
+
+
+@dataclass
+class StorageConfig:
+    """Object-store settings; each left as None falls back to the environment, then to the client."""
+
+    endpoint_url: str | None = None     # S3-compatible stores (MinIO, Ceph, R2, moto)
+    region: str | None = None
+    key: str | None = None              # prefer the environment or an instance role to a config file
+    secret: str | None = None
+    token: str | None = None
+    anon: bool = False                  # public buckets: send no credentials at all
+
+    def __post_init__(self):
+        if self.endpoint_url is not None and "://" not in self.endpoint_url:
+            raise ValueError(f"storage.endpoint_url must be a URL such as http://host:9000, not {self.endpoint_url!r}")
+        if (self.key is None) != (self.secret is None):
+            raise ValueError("storage.key and storage.secret must be given together")
+
+
+def protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def storage_options(url: str, cfg: StorageConfig | None = None) -> dict:
+    """fsspec options for ``url``'s filesystem: explicit config first, then the environment."""
+    cfg = cfg or StorageConfig()
+    if protocol(url) not in ("s3", "s3a"):
+        return {}
+    env = os.environ.get
+    opts: dict = {}
+    endpoint = cfg.endpoint_url or env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    region = cfg.region or env("AWS_REGION") or env("AWS_DEFAULT_REGION")
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    if cfg.anon:
+        opts["anon"] = True
+        return opts
+    key, secret = cfg.key or env("AWS_ACCESS_KEY_ID"), cfg.secret or env("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        opts["key"], opts["secret"] = key, secret
+        token = cfg.token or env("AWS_SESSION_TOKEN")
+        if token:
+            opts["token"] = token
+    return opts
+
+
+def filesystem(url: str, options: dict | None = None):
+    """``(fs, path)`` for ``url``, ``path`` without the protocol, as fsspec wants it."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **(options or {}))
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def redact(options: dict) -> dict:
+    """A copy of ``options`` fit for a log or a summary: secret values replaced, nesting kept."""
+    out = {}
+    for name, value in options.items():
+        if name.lower() in SECRET_OPTION_NAMES and value is not None:
+            out[name] = REDACTED
+        elif isinstance(value, dict):
+            out[name] = redact(value)
+        else:
+            out[name] = value
+    return out
+
+
+def secret_values(options: dict) -> list[str]:
+    found = []
+    for name, value in options.items():
+        if isinstance(value, dict):
+            found += secret_values(value)
+        elif name.lower() in SECRET_OPTION_NAMES and isinstance(value, str) and value:
+            found.append(value)
+    return found
+
+
+def redact_text(text: str, options: dict) -> str:
+    """``text`` with every secret value of ``options`` masked (error messages may quote a URL or a header)."""
+    for secret in secret_values(options):
+        text = text.replace(secret, REDACTED)
+    return text
