@@ -42,11 +42,13 @@ def protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
-def storage_options(url: str, cfg: StorageConfig | None = None) -> dict:
-    """fsspec options for ``url``'s filesystem: explicit config first, then the environment."""
-    cfg = cfg or StorageConfig()
-    if protocol(url) not in ("s3", "s3a"):
-        return {}
+def storage_options(cfg: StorageConfig | None = None) -> dict[str, dict]:
+    """fsspec options per protocol (``{"s3": {...}}``): explicit config first, then the environment.
+    Protocols not listed use their client's defaults."""
+    return {"s3": _s3_options(cfg or StorageConfig())}
+
+
+def _s3_options(cfg: StorageConfig) -> dict:
     env = os.environ.get
     opts: dict = {}
     endpoint = cfg.endpoint_url or env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL")
@@ -67,11 +69,14 @@ def storage_options(url: str, cfg: StorageConfig | None = None) -> dict:
     return opts
 
 
-def filesystem(url: str, options: dict | None = None):
-    """``(fs, path)`` for ``url``, ``path`` without the protocol, as fsspec wants it."""
+def filesystem(url: str, options: dict[str, dict] | None = None):
+    """``(fs, path)`` for ``url`` with the options ``storage_options`` gave its protocol; ``path`` is
+    without the protocol, as fsspec wants it."""
     import fsspec
 
-    return fsspec.core.url_to_fs(url, **(options or {}))
+    proto = protocol(url)
+    opts = (options or {}).get("s3" if proto == "s3a" else proto, {})
+    return fsspec.core.url_to_fs(url, **opts)
 
 
 def join(root: str, *parts: str) -> str:

@@ -1,0 +1,568 @@
+"""The scoring job: WebDataset shards in, one Parquet table of scores per shard out.
+
+    plan       list the shards, drop those already committed (before reading any)         driver
+    read       one task per shard reads the whole tar (a shard is a unit)                 CPU tasks
+    decode     bytes -> image -> uint8 crops, once per distinct preprocessing; a bad
+               image becomes an error row, a broken shard one ``shard`` row with why      same CPU tasks
+    score      every model on the crops, one backbone pass per model                      actor pool
+    commit     the driver gathers each shard's rows; when all have arrived it writes the
+               Parquet, then the marker (exactly once per shard, no shuffle)              driver
+    summary    counts, errors by reason, images/s, under DEST/_runs/                      driver
+
+Every shard sends exactly one control row (``status == "shard"``) carrying its sample count or the
+reason it could not be read, so the driver knows when a shard is complete without a shuffle and
+reports a broken shard instead of losing it. Images stay in the workers; only scores reach the driver.
+All Ray wiring lives in ``run_score``; the stages are plain functions and classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import __version__
+from pipeline.artifact import ArtifactMeta, describe, read_meta
+from pipeline.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessConfig, decode_image, preprocess
+from pipeline.shards import ShardError, expand_shards, image_member, read_shard, sample_info, shard_name
+from pipeline.storage import StorageConfig, filesystem, join, redact, storage_options
+
+log = logging.getLogger(__name__)
+
+MARKERS_DIR = "_markers"
+RUNS_DIR = "_runs"
+METADATA_KEY = b"perceptclip"
+BASE_COLUMNS = ("key", "shard", "status", "error", "width", "height", "url", "caption")
+SHARD_ROW = "shard"          # status of a shard's control row; never written to a table
+
+
+# --- configuration -----------------------------------------------------------------------------------
+
+@dataclass
+class ScoreConfig:
+    """Everything the scoring job reads; ``configs/score.yaml`` documents each field."""
+
+    input: list[str] = field(default_factory=list)
+    output: str = ""
+    models: list[str] = field(default_factory=list)
+    address: str | None = None           # None: RAY_ADDRESS if set, else a local cluster
+    overwrite: bool = False
+    batch_size: int = 64                  # images per model call
+    block_rows: int = 64                  # decoded images per block sent to the model actors
+    actors: int | None = None             # model actor pool size; None: one per GPU, else 1
+    gpus_per_actor: float | None = None   # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    cpus_per_reader: float = 1.0          # CPUs reserved by each read + decode task
+    torch_threads: int | None = None      # None: the actor's CPU share, at least 1
+    num_cpus: int | None = None           # local cluster only
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images become error rows (too_large)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self):
+        if isinstance(self.input, str):
+            self.input = [self.input]
+        if isinstance(self.models, str):
+            self.models = [self.models]
+        if isinstance(self.storage, dict):
+            self.storage = _from_mapping(StorageConfig, self.storage, "storage.")
+
+    def validate(self) -> "ScoreConfig":
+        """Fail at start, naming the field, rather than an hour into a cluster job."""
+        if not self.input:
+            raise ValueError("input: give at least one shard path, URL, pattern or URL list")
+        if not self.output:
+            raise ValueError("output: give a destination folder or object-store prefix")
+        if not self.models:
+            raise ValueError("models: give at least one model")
+        for name in ("batch_size", "block_rows", "max_pixels"):
+            _check(name, getattr(self, name), int, minimum=1)
+        for name in ("actors", "torch_threads", "num_cpus"):
+            if getattr(self, name) is not None:
+                _check(name, getattr(self, name), int, minimum=1)
+        _check("cpus_per_actor", self.cpus_per_actor, (int, float), minimum=0)
+        _check("cpus_per_reader", self.cpus_per_reader, (int, float), minimum=0.01)
+        if self.gpus_per_actor is not None:
+            _check("gpus_per_actor", self.gpus_per_actor, (int, float), minimum=0)
+        if self.address is not None and self.num_cpus is not None:
+            raise ValueError("num_cpus: only for a local cluster; an existing cluster (address) has its own")
+        return self
+
+
+def _check(name: str, value, types, minimum) -> None:
+    if isinstance(value, bool) or not isinstance(value, types) or value < minimum:
+        kind = "an integer" if types is int else "a number"
+        raise ValueError(f"{name}: must be {kind} >= {minimum}, got {value!r}")
+
+
+def _from_mapping(cls, data: dict, prefix: str = ""):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{prefix}{unknown[0]}: unknown option; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ValueError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def load_score_config(path: str | None = None, **overrides) -> ScoreConfig:
+    """The config in YAML file ``path`` (if any) with ``overrides`` (the command line) on top."""
+    import yaml
+
+    data: dict = {}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a score config is a mapping of options")
+        data = loaded
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return _from_mapping(ScoreConfig, data).validate()
+
+
+# --- models, as the driver sees them ------------------------------------------------------------------
+
+@dataclass
+class ModelSpec:
+    """A model named on the command line: its output name, the reference the actors load, its metadata.
+    The driver reads only ``config.json``; weights are loaded by the actors, once each."""
+
+    name: str
+    ref: str
+    meta: ArtifactMeta
+
+    @classmethod
+    def resolve(cls, text: str) -> "ModelSpec":
+        from pipeline.official import resolve_model
+
+        name = None
+        if "=" in text and "/" not in text.split("=", 1)[0]:
+            name, text = text.split("=", 1)
+        base = text.rsplit("#", 1)[0]
+        meta = read_meta(resolve_model(base))
+        return cls(name=name or meta.task, ref=text, meta=meta)
+
+    @property
+    def columns(self) -> list[str]:
+        if self.meta.labels is None:
+            return [self.name]
+        return [self.name] + [f"{self.name}_{label}" for label in self.meta.labels]
+
+    def describe(self) -> dict:
+        head = self.ref.rsplit("#", 1)[1] if "#" in self.ref else None
+        return {"name": self.name, "ref": self.ref, "head": head, "columns": self.columns, **describe(self.meta)}
+
+
+def check_columns(models: list[ModelSpec]) -> None:
+    seen = set(BASE_COLUMNS)
+    for model in models:
+        for column in model.columns:
+            if column in seen:
+                raise ValueError(f"models: two outputs would be called {column!r}; name one NAME=MODEL, "
+                                 f"e.g. --model {model.name}_2={model.ref}")
+            seen.add(column)
+
+
+def distinct_preprocessing(models: list[ModelSpec]) -> tuple[list[PreprocessConfig], list[int]]:
+    """Each preprocessing once (decode once, crop once per distinct recipe) and which one each model uses."""
+    configs: list[PreprocessConfig] = []
+    index: list[int] = []
+    for model in models:
+        if model.meta.preprocess not in configs:
+            configs.append(model.meta.preprocess)
+        index.append(configs.index(model.meta.preprocess))
+    return configs, index
+
+
+# --- plan ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    todo: list[str]
+    skipped: list[str]
+
+    @property
+    def total(self) -> int:
+        return len(self.todo) + len(self.skipped)
+
+
+def committed_names(dest: str, options: dict) -> set[str]:
+    """Names of the shards with a marker under ``dest``: one listing, no reads."""
+    fs, root = filesystem(join(dest, MARKERS_DIR), options)
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return set()
+    return {e.rsplit("/", 1)[-1].removesuffix(".json") for e in entries if e.endswith(".json")}
+
+
+def plan_shards(cfg: ScoreConfig, options: dict) -> Plan:
+    urls = expand_shards(cfg.input, options)
+    by_name: dict[str, str] = {}
+    for url in urls:
+        other = by_name.setdefault(shard_name(url), url)
+        if other != url:
+            # outputs are named after shards so users can join them; two shards cannot share one
+            raise ValueError(f"input: {other} and {url} would both write {shard_name(url)}.parquet; "
+                             f"score them into different outputs")
+    done = set() if cfg.overwrite else committed_names(cfg.output, options)
+    return Plan(todo=[u for u in urls if shard_name(u) not in done],
+                skipped=[u for u in urls if shard_name(u) in done])
+
+
+# --- read + decode (CPU tasks) -------------------------------------------------------------------------
+
+def decode_samples(shard: str, samples: list[dict], start: int, preprocessing: list[PreprocessConfig],
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """One block of rows: sample metadata, status and, per preprocessing ``i``, uint8 crops ``crops_i``
+    (n, crops, 3, S, S). A sample that cannot be decoded is an error row with zero crops."""
+    n = len(samples)
+    crops = [np.zeros((n, p.crops if p.kind == "multi_crop" else 1, 3, p.size, p.size), np.uint8)
+             for p in preprocessing]
+    status, error = np.full(n, "ok", dtype=object), np.full(n, None, dtype=object)
+    width, height = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
+    for i, sample in enumerate(samples):
+        ext = image_member(sample)
+        try:
+            if ext is None:
+                raise ImageError("no_image", f"no image file among {sorted(k for k in sample if k != '__key__')}")
+            img = decode_image(sample[ext], max_pixels=max_pixels)
+            width[i], height[i] = img.size
+            for out, p in zip(crops, preprocessing):
+                out[i] = preprocess(img, p).numpy()
+        except ImageError as e:
+            status[i], error[i] = "error", str(e)
+    info = [sample_info(s) for s in samples]
+    block = {
+        "shard": np.full(n, shard, dtype=object),
+        "ordinal": np.arange(start, start + n, dtype=np.int64),
+        "key": np.array([s["__key__"] for s in samples], dtype=object),
+        "status": status, "error": error, "width": width, "height": height,
+        "url": np.array([x["url"] for x in info], dtype=object),
+        "caption": np.array([x["caption"] for x in info], dtype=object),
+        "shard_rows": np.full(n, -1, np.int64),
+    }
+    block.update({f"crops_{i}": c for i, c in enumerate(crops)})
+    return block
+
+
+def shard_row(shard: str, rows: int, error: ShardError | None, preprocessing: list[PreprocessConfig]) -> dict:
+    """The control row: how many samples the shard holds, or why it could not be read."""
+    empty = decode_samples(shard, [], 0, preprocessing)          # the block schema, zero rows
+    row = {name: np.zeros((1, *col.shape[1:]), col.dtype) for name, col in empty.items()}
+    row.update(shard=np.array([shard], dtype=object), ordinal=np.array([-1]), key=np.array([None], dtype=object),
+               status=np.array([SHARD_ROW], dtype=object), error=np.array([str(error) if error else None], dtype=object),
+               width=np.array([-1], np.int32), height=np.array([-1], np.int32), url=np.array([None], dtype=object),
+               caption=np.array([None], dtype=object), shard_rows=np.array([rows]))
+    return row
+
+
+def read_and_decode(batch: dict[str, np.ndarray], preprocessing: list[PreprocessConfig], options: dict,
+                    block_rows: int, max_pixels: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data stage: a batch naming shards -> decoded blocks of each shard's samples, then its control row."""
+    for shard in batch["shard"]:
+        shard = str(shard)
+        try:
+            samples = read_shard(shard, options)
+        except ShardError as e:
+            yield shard_row(shard, 0, e, preprocessing)
+            continue
+        for start in range(0, len(samples), block_rows):
+            yield decode_samples(shard, samples[start:start + block_rows], start, preprocessing, max_pixels)
+        yield shard_row(shard, len(samples), None, preprocessing)
+
+
+# --- score (actor pool) --------------------------------------------------------------------------------
+
+class ModelActor:
+    """Ray Data stage: decoded blocks -> score rows. Loads every model once, when the actor starts."""
+
+    def __init__(self, models: list[tuple[str, str]], crops_index: list[int], torch_threads: int | None):
+        import torch
+
+        from pipeline.scorer import Scorer
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.scorers = [Scorer.load(ref, name=name) for name, ref in models]
+        self.crops_index = crops_index
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return score_block(batch, self.scorers, self.crops_index)
+
+
+def score_block(batch: dict[str, np.ndarray], scorers, crops_index: list[int]) -> pa.Table:
+    """Score the ok rows of ``batch`` with every scorer; error and control rows get null scores."""
+    import torch
+
+    ok = np.flatnonzero(batch["status"] == "ok")
+    n = len(batch["status"])
+    columns: dict[str, pa.Array] = {
+        name: pa.array(batch[name], type=pa.string()) for name in ("shard", "key", "status", "error", "url", "caption")
+    }
+    columns["ordinal"] = pa.array(batch["ordinal"], type=pa.int64())
+    columns["shard_rows"] = pa.array(batch["shard_rows"], type=pa.int64())
+    for name in ("width", "height"):
+        columns[name] = pa.array(batch[name], type=pa.int32(), mask=batch[name] < 0)
+    missing = np.ones(n, dtype=bool)
+    missing[ok] = False
+    for scorer, i in zip(scorers, crops_index):
+        crops = batch[f"crops_{i}"][ok]
+        outputs = scorer.score([torch.from_numpy(c) for c in crops])
+        for name, values in scorer.columns(outputs).items():
+            full = np.empty(n, dtype=object if isinstance(values, list) else np.float32)
+            full[ok] = values
+            columns[name] = pa.array(full, type=pa.string() if isinstance(values, list) else pa.float32(),
+                                     mask=missing)
+    return pa.table(columns)
+
+
+# --- commit (driver) -----------------------------------------------------------------------------------
+
+@dataclass
+class ShardResult:
+    shard: str
+    rows: int = 0
+    ok: int = 0
+    errors: Counter = field(default_factory=Counter)
+    failed: str | None = None           # why the shard could not be read
+    output: str | None = None
+
+
+class ScoreWriter:
+    """Gathers score rows per shard on the driver and commits each shard once all its rows are in:
+    Parquet first, then the marker. A shard is done only when its marker exists; object stores have
+    no rename, so nothing here depends on one. A rerun overwrites any Parquet left without a marker."""
+
+    def __init__(self, dest: str, options: dict, models: list[ModelSpec], run_id: str, overwrite: bool):
+        self.dest, self.options, self.models, self.run_id = dest, options, models, run_id
+        self.overwrite = overwrite
+        self.fs, self.root = filesystem(dest, options)
+        self.fs.makedirs(join(self.root, MARKERS_DIR), exist_ok=True)
+        self.parts: dict[str, list[pa.Table]] = defaultdict(list)
+        self.received: Counter = Counter()
+        self.expected: dict[str, int] = {}
+        self.failed: dict[str, str] = {}
+        self.finished: set[str] = set()
+
+    def add(self, table: pa.Table) -> list[ShardResult]:
+        """Take one block of score rows; returns the shards it completed (committed or failed)."""
+        import pyarrow.compute as pc
+
+        touched = []
+        for shard in pc.unique(table["shard"]).to_pylist():
+            rows = table.filter(pc.equal(table["shard"], shard))
+            control = rows.filter(pc.equal(rows["status"], SHARD_ROW))
+            samples = rows.filter(pc.not_equal(rows["status"], SHARD_ROW))
+            if samples.num_rows:
+                self.parts[shard].append(samples)
+                self.received[shard] += samples.num_rows
+            for row in control.select(["shard_rows", "error"]).to_pylist():
+                if row["error"] is not None:
+                    self.failed[shard] = row["error"]
+                else:
+                    self.expected[shard] = row["shard_rows"]
+            touched.append(shard)
+        return [result for shard in touched if (result := self._maybe_finish(shard)) is not None]
+
+    def _maybe_finish(self, shard: str) -> ShardResult | None:
+        if shard in self.finished:
+            raise RuntimeError(f"{shard}: rows arrived after the shard was finished")
+        if shard in self.failed:
+            self.parts.pop(shard, None)
+            self.finished.add(shard)
+            return ShardResult(shard=shard, failed=self.failed[shard])
+        if shard not in self.expected or self.received[shard] < self.expected[shard]:
+            return None
+        if self.received[shard] != self.expected[shard]:
+            raise RuntimeError(f"{shard}: received {self.received[shard]} rows for {self.expected[shard]} samples")
+        self.finished.add(shard)
+        return self.commit(shard, self.parts.pop(shard, []))
+
+    def table(self, shard: str, parts: list[pa.Table]) -> pa.Table:
+        columns = list(BASE_COLUMNS) + [c for m in self.models for c in m.columns]
+        if parts:
+            table = pa.concat_tables(parts).sort_by("ordinal")
+        else:
+            table = self.empty_table()
+        table = table.select(columns)
+        metadata = {
+            "format": "perceptclip-scores", "format_version": 1, "package_version": __version__,
+            "run_id": self.run_id, "shard": shard, "models": [m.describe() for m in self.models],
+        }
+        return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+
+    def empty_table(self) -> pa.Table:
+        fields = [pa.field(c, pa.int32() if c in ("width", "height") else pa.string()) for c in BASE_COLUMNS]
+        fields.append(pa.field("ordinal", pa.int64()))
+        for m in self.models:
+            fields += [pa.field(c, pa.string() if m.meta.labels and c == m.name else pa.float32()) for c in m.columns]
+        return pa.schema(fields).empty_table()
+
+    def commit(self, shard: str, parts: list[pa.Table]) -> ShardResult:
+        import pyarrow.parquet as pq
+
+        name = shard_name(shard)
+        table = self.table(shard, parts)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        data = buf.getvalue()
+        output = join(self.root, f"{name}.parquet")
+        marker = join(self.root, MARKERS_DIR, f"{name}.json")
+        if self.overwrite and self.fs.exists(marker):
+            self.fs.rm_file(marker)     # the shard is not done while its Parquet is being replaced
+        self.fs.pipe_file(output, data)
+        statuses = Counter(table["status"].to_pylist())
+        errors = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e is not None)
+        result = ShardResult(shard=shard, rows=table.num_rows, ok=statuses["ok"], errors=errors,
+                             output=join(self.dest, f"{name}.parquet"))
+        self.fs.pipe_file(marker, json.dumps({
+            "shard": shard, "output": result.output, "rows": result.rows, "ok": result.ok,
+            "errors": sum(errors.values()), "errors_by_reason": dict(errors),
+            "models": [{"name": m.name, "ref": m.ref, "weights_sha256": m.meta.weights_sha256} for m in self.models],
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "run_id": self.run_id,
+            "committed_at": _now(),
+        }, indent=2).encode())
+        return result
+
+    def pending(self) -> list[str]:
+        """Shards that sent rows but never completed: must be empty at the end of a run."""
+        return sorted((set(self.parts) | set(self.expected) | set(self.failed)) - self.finished)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- summary -------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output: str
+    started_at: str
+    models: list[dict]
+    storage: dict
+    planned: int = 0
+    skipped: int = 0
+    done: list[ShardResult] = field(default_factory=list)
+    failed: list[ShardResult] = field(default_factory=list)
+    duration_s: float = 0.0
+    startup_s: float | None = None       # from start to the first scores at the driver
+    steady_images_per_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict:
+        errors: Counter = Counter()
+        for r in self.done:
+            errors.update(r.errors)
+        ok = sum(r.ok for r in self.done)
+        rows = sum(r.rows for r in self.done)
+        return {
+            "run_id": self.run_id, "package_version": __version__, "output": self.output,
+            "started_at": self.started_at, "duration_s": round(self.duration_s, 3),
+            "startup_s": None if self.startup_s is None else round(self.startup_s, 3),
+            "shards": {"planned": self.planned, "done": len(self.done), "skipped": self.skipped,
+                       "failed": len(self.failed)},
+            "failed_shards": [{"shard": r.shard, "reason": r.failed.split(":", 1)[0], "message": r.failed}
+                              for r in self.failed],
+            "samples": {"total": rows, "ok": ok, "error": rows - ok, "errors_by_reason": dict(errors)},
+            "images_per_s": round(rows / self.duration_s, 2) if self.duration_s else None,
+            "steady_images_per_s": None if self.steady_images_per_s is None else round(self.steady_images_per_s, 2),
+            "outputs": [r.output for r in self.done],
+            "models": self.models, "storage": self.storage,
+        }
+
+
+def write_summary(summary: RunSummary, options: dict) -> str:
+    path = join(summary.output, RUNS_DIR, f"{summary.run_id}.json")
+    fs, p = filesystem(path, options)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(p, json.dumps(summary.to_dict(), indent=2).encode())
+    return path
+
+
+# --- the job: all Ray wiring is here -------------------------------------------------------------------
+
+def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> RunSummary:
+    """Score every shard ``cfg.input`` names that is not yet committed under ``cfg.output``."""
+    cfg.validate()
+    started = time.perf_counter()
+    options = storage_options(cfg.storage)
+    models = [ModelSpec.resolve(m) for m in cfg.models]
+    check_columns(models)
+    plan = plan_shards(cfg, options)
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    summary = RunSummary(run_id=run_id, output=cfg.output, started_at=_now(),
+                         models=[m.describe() for m in models], storage=redact(options),
+                         planned=plan.total, skipped=len(plan.skipped))
+    progress(f"{plan.total} shards: {len(plan.todo)} to score, {len(plan.skipped)} already committed")
+    if plan.todo:
+        _execute(cfg, plan, models, options, summary, started, progress)
+    summary.duration_s = time.perf_counter() - started
+    write_summary(summary, options)
+    return summary
+
+
+def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dict, summary: RunSummary, started: float, progress: Callable[[str], None]) -> None:
+    import ray
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        # no address and no RAY_ADDRESS: ray.init starts a local cluster, the embedded default
+        ray.init(address=cfg.address, num_cpus=cfg.num_cpus, include_dashboard=False)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if gpus else 0)
+        actors = cfg.actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
+        preprocessing, crops_index = distinct_preprocessing(models)
+        threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
+
+        ds = ray.data.from_items([{"shard": u} for u in plan.todo], override_num_blocks=len(plan.todo))
+        ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"preprocessing": preprocessing, "options": options,
+                                       "block_rows": cfg.block_rows, "max_pixels": cfg.max_pixels},
+                            num_cpus=cfg.cpus_per_reader)
+        ds = ds.map_batches(ModelActor, batch_size=cfg.batch_size, batch_format="numpy",
+                            fn_constructor_args=([(m.name, m.ref) for m in models], crops_index, threads),
+                            compute=ray.data.ActorPoolStrategy(size=actors),
+                            num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor)
+
+        writer = ScoreWriter(cfg.output, options, models, summary.run_id, cfg.overwrite)
+        first_at, first_rows, rows = None, 0, 0
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if first_at is None:
+                first_at, summary.startup_s = time.perf_counter(), time.perf_counter() - started
+            for result in writer.add(block):
+                (summary.failed if result.failed else summary.done).append(result)
+                rows += result.rows
+                if first_rows == 0:
+                    first_rows = rows
+                done = len(summary.done) + len(summary.failed)
+                elapsed = time.perf_counter() - started
+                status = f"FAILED {result.failed}" if result.failed else \
+                    f"{result.rows} rows, {sum(result.errors.values())} errors"
+                progress(f"[{done}/{len(plan.todo)}] {shard_name(result.shard)}: {status} "
+                         f"({rows / elapsed:.1f} images/s)")
+        if first_at is not None and rows > first_rows:
+            summary.steady_images_per_s = (rows - first_rows) / max(time.perf_counter() - first_at, 1e-9)
+        lost = writer.pending()
+        if lost:
+            raise RuntimeError(f"shards with missing rows at the end of the run: {', '.join(lost)}")
+    finally:
+        if started_ray:
+            ray.shutdown()
