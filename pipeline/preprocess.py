@@ -61,8 +61,12 @@ class PreprocessConfig:
         return d
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Bytes -> RGB image, upright. Raises ``ImageError`` for anything that is not a usable image."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """Bytes -> RGB image, upright. Raises ``ImageError`` for anything that is not a usable image.
+
+    ``draft_size``: let the JPEG decoder scale down in the DCT domain (1/2, 1/4, 1/8) while both sides
+    stay >= draft_size; several times faster for large JPEGs, for preprocessing that resizes anyway.
+    ``img.info["source_size"]`` keeps the full upright size either way."""
     if not data:
         raise ImageError("empty", "zero bytes")
     try:
@@ -73,9 +77,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             if width * height > max_pixels:
                 raise ImageError("too_large", f"{width}x{height} exceeds the limit of {max_pixels} pixels")
             img.seek(0)                              # animations: the first frame
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # orientations that swap the sides
+                width, height = height, width
+            rgb = to_rgb(ImageOps.exif_transpose(img))
+            rgb.info["source_size"] = (width, height)
+            return rgb
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
