@@ -536,7 +536,10 @@ def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dic
         ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="numpy",
                             fn_kwargs={"preprocessing": preprocessing, "options": options,
                                        "block_rows": cfg.block_rows, "max_pixels": cfg.max_pixels},
-                            num_cpus=cfg.cpus_per_reader)
+                            # Given as a function because Ray Data then never fuses this stage into
+                            # the model actors: fused, decoding would run inside the (few) actors
+                            # instead of on every CPU of the cluster.
+                            ray_remote_args_fn=lambda: {"num_cpus": cfg.cpus_per_reader})
         ds = ds.map_batches(ModelActor, batch_size=cfg.batch_size, batch_format="numpy",
                             fn_constructor_args=([(m.name, m.ref) for m in models], crops_index, threads),
                             compute=ray.data.ActorPoolStrategy(size=actors),

@@ -173,6 +173,33 @@ def _check_end_of_archive(tar: tarfile.TarFile, url: str) -> None:
         raise ShardError("truncated", f"{url}: the tar ends without its end-of-archive blocks")
 
 
+# --- writing -----------------------------------------------------------------------------------------
+
+def shard_bytes(samples: list[dict]) -> bytes:
+    """A WebDataset tar holding ``samples`` (dicts of ``__key__`` and ext -> bytes), in order."""
+    import io
+
+    from webdataset import TarWriter
+
+    buf = io.BytesIO()
+    with TarWriter(buf, encoder=False, mtime=0) as writer:     # mtime 0: the same samples, the same bytes
+        for sample in samples:
+            writer.write(sample)
+    return buf.getvalue()
+
+
+def write_shard(url: str, samples: list[dict], storage_options: dict | None = None) -> bytes:
+    """Write ``samples`` as one shard at ``url`` in a single put (no partial object is ever visible on
+    an object store); returns the bytes written."""
+    data = shard_bytes(samples)
+    fs, path = filesystem(url, storage_options)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, data)
+    return data
+
+
 # --- samples -----------------------------------------------------------------------------------------
 
 def image_member(sample: dict) -> str | None:

@@ -42,3 +42,60 @@ def memorability_artifact(tmp_path_factory):
     from pipeline.testing import make_tiny_artifact
 
     return make_tiny_artifact(str(tmp_path_factory.mktemp("models") / "memorability"), task="memorability", seed=3)
+
+
+@pytest.fixture(scope="session")
+def _moto_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)   # port 0: a free port
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+class S3Server:
+    """A real S3 API (moto) on loopback. ``bucket()`` makes a fresh, empty bucket: tests never share one."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.endpoint, key="testing", secret="testing-secret")
+
+    def bucket(self) -> str:
+        import uuid
+
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_server(_moto_server, monkeypatch):
+    """The moto S3 server, with the standard AWS environment pointing at it (fake credentials)."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", _moto_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", _moto_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()     # cached clients would keep an older endpoint
+    yield S3Server(_moto_server)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One small local Ray cluster shared by every test that needs one (starting one costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
