@@ -1,0 +1,146 @@
+"""A scored DEST read back, and how its scores are spread: quantiles per score column, the share of each
+class, and the share of samples a keep-expression would keep, so a threshold can be picked before a
+filter runs.
+
+Only committed tables count: a shard's Parquet is part of the result when its marker exists (the
+score job's commit protocol), so a table a crashed run left behind is never reported on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.score import METADATA_KEY, RUNS_DIR, committed_names
+from pipeline.storage import filesystem, join
+
+DEFAULT_LEVELS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+
+
+@dataclass
+class ScoreSet:
+    """Every committed score table under ``dest`` as one table, the models that wrote them (from the
+    tables' metadata, in column order) and the run summaries (oldest first)."""
+
+    dest: str
+    table: pa.Table
+    models: list[dict]
+    files: list[str]
+    runs: list[dict] = field(default_factory=list)
+    uncommitted: list[str] = field(default_factory=list)    # Parquet without a marker: left out
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.asarray(self.table["status"].to_numpy(zero_copy_only=False) == "ok")
+
+    def score_columns(self) -> list[str]:
+        """The float columns: a regression model's score, a classifier's class probabilities."""
+        return [c for m in self.models for c in m["columns"] if not (m.get("labels") and c == m["name"])]
+
+    def values(self, column: str) -> np.ndarray:
+        """The column's scores over the rows that have one (error rows have none), as float64."""
+        return self.table[column].drop_null().to_numpy().astype(np.float64)
+
+
+def read_scores(dest: str, options: dict | None = None,
+                progress: Callable[[str], None] = lambda _: None) -> ScoreSet:
+    """Read the committed score tables of a ``perceptclip score`` output. Raises ``ValueError`` naming
+    the file at fault and what to do."""
+    import pyarrow.parquet as pq
+
+    options = options or {}
+    fs, root = filesystem(dest, options)
+    try:
+        entries = sorted(fs.ls(root, detail=False))
+    except FileNotFoundError:
+        raise ValueError(f"{dest}: no such folder; give --scores the --output of a perceptclip score run") from None
+    # file names joined to ``dest`` as given, so messages name s3://bucket/... rather than bucket/...
+    parquet = [join(dest, e.rsplit("/", 1)[-1]) for e in entries if e.endswith(".parquet")]
+    committed = committed_names(dest, options)
+    files = [p for p in parquet if shard_of(p) in committed]
+    if not files:
+        raise ValueError(f"{dest}: no committed score tables (a <shard>.parquet with a marker in _markers/); "
+                         f"run perceptclip score --output {dest} first")
+    tables, models = [], {}
+    for i, path in enumerate(files, 1):
+        progress(f"reading score tables [{i}/{len(files)}] {path.rsplit('/', 1)[-1]}")
+        try:
+            with fs.open(join(root, path.rsplit("/", 1)[-1]), "rb") as f:
+                table = pq.read_table(f)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: not a readable Parquet table ({e}); delete its marker under "
+                             f"_markers/ and rerun perceptclip score to rewrite it") from None
+        raw = (table.schema.metadata or {}).get(METADATA_KEY)
+        if raw is None:
+            raise ValueError(f"{path}: not a perceptclip score table (no {METADATA_KEY.decode()!r} key in its "
+                             f"Parquet metadata); move it out of {dest}")
+        for model in json.loads(raw)["models"]:
+            models.setdefault(model["name"], model)
+        tables.append(table)
+    # Shards scored by different runs may carry different models: missing columns become nulls.
+    table = pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)
+    return ScoreSet(dest=dest, table=table, models=list(models.values()), files=files,
+                    runs=_read_runs(dest, options),
+                    uncommitted=[p for p in parquet if p not in files])
+
+
+def shard_of(table_path: str) -> str:
+    """The name of the shard a score table was written for: ``.../shard-000012.parquet`` -> ``shard-000012``."""
+    return table_path.rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
+def _read_runs(dest: str, options: dict) -> list[dict]:
+    fs, root = filesystem(join(dest, RUNS_DIR), options)
+    try:
+        paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    runs = []
+    for path in paths:
+        try:
+            runs.append(json.loads(fs.cat_file(path)))
+        except ValueError as e:
+            name = join(dest, RUNS_DIR, path.rsplit("/", 1)[-1])
+            raise ValueError(f"{name}: not a readable run summary ({e}); move it out of {join(dest, RUNS_DIR)}") from None
+    return sorted(runs, key=lambda r: r.get("started_at") or "")
+
+
+# --- distributions ------------------------------------------------------------------------------------
+
+def quantiles(scores: ScoreSet, levels=DEFAULT_LEVELS) -> dict[str, dict]:
+    """Per score column: how many rows have a score, their mean, and the value at each level
+    (numpy's default, linear interpolation); None throughout for a column with no scores."""
+    out = {}
+    for column in scores.score_columns():
+        values = scores.values(column)
+        if len(values):
+            at = np.quantile(values, levels)
+            out[column] = {"count": len(values), "mean": float(values.mean()),
+                           "quantiles": {_level(q): float(v) for q, v in zip(levels, at)}}
+        else:
+            out[column] = {"count": 0, "mean": None, "quantiles": {_level(q): None for q in levels}}
+    return out
+
+
+def class_shares(scores: ScoreSet) -> dict[str, dict[str, dict]]:
+    """Per classifier: each label's count and share of the rows that have a label, in label order."""
+    out = {}
+    for model in scores.models:
+        if not model.get("labels"):
+            continue
+        labels = scores.table[model["name"]].drop_null().to_numpy(zero_copy_only=False)
+        total = len(labels)
+        names, counts = np.unique(labels, return_counts=True) if total else ([], [])
+        found = dict(zip(names.tolist() if total else [], np.asarray(counts).tolist()))
+        out[model["name"]] = {label: {"count": found.get(label, 0),
+                                      "share": found.get(label, 0) / total if total else None}
+                              for label in model["labels"]}
+    return out
+
+
+def _level(q: float) -> str:
+    return f"{q:g}"
