@@ -199,3 +199,85 @@ def evaluate(model, data, output, bootstrap, device):
         with fs.open(path, "w") as f:
             f.write(text + "\n")
     click.echo(text)
+
+
+class _Progress:
+    """Progress lines on stderr, at most one a second (a DEST can hold thousands of tables); ``done``
+    prints the last line held back, so the final state always shows."""
+
+    def __init__(self):
+        self.shown_at = float("-inf")
+        self.held: str | None = None
+
+    def __call__(self, line: str) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self.shown_at >= 1.0:
+            click.echo(line, err=True)
+            self.shown_at, self.held = now, None
+        else:
+            self.held = line
+
+    def done(self) -> None:
+        if self.held is not None:
+            click.echo(self.held, err=True)
+            self.held = None
+
+
+@main.command()
+@click.option("--scores", "dest", required=True, help="The --output of a perceptclip score run (folder or s3:// prefix).")
+@click.option("--output", "-o", required=True, help="HTML file to write (local path or fsspec URL).")
+@click.option("--shards", multiple=True,
+              help="Where the shards are now, if they moved since scoring: paths, URLs, brace ranges, globs or "
+                   "a .txt list, matched to the tables by shard name. Repeatable. Default: the URLs recorded "
+                   "in the tables.")
+@click.option("--top-k", default=12, show_default=True, type=click.IntRange(0),
+              help="How many of the highest and of the lowest scored samples to show per model.")
+def report(dest, output, shards, top_k):
+    """Write one self-contained HTML page about the scores under DEST.
+
+    \b
+    Example:
+      perceptclip report --scores s3://bucket/scores --output report.html
+      perceptclip report --scores scores/ --output report.html --shards '/mnt/shards/*.tar' --top-k 24
+
+    Per model: a histogram and quantiles (a classifier: its class distribution), and thumbnails of the
+    top and bottom samples, read from the shards; then the errors by reason and the run summaries. The
+    page needs no network to open. A thumbnail that cannot be read shows why instead.
+    """
+    from pipeline.report import write_report
+    from pipeline.storage import storage_options
+
+    progress = _Progress()
+    result = _or_fail(lambda: write_report(dest, output, shards=list(shards) or None, top_k=top_k,
+                                           options=storage_options(), progress=progress))
+    progress.done()
+    click.echo(f"wrote {result.output} ({result.bytes / 1e6:.1f} MB, {result.thumbnails} thumbnails"
+               + (f", {result.unavailable} unavailable" if result.unavailable else "") + ")")
+
+
+@main.command()
+@click.option("--scores", "dest", required=True, help="The --output of a perceptclip score run (folder or s3:// prefix).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def quantiles(dest, as_json):
+    """Print each score's quantiles and class shares, to pick a filter threshold before filtering.
+
+    \b
+    Example:
+      perceptclip quantiles --scores s3://bucket/scores
+      perceptclip quantiles --scores scores/ --where 'iqa > 0.6 and emotion != "fear"'
+
+    Quantiles are over the scored samples (error rows have no scores), interpolated linearly. With
+    --where, the last line says how many samples the expression keeps, of all and of the scored.
+    """
+    import json
+
+    from pipeline.quantiles import describe_scores, format_description, read_scores
+    from pipeline.storage import storage_options
+
+    progress = _Progress()
+    scores = _or_fail(lambda: read_scores(dest, storage_options(), progress))
+    progress.done()
+    description = describe_scores(scores)
+    click.echo(json.dumps(description, indent=2) if as_json else format_description(description))

@@ -144,3 +144,40 @@ def class_shares(scores: ScoreSet) -> dict[str, dict[str, dict]]:
 
 def _level(q: float) -> str:
     return f"{q:g}"
+
+
+# --- what ``perceptclip quantiles`` prints ---------------------------------------------------------------
+
+def describe_scores(scores: ScoreSet, levels=DEFAULT_LEVELS) -> dict:
+    """The JSON ``perceptclip quantiles --json`` prints."""
+    ok = int(scores.ok.sum())
+    return {"scores_dest": scores.dest, "tables": len(scores.files),
+            "samples": {"total": scores.table.num_rows, "ok": ok, "error": scores.table.num_rows - ok},
+            "levels": list(levels), "quantiles": quantiles(scores, levels), "classes": class_shares(scores)}
+
+
+def format_description(description: dict) -> str:
+    """``describe_scores`` as a table for people: one line per score column, one column per level."""
+    levels = [_level(q) for q in description["levels"]]
+    samples = description["samples"]
+    stats = description["quantiles"]
+    name_w = max([len("score")] + [len(c) for c in stats])
+    lines = [f"{description['scores_dest']}: {samples['total']} samples in {description['tables']} tables, "
+             f"{samples['ok']} scored, {samples['error']} errors", ""]
+    lines.append(f"{'score':<{name_w}} {'n':>7} {'mean':>7} " + " ".join(f"{'q' + q:>7}" for q in levels))
+    for column, s in stats.items():
+        cells = [_cell(s["quantiles"][q]) for q in levels]
+        lines.append(f"{column:<{name_w}} {s['count']:>7} {_cell(s['mean'])} " + " ".join(cells))
+    for name, shares in description["classes"].items():
+        ordered = sorted(shares.items(), key=lambda item: -item[1]["count"])
+        lines += ["", f"{name}: " + ", ".join(
+            f"{label} {s['count']} ({_percent(s['share'])})" for label, s in ordered)]
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return f"{'-' if value is None else format(value, '.4g'):>7}"
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"

@@ -66,8 +66,11 @@ def write_report(scores_dest: str, output: str, shards: str | list[str] | None =
     thumbs = fetch_thumbnails(wanted, locations, options, progress)
     page = render(scores, picks, thumbs)
     data = page.encode("utf-8")
-    fs, path = filesystem(output, options)
-    fs.pipe_file(path, data)
+    try:
+        fs, path = filesystem(output, options)
+        fs.pipe_file(path, data)
+    except OSError as e:
+        raise ValueError(f"{output}: cannot write the report ({e}); give --output a writable path") from None
     return ReportResult(output=output, bytes=len(data), thumbnails=sum(t.uri is not None for t in thumbs.values()),
                         unavailable=sum(t.uri is None for t in thumbs.values()))
 
@@ -304,7 +307,8 @@ def grid(rows: list[dict], model: dict, thumbs: dict[tuple[str, str], Thumb]) ->
         score = f'{esc(row[model["name"]])} ({num(row["rank"], 3)})' if model.get("labels") else num(row["rank"])
         caption = row.get("caption") or ""
         caption = caption if len(caption) <= 80 else caption[:79] + "…"
-        figures.append(f'<figure title="{esc(row["shard"])}">{picture}<figcaption><b>{score}</b><br>'
+        figures.append(f'<figure title="{esc(row["shard"])}" data-key="{esc(row["key"])}" '
+                       f'data-score="{row["rank"]!r}">{picture}<figcaption><b>{score}</b><br>'
                        f"{esc(row['key'])}<br>{esc(caption)}</figcaption></figure>")
     return f'<div class="grid">{"".join(figures)}</div>'
 
