@@ -1,0 +1,270 @@
+"""``perceptclip quantiles`` and ``perceptclip report`` on a DEST written by the real score job (tiny
+models, shards written here, one run for the module). The report is opened in headless Chromium, which
+says what a reader would see: loaded thumbnails, drawn charts, no broken images, no fetches."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from collections import Counter
+from html import unescape
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.score import ScoreConfig, run_score
+from pipeline.shards import write_shard
+from pipeline.testing import image_bytes, make_image
+
+CHROMIUM = "/usr/bin/chromium"
+HOSTILE_KEY = "x<img src=q onerror=alert(1)>&amp"
+HOSTILE_CAPTION = "<script>document.title='pwned'</script> & \"quotes\""
+SCORED = 17
+
+
+def samples(first: int, count: int) -> list[dict]:
+    out = []
+    for i in range(first, first + count):
+        img = make_image(i, (64 + 8 * (i % 5), 48 + 4 * (i % 3)))
+        out.append({"__key__": f"{i:06d}", "jpg": image_bytes(img),
+                    "json": json.dumps({"url": f"https://example.com/{i}.jpg", "caption": f"picture {i}"}).encode()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, ray_local, iqa_artifact, emotion_artifact):
+    """Two shards scored with an IQA and an emotion model: 17 scored samples, a corrupt JPEG, a sample
+    without an image, one sample whose key and caption are hostile HTML; and a third shard that is missing."""
+    root = tmp_path_factory.mktemp("report")
+    first = samples(0, 8) + [
+        {"__key__": "broken", "jpg": b"\xff\xd8 this is not a jpeg"},
+        {"__key__": HOSTILE_KEY, "jpg": image_bytes(make_image(99)),
+         "json": json.dumps({"caption": HOSTILE_CAPTION}).encode()},
+    ]
+    second = samples(8, 8) + [{"__key__": "no-image", "json": b"{}"}]
+    write_shard(str(root / "shards" / "part-000000.tar"), first)
+    write_shard(str(root / "shards" / "part-000001.tar"), second)
+    dest = root / "scores"
+    summary = run_score(ScoreConfig(input=[str(root / "shards" / "part-{000000..000002}.tar")], output=str(dest),
+                                    models=[iqa_artifact, emotion_artifact]))
+    assert len(summary.done) == 2 and [r.failed.split(":")[0] for r in summary.failed] == ["missing"]
+    table = pa.concat_tables([pq.read_table(dest / f"part-00000{i}.parquet") for i in range(2)])
+    assert Counter(table["status"].to_pylist()) == {"ok": SCORED, "error": 2}
+    return {"root": root, "dest": dest, "table": table, "run_id": summary.run_id}
+
+
+def cli(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def scored_values(table: pa.Table, column: str) -> np.ndarray:
+    ok = table.filter(pa.compute.equal(table["status"], "ok"))
+    return np.asarray(ok[column].to_pylist(), dtype=np.float64)
+
+
+# --- quantiles ---------------------------------------------------------------------------------------------
+
+def test_quantiles_equal_numpy_and_class_shares_count_labels(scored):
+    result = cli("quantiles", "--scores", str(scored["dest"]), "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["samples"] == {"total": SCORED + 2, "ok": SCORED, "error": 2}
+    levels = out["levels"]
+    assert set(out["quantiles"]) == {"iqa"} | {f"emotion_{label}" for label in out["classes"]["emotion"]}
+    for column, stat in out["quantiles"].items():
+        values = scored_values(scored["table"], column)
+        assert stat["count"] == SCORED
+        assert list(stat["quantiles"].values()) == pytest.approx(np.quantile(values, levels).tolist(), rel=1e-12)
+        assert stat["mean"] == pytest.approx(values.mean())
+    labels = Counter(scored["table"]["emotion"].drop_null().to_pylist())
+    assert {k: v["count"] for k, v in out["classes"]["emotion"].items() if v["count"]} == labels
+    assert sum(v["share"] for v in out["classes"]["emotion"].values()) == pytest.approx(1.0)
+
+    table = cli("quantiles", "--scores", str(scored["dest"]))
+    assert table.exit_code == 0
+    lines = table.stdout.splitlines()
+    assert f"{SCORED + 2} samples in 2 tables, {SCORED} scored, 2 errors" in lines[0]
+    iqa = next(line.split() for line in lines if line.startswith("iqa "))
+    median = np.quantile(scored_values(scored["table"], "iqa"), 0.5)
+    assert iqa[1] == str(SCORED) and float(iqa[3 + levels.index(0.5)]) == pytest.approx(median, rel=1e-3)
+
+
+def test_only_committed_tables_count(scored, tmp_path):
+    dest = tmp_path / "scores"
+    shutil.copytree(scored["dest"], dest)
+    (dest / "_markers" / "part-000001.json").unlink()      # as if the run died before this commit
+    out = json.loads(cli("quantiles", "--scores", str(dest), "--json").stdout)
+    first = pq.read_table(dest / "part-000000.parquet")
+    assert out["tables"] == 1 and out["samples"]["total"] == first.num_rows
+
+
+def test_errors_name_what_is_wrong_and_what_to_do(scored, tmp_path):
+    missing = cli("quantiles", "--scores", str(tmp_path / "nowhere"))
+    assert missing.exit_code == 1
+    assert str(tmp_path / "nowhere") in missing.output and "perceptclip score" in missing.output
+
+    dest = tmp_path / "scores"
+    shutil.copytree(scored["dest"], dest)
+    pq.write_table(pa.table({"key": ["a"]}), dest / "part-000000.parquet")     # committed, but not ours
+    foreign = cli("report", "--scores", str(dest), "--output", str(tmp_path / "r.html"))
+    assert foreign.exit_code == 1
+    assert str(dest / "part-000000.parquet") in foreign.output and "'perceptclip'" in foreign.output
+
+    bad_k = cli("report", "--scores", str(dest), "--output", str(tmp_path / "r.html"), "--top-k", "-1")
+    assert bad_k.exit_code == 2 and "--top-k" in bad_k.output
+
+    no_shards = cli("report", "--scores", str(scored["dest"]), "--output", str(tmp_path / "r.html"),
+                    "--shards", str(tmp_path / "moved" / "*.tar"))
+    assert no_shards.exit_code == 1 and "--shards" in no_shards.output and "matches no shards" in no_shards.output
+
+
+@pytest.mark.parametrize("command", ["report", "quantiles"])
+def test_help_has_an_example(command):
+    result = cli(command, "--help")
+    assert result.exit_code == 0 and re.search(rf"Example:\s+perceptclip {command} --scores", result.output)
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+def figures(page: str, model: str) -> tuple[list[dict], list[dict]]:
+    """The top and the bottom grid of a model's section: each figure's key, score and thumbnail URI."""
+    section = re.search(rf'<section class="model" id="model-{model}">(.*?)</section>', page, re.S).group(1)
+    top, bottom = section.split("<h3>Top ", 1)[1].split("<h3>Bottom ", 1)
+
+    def grid(text):
+        return [{"key": unescape(m.group(1)), "score": float(m.group(2)),
+                 "img": next(iter(re.findall(r'<img src="([^"]+)"', m.group(3))), None)}
+                for m in re.finditer(r'<figure [^>]*data-key="([^"]*)" data-score="([^"]*)">(.*?)</figure>', text, re.S)]
+
+    return grid(top), grid(bottom)
+
+
+def test_report_ranks_and_reads_thumbnails_from_where_the_shards_are_now(scored, tmp_path):
+    # The shards "moved": only part-000000 is at the new place, rewritten with solid red images.
+    moved = tmp_path / "moved"
+    red = image_bytes(Image.new("RGB", (40, 30), (255, 0, 0)))
+    table = scored["table"]
+    keys = [row["key"] for row in table.to_pylist() if row["shard"].endswith("part-000000.tar")]
+    write_shard(str(moved / "part-000000.tar"), [{"__key__": key, "jpg": red} for key in keys])
+    output = tmp_path / "report.html"
+    result = cli("report", "--scores", str(scored["dest"]), "--output", str(output), "--top-k", "3",
+                 "--shards", str(moved / "*.tar"))
+    assert result.exit_code == 0, result.output
+    assert "thumbnails [2/2]" in result.stderr                   # progress, the last line always shown
+    page = output.read_text()
+    ok = table.filter(pa.compute.equal(table["status"], "ok"))
+    by_key = {(row["key"]): row for row in ok.to_pylist()}
+
+    iqa_top, iqa_bottom = figures(page, "iqa")
+    values = sorted(scored_values(table, "iqa"))
+    assert [f["score"] for f in iqa_top] == pytest.approx(values[::-1][:3])
+    assert [f["score"] for f in iqa_bottom] == pytest.approx(values[:3])
+    for f in iqa_top + iqa_bottom:
+        assert by_key[f["key"]]["iqa"] == pytest.approx(f["score"])
+
+    emotion_top, _ = figures(page, "emotion")
+    confidence = {k: max(v for c, v in row.items() if c.startswith("emotion_")) for k, row in by_key.items()}
+    assert [f["score"] for f in emotion_top] == pytest.approx(sorted(confidence.values())[::-1][:3])
+
+    for f in iqa_top + iqa_bottom + emotion_top:
+        shard = by_key[f["key"]]["shard"]
+        if shard.endswith("part-000000.tar"):      # read from the new place: red
+            pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(f["img"].split(",", 1)[1]))))
+            assert pixels[..., 0].mean() > 200 and pixels[..., 1].mean() < 50
+        else:                                      # not among --shards: says so instead of a broken image
+            assert f["img"] is None
+    assert "part-000001 is not among --shards" in page
+
+
+def test_report_renders_in_chromium(scored, tmp_path):
+    assert Path(CHROMIUM).exists(), "headless Chromium is needed: scripts/setup.sh --with-test-tools installs it"
+    output = tmp_path / "report.html"
+    result = cli("report", "--scores", str(scored["dest"]), "--output", str(output), "--top-k", str(SCORED))
+    assert result.exit_code == 0, result.output
+    page = output.read_text()
+
+    # Nothing outside the page: every src is a data: URI, every link a fragment, no stylesheets or scripts.
+    assert all(src.startswith("data:image/jpeg;base64,") for src in re.findall(r'\ssrc="([^"]*)"', page))
+    assert all(href.startswith("#") for href in re.findall(r'\shref="([^"]*)"', page))
+    assert "<script" not in page and "<link" not in page and "url(" not in page and "@import" not in page
+    assert HOSTILE_KEY not in page and HOSTILE_CAPTION not in page
+
+    check = tmp_path / "check.html"
+    check.write_text(page.replace("</body>", PAGE_CHECK + "</body>"))
+    dom = chromium(tmp_path, "--dump-dom", check.as_uri())
+    seen = json.loads(unescape(re.search(r'<pre id="check">(.*?)</pre>', dom, re.S).group(1)))
+
+    assert seen["title"].startswith("perceptclip report") and seen["scripts"] == 1   # only the check's own
+    assert seen["fetched"] == []
+    # every sample in both grids of both models, each thumbnail decoded; none broken
+    assert seen["images"] == 2 * 2 * SCORED and seen["broken"] == [] and seen["placeholders"] == 0
+    assert HOSTILE_KEY in seen["keys"]          # the hostile key arrived as text, not as markup
+    charts = {c["title"]: c for c in seen["charts"]}
+    assert set(charts) == {f"histogram of {SCORED} scores", "class distribution"}
+    for chart in charts.values():
+        assert chart["width"] > 100 and chart["height"] > 50 and chart["bars"] > 0
+    hist = charts[f"histogram of {SCORED} scores"]
+    assert hist["bars_total"] == SCORED                                      # bar titles sum to the counts
+    errors = {row[0]: row[1] for row in seen["errors"][1:]}
+    assert errors == {"not_an_image": "1", "no_image": "1"}
+    assert any("part-000002.tar" in " ".join(row) and "missing" in row for row in seen["failed_shards"])
+    assert any(row[0] == scored["run_id"] for row in seen["runs"])
+
+    shot = tmp_path / "report.png"
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", output.as_uri())
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    non_white = (np.abs(pixels - 255).sum(axis=2) > 30).mean()
+    colourful = (pixels.max(axis=2) - pixels.min(axis=2) > 60).mean()          # thumbnails and bars
+    assert non_white > 0.03 and colourful > 0.01
+
+
+# Run in the page after load: what a reader would see, written into the DOM for --dump-dom.
+PAGE_CHECK = """<script>
+window.addEventListener("load", () => {
+  const rows = sel => [...document.querySelectorAll(sel)].map(tr => [...tr.cells].map(c => c.textContent.trim()));
+  const images = [...document.images];
+  const charts = [...document.querySelectorAll("svg.chart")].map(svg => {
+    const box = svg.getBoundingClientRect();
+    const bars = [...svg.querySelectorAll("rect.bar")];
+    return {title: svg.querySelector("title").textContent, width: box.width, height: box.height,
+            bars: bars.filter(b => b.getBoundingClientRect().height > 0).length,
+            bars_total: bars.reduce((n, b) => n + Number(b.querySelector("title").textContent.split(": ").pop()), 0)};
+  });
+  const out = document.createElement("pre");
+  out.id = "check";
+  out.textContent = JSON.stringify({
+    title: document.title,
+    scripts: document.scripts.length,
+    fetched: performance.getEntriesByType("resource").map(e => e.name).filter(n => !n.startsWith("data:")),
+    images: images.length,
+    broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
+    placeholders: document.querySelectorAll(".missing").length,
+    keys: [...document.querySelectorAll("figure")].map(f => f.dataset.key),
+    charts,
+    errors: rows("#errors table:first-of-type tr"),
+    failed_shards: rows("#errors table:nth-of-type(2) tr"),
+    runs: rows("#runs tr").slice(1),
+  });
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def chromium(tmp_path: Path, *args: str) -> str:
+    """Headless Chromium with a throwaway profile and nothing that phones home; returns its stdout."""
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-default-apps", "--host-resolver-rules=MAP * ~NOTFOUND",
+         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", *args],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
