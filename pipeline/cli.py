@@ -123,82 +123,38 @@ def convert(dataset, source, output, split, fractions, seed, shard_size):
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="YAML training config (configs/train/{iqa,memorability,emotion,smoke}.yaml).")
-@click.option("--train", "train_sets", multiple=True, required=True,
-              help="[NAME=]SHARDS of a training set. Repeat for multi-dataset training: one shared LoRA, "
-                   "one head per NAME.")
-@click.option("--val", "val_sets", multiple=True, required=True,
-              help="[NAME=]SHARDS validated every epoch; NAME picks the head (one per training set).")
-@click.option("--output", "-o", "dest", required=True, help="Run folder (local or s3://): checkpoints, "
-              "metrics.json, and the best model in model/.")
-@click.option("--init", default=None, help="Start from this model (built-in name or path) instead of the "
-              "config's pretrained backbone.")
+@click.option("--input", "-i", "inputs", multiple=True,
+              help="Shards: paths or URLs (s3://, gs://, any fsspec URL), brace ranges "
+                   "(shard-{000000..000999}.tar), globs, or a .txt file of URLs. Repeatable.")
+@click.option("--output", "-o", default=None, help="Destination folder or object-store prefix.")
+@click.option("--model", "-m", "models", multiple=True,
+              help="Built-in name, model directory or s3:// URI; NAME=MODEL renames its columns. Repeat to "
+                   "score with several models in one pass.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="YAML score config (see configs/score.yaml); the options above override it.")
 @click.option("--address", default=None, help="Ray cluster to join; default RAY_ADDRESS, else a local cluster.")
-def train(config_path, train_sets, val_sets, dest, init, address):
-    """Fine-tune on Ray Train; rerunning the same command resumes after the last finished epoch.
+@click.option("--overwrite", is_flag=True, default=None, help="Score every shard again, committed or not.")
+def score(inputs, output, models, config_path, address, overwrite):
+    """Score WebDataset shards: one Parquet file and one commit marker per shard under OUTPUT.
 
     \b
     Example:
-      perceptclip train --config configs/train/iqa.yaml --train 's3://b/koniq/train-{000000..000007}.tar' \\
-          --val s3://b/koniq/val-000000.tar --output s3://b/runs/iqa-1
-      perceptclip score --model s3://b/runs/iqa-1/model ...
+      perceptclip score --input 's3://bucket/shards/shard-{000000..000999}.tar' \\
+          --output s3://bucket/scores --model perceptclip-iqa --model perceptclip-emotion
 
-    Each epoch's metrics are printed and kept in OUTPUT/metrics.json; the last line printed is the
-    run's summary as JSON.
-    """
-    import dataclasses
-    import json
-
-    from pipeline.train import TrainConfig, parse_datasets, train as run_train
-
-    cfg = _or_fail(lambda: TrainConfig.load(config_path))
-    if init:
-        cfg = dataclasses.replace(cfg, init=init)
-    train_map = _or_fail(lambda: parse_datasets(train_sets, "--train"))
-    val_map = _or_fail(lambda: parse_datasets(val_sets, "--val"))
-    if address:
-        import ray
-
-        ray.init(address=address)
-    summary = _or_fail(lambda: run_train(cfg, train_map, val_map, dest))
-    click.echo(json.dumps(summary))
-
-
-
-@main.command()
-@click.option("--model", "-m", required=True, help="Built-in name, model directory or s3:// URI (REF#HEAD "
-              "picks a head of a multi-dataset model).")
-@click.option("--data", "data", multiple=True, required=True, help="Labelled shards (key.json holds label).")
-@click.option("--output", "-o", default=None, help="Also write the metrics JSON to this file or URL.")
-@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(0),
-              help="Bootstrap resamples for the 95% intervals of SRCC and PLCC (0: none).")
-@click.option("--device", default=None, help="cpu or cuda[:N]; default: cuda when available.")
-def evaluate(model, data, output, bootstrap, device):
-    """Score labelled shards and print the metrics as JSON on the last line.
-
-    \b
-    Example:
-      perceptclip evaluate --model runs/iqa-1/model --data 'koniq/test-{000000..000001}.tar'
-      {"srcc": 0.91, "srcc_ci": [0.90, 0.92], "plcc": 0.93, ...}
-
-    Regression: srcc, plcc, mse (with srcc_ci and plcc_ci); classification: accuracy, macro_f1 and the
-    confusion matrix. Samples without a usable image or label are counted under errors.
+    A rerun skips the shards already committed. Progress goes to stderr; the run summary (also written
+    under OUTPUT/_runs/) is printed as JSON at the end. The exit status is 1 when a shard failed.
     """
     import json
 
-    from pipeline.evaluate import evaluate as run_evaluate
-    from pipeline.storage import filesystem, storage_options
+    from pipeline.score import load_score_config, run_score
 
-    options = storage_options()
-    metrics = _or_fail(lambda: run_evaluate(model, list(data), resamples=bootstrap, device=device,
-                                            storage_options=options))
-    text = json.dumps(metrics)
-    if output:
-        fs, path = filesystem(output, options)
-        with fs.open(path, "w") as f:
-            f.write(text + "\n")
-    click.echo(text)
+    cfg = _or_fail(lambda: load_score_config(config_path, input=list(inputs) or None, output=output,
+                                             models=list(models) or None, address=address, overwrite=overwrite))
+    summary = _or_fail(lambda: run_score(cfg, progress=lambda line: click.echo(line, err=True)))
+    click.echo(json.dumps(summary.to_dict(), indent=2))
+    if not summary.ok:
+        raise SystemExit(1)
 
 
 class _Progress:
@@ -281,3 +237,81 @@ def quantiles(dest, as_json):
     progress.done()
     description = describe_scores(scores)
     click.echo(json.dumps(description, indent=2) if as_json else format_description(description))
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="YAML training config (configs/train/{iqa,memorability,emotion,smoke}.yaml).")
+@click.option("--train", "train_sets", multiple=True, required=True,
+              help="[NAME=]SHARDS of a training set. Repeat for multi-dataset training: one shared LoRA, "
+                   "one head per NAME.")
+@click.option("--val", "val_sets", multiple=True, required=True,
+              help="[NAME=]SHARDS validated every epoch; NAME picks the head (one per training set).")
+@click.option("--output", "-o", "dest", required=True, help="Run folder (local or s3://): checkpoints, "
+              "metrics.json, and the best model in model/.")
+@click.option("--init", default=None, help="Start from this model (built-in name or path) instead of the "
+              "config's pretrained backbone.")
+@click.option("--address", default=None, help="Ray cluster to join; default RAY_ADDRESS, else a local cluster.")
+def train(config_path, train_sets, val_sets, dest, init, address):
+    """Fine-tune on Ray Train; rerunning the same command resumes after the last finished epoch.
+
+    \b
+    Example:
+      perceptclip train --config configs/train/iqa.yaml --train 's3://b/koniq/train-{000000..000007}.tar' \\
+          --val s3://b/koniq/val-000000.tar --output s3://b/runs/iqa-1
+      perceptclip score --model s3://b/runs/iqa-1/model ...
+
+    Each epoch's metrics are printed and kept in OUTPUT/metrics.json; the last line printed is the
+    run's summary as JSON.
+    """
+    import dataclasses
+    import json
+
+    from pipeline.train import TrainConfig, parse_datasets, train as run_train
+
+    cfg = _or_fail(lambda: TrainConfig.load(config_path))
+    if init:
+        cfg = dataclasses.replace(cfg, init=init)
+    train_map = _or_fail(lambda: parse_datasets(train_sets, "--train"))
+    val_map = _or_fail(lambda: parse_datasets(val_sets, "--val"))
+    if address:
+        import ray
+
+        ray.init(address=address)
+    summary = _or_fail(lambda: run_train(cfg, train_map, val_map, dest))
+    click.echo(json.dumps(summary))
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="Built-in name, model directory or s3:// URI (REF#HEAD "
+              "picks a head of a multi-dataset model).")
+@click.option("--data", "data", multiple=True, required=True, help="Labelled shards (key.json holds label).")
+@click.option("--output", "-o", default=None, help="Also write the metrics JSON to this file or URL.")
+@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(0),
+              help="Bootstrap resamples for the 95% intervals of SRCC and PLCC (0: none).")
+@click.option("--device", default=None, help="cpu or cuda[:N]; default: cuda when available.")
+def evaluate(model, data, output, bootstrap, device):
+    """Score labelled shards and print the metrics as JSON on the last line.
+
+    \b
+    Example:
+      perceptclip evaluate --model runs/iqa-1/model --data 'koniq/test-{000000..000001}.tar'
+      {"srcc": 0.91, "srcc_ci": [0.90, 0.92], "plcc": 0.93, ...}
+
+    Regression: srcc, plcc, mse (with srcc_ci and plcc_ci); classification: accuracy, macro_f1 and the
+    confusion matrix. Samples without a usable image or label are counted under errors.
+    """
+    import json
+
+    from pipeline.evaluate import evaluate as run_evaluate
+    from pipeline.storage import filesystem, storage_options
+
+    options = storage_options()
+    metrics = _or_fail(lambda: run_evaluate(model, list(data), resamples=bootstrap, device=device,
+                                            storage_options=options))
+    text = json.dumps(metrics)
+    if output:
+        fs, path = filesystem(output, options)
+        with fs.open(path, "w") as f:
+            f.write(text + "\n")
+    click.echo(text)

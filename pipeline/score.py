@@ -64,6 +64,7 @@ class ScoreConfig:
     gpus_per_actor: float | None = None   # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     cpus_per_reader: float = 1.0          # CPUs reserved by each read + decode task
+    reader_memory_mb: int = 1024          # memory reserved by each read + decode task (it holds a shard)
     torch_threads: int | None = None      # None: the actor's CPU share, at least 1
     num_cpus: int | None = None           # local cluster only
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images become error rows (too_large)
@@ -85,7 +86,7 @@ class ScoreConfig:
             raise ValueError("output: give a destination folder or object-store prefix")
         if not self.models:
             raise ValueError("models: give at least one model")
-        for name in ("batch_size", "block_rows", "max_pixels"):
+        for name in ("batch_size", "block_rows", "max_pixels", "reader_memory_mb"):
             _check(name, getattr(self, name), int, minimum=1)
         for name in ("actors", "torch_threads", "num_cpus"):
             if getattr(self, name) is not None:
@@ -308,8 +309,10 @@ def score_block(batch: dict[str, np.ndarray], scorers, crops_index: list[int]) -
 
     ok = np.flatnonzero(batch["status"] == "ok")
     n = len(batch["status"])
+    # A text column that is null in every row of a block comes back from Ray as floats: keep strings only.
     columns: dict[str, pa.Array] = {
-        name: pa.array(batch[name], type=pa.string()) for name in ("shard", "key", "status", "error", "url", "caption")
+        name: pa.array([v if isinstance(v, str) else None for v in batch[name]], type=pa.string())
+        for name in ("shard", "key", "status", "error", "url", "caption")
     }
     columns["ordinal"] = pa.array(batch["ordinal"], type=pa.int64())
     columns["shard_rows"] = pa.array(batch["shard_rows"], type=pa.int64())
@@ -536,10 +539,12 @@ def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dic
         ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="numpy",
                             fn_kwargs={"preprocessing": preprocessing, "options": options,
                                        "block_rows": cfg.block_rows, "max_pixels": cfg.max_pixels},
-                            # Given as a function because Ray Data then never fuses this stage into
-                            # the model actors: fused, decoding would run inside the (few) actors
-                            # instead of on every CPU of the cluster.
-                            ray_remote_args_fn=lambda: {"num_cpus": cfg.cpus_per_reader})
+                            num_cpus=cfg.cpus_per_reader,
+                            # A read task holds a whole shard. Reserving memory for it also keeps Ray
+                            # Data from fusing this stage into the model actors (it fuses stages with
+                            # equal resources), where decoding would run on a few actors instead of
+                            # on every CPU of the cluster.
+                            memory=cfg.reader_memory_mb * 2**20)
         ds = ds.map_batches(ModelActor, batch_size=cfg.batch_size, batch_format="numpy",
                             fn_constructor_args=([(m.name, m.ref) for m in models], crops_index, threads),
                             compute=ray.data.ActorPoolStrategy(size=actors),

@@ -1,0 +1,262 @@
+"""The scoring job end to end on a local Ray cluster: shards written here, tiny real models, local
+folders and a real S3 server (moto) on loopback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.score import ScoreConfig, load_score_config, run_score
+from pipeline.shards import read_shard, shard_bytes, write_shard
+from pipeline.storage import storage_options
+from pipeline.testing import image_bytes, make_image
+
+REPO = Path(__file__).resolve().parents[1]
+FORMATS = [("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")]
+
+
+def good_samples(shard: int, n: int) -> list[dict]:
+    """img2dataset's layout: key.<image>, key.json (url, caption), key.txt (caption)."""
+    out = []
+    for i in range(n):
+        ext, fmt = FORMATS[i % len(FORMATS)]
+        key = f"{shard:05d}{i:04d}"
+        img = make_image(shard * 100 + i, size=(40 + 8 * i, 48), mode="RGBA" if fmt == "PNG" else "RGB")
+        out.append({"__key__": key, ext: image_bytes(img, fmt),
+                    "json": json.dumps({"url": f"https://example.com/{key}.{ext}", "key": key}).encode(),
+                    "txt": f"caption {key}".encode()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Four good shards (one with a corrupt image and one sample with no image at all, one empty) and
+    three broken ones: truncated, not a tar, missing."""
+    root = tmp_path_factory.mktemp("shards")
+    contents = {f"shard-{i:06d}": good_samples(i, 7) for i in range(3)}
+    contents["shard-000001"][2]["jpg"] = b"\xff\xd8\xff\xe0 this is not really a JPEG"
+    contents["shard-000001"][4] = {"__key__": contents["shard-000001"][4]["__key__"], "json": b"{}"}
+    contents["shard-000003"] = []
+    for name, samples in contents.items():
+        write_shard(str(root / f"{name}.tar"), samples)
+    data = shard_bytes(good_samples(9, 5))
+    (root / "broken-truncated.tar").write_bytes(data[: len(data) // 2])
+    (root / "broken-notatar.tar").write_bytes(b"<html>404 Not Found</html>" * 30)
+    broken = [str(root / "broken-truncated.tar"), str(root / "broken-notatar.tar"), str(root / "missing.tar")]
+    return {"root": root, "contents": contents, "good": str(root / "shard-*.tar"), "broken": broken}
+
+
+@pytest.fixture(scope="module")
+def first_run(dataset, iqa_artifact, emotion_artifact, ray_local, tmp_path_factory):
+    """``perceptclip score`` as a user runs it, joining the test's Ray cluster through --address."""
+    out = tmp_path_factory.mktemp("scores")
+    address = ray_local.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "score",
+           "--input", dataset["good"], *sum((["--input", b] for b in dataset["broken"]), []),
+           "--output", str(out), "--model", iqa_artifact, "--model", emotion_artifact, "--address", address]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.stdout, proc.stderr[-3000:]
+    return {"out": out, "proc": proc, "summary": json.loads(proc.stdout)}
+
+
+def test_every_sample_is_one_row_and_broken_shards_fail(first_run, dataset):
+    proc, summary, out = first_run["proc"], first_run["summary"], first_run["out"]
+    assert proc.returncode == 1                      # some shards failed
+    assert "[1/7]" in proc.stderr                    # progress while running
+    assert summary["shards"] == {"planned": 7, "done": 4, "skipped": 0, "failed": 3}
+    failed = {Path(f["shard"]).name: f["reason"] for f in summary["failed_shards"]}
+    assert failed == {"broken-truncated.tar": "truncated", "broken-notatar.tar": "not_a_tar",
+                      "missing.tar": "missing"}
+    for name in ("broken-truncated", "broken-notatar", "missing"):
+        assert not (out / f"{name}.parquet").exists() and not (out / "_markers" / f"{name}.json").exists()
+    total = 0
+    for name, samples in dataset["contents"].items():
+        table = pq.read_table(out / f"{name}.parquet")
+        assert table["key"].to_pylist() == [s["__key__"] for s in samples]
+        assert set(table["shard"].to_pylist()) <= {str(dataset["root"] / f"{name}.tar")}
+        marker = json.loads((out / "_markers" / f"{name}.json").read_text())
+        assert marker["rows"] == table.num_rows == len(samples)
+        total += len(samples)
+    assert summary["samples"] == {"total": total, "ok": total - 2, "error": 2,
+                                  "errors_by_reason": {"corrupt": 1, "no_image": 1}}
+    runs = list((out / "_runs").glob("*.json"))
+    assert len(runs) == 1 and json.loads(runs[0].read_text())["run_id"] == summary["run_id"]
+
+
+def test_error_rows_and_table_contents(first_run, dataset):
+    table = pq.read_table(first_run["out"] / "shard-000001.parquet").to_pylist()
+    corrupt, no_image = table[2], table[4]
+    assert corrupt["status"] == "error" and corrupt["error"].startswith("corrupt:")
+    assert corrupt["iqa"] is None and corrupt["emotion"] is None and corrupt["width"] is None
+    assert no_image["status"] == "error" and no_image["error"].startswith("no_image:")
+    good = table[0]
+    key = good["key"]
+    assert good["status"] == "ok" and good["error"] is None
+    assert (good["width"], good["height"]) == (40, 48)
+    assert good["url"] == f"https://example.com/{key}.jpg" and good["caption"] == f"caption {key}"
+    assert isinstance(good["iqa"], float)
+    assert good["emotion"] in ("amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness")
+    assert sum(good[f"emotion_{label}"] for label in ("amusement", "awe", "contentment", "excitement", "anger",
+                                                      "disgust", "fear", "sadness")) == pytest.approx(1, abs=1e-5)
+    empty = pq.read_table(first_run["out"] / "shard-000003.parquet")
+    assert empty.num_rows == 0 and "emotion_awe" in empty.column_names
+
+
+def test_marker_and_provenance(first_run, iqa_artifact):
+    import hashlib
+
+    out = first_run["out"]
+    marker = json.loads((out / "_markers" / "shard-000000.json").read_text())
+    data = (out / "shard-000000.parquet").read_bytes()
+    assert marker["sha256"] == hashlib.sha256(data).hexdigest() and marker["bytes"] == len(data)
+    assert [m["name"] for m in marker["models"]] == ["iqa", "emotion"]
+    meta = json.loads(pq.read_schema(out / "shard-000000.parquet").metadata[b"perceptclip"])
+    config = json.loads((Path(iqa_artifact) / "config.json").read_text())
+    assert meta["run_id"] == first_run["summary"]["run_id"]
+    iqa = meta["models"][0]
+    assert iqa["task"] == "iqa" and iqa["weights_sha256"] == config["weights"]["sha256"]
+    assert iqa["higher_is_better"] is True and iqa["preprocess"]["kind"] == "multi_crop"
+    assert meta["models"][1]["labels"][0] == "amusement"
+
+
+def test_scores_equal_predict(first_run, dataset, iqa_artifact, emotion_artifact, tmp_path):
+    samples = dataset["contents"]["shard-000002"]
+    paths = []
+    for s in samples:
+        ext = next(e for e in s if e in ("jpg", "png", "webp"))
+        paths.append(tmp_path / f"{s['__key__']}.{ext}")
+        paths[-1].write_bytes(s[ext])
+    result = CliRunner().invoke(main, ["predict", *map(str, paths), "--model", iqa_artifact,
+                                       "--model", emotion_artifact])
+    assert result.exit_code == 0, result.output
+    predicted = [json.loads(line) for line in result.stdout.splitlines()]
+    table = pq.read_table(first_run["out"] / "shard-000002.parquet").to_pylist()
+    for row, pred in zip(table, predicted, strict=True):
+        assert row["iqa"] == pytest.approx(pred["iqa"], abs=1e-5)
+        assert row["emotion"] == pred["emotion"]
+        for label, p in pred["emotion_probs"].items():
+            assert row[f"emotion_{label}"] == pytest.approx(p, abs=1e-5)
+
+
+def test_rerun_skips_committed_shards_before_reading_them(first_run, dataset, iqa_artifact, emotion_artifact):
+    out = first_run["out"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    cfg = ScoreConfig(input=[dataset["good"]], output=str(out), models=[iqa_artifact, emotion_artifact])
+    # the shards are replaced by garbage: a rerun that read them would fail
+    moved = {}
+    for name in dataset["contents"]:
+        path = dataset["root"] / f"{name}.tar"
+        moved[path] = path.read_bytes()
+        path.write_bytes(b"garbage")
+    try:
+        summary = run_score(cfg).to_dict()
+    finally:
+        for path, data in moved.items():
+            path.write_bytes(data)
+    assert summary["shards"] == {"planned": 4, "done": 0, "skipped": 4, "failed": 0}
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
+
+
+def test_deleted_marker_reruns_exactly_that_shard(first_run, dataset, iqa_artifact, emotion_artifact, ray_local):
+    out = first_run["out"]
+    original = pq.read_table(out / "shard-000002.parquet")
+    (out / "_markers" / "shard-000002.json").unlink()
+    (out / "shard-000002.parquet").write_bytes(b"half-written orphan")    # a crash between the two writes
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name != "shard-000002.parquet"}
+    cfg = ScoreConfig(input=[dataset["good"]], output=str(out), models=[iqa_artifact, emotion_artifact])
+    summary = run_score(cfg).to_dict()
+    assert summary["shards"] == {"planned": 4, "done": 1, "skipped": 3, "failed": 0}
+    assert [Path(o).name for o in summary["outputs"]] == ["shard-000002.parquet"]
+    again = pq.read_table(out / "shard-000002.parquet")
+    assert again.to_pylist() == original.to_pylist()
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name != "shard-000002.parquet"} == before
+
+
+def test_overwrite_redoes_all(dataset, memorability_artifact, ray_local, tmp_path):
+    cfg = ScoreConfig(input=[str(dataset["root"] / "shard-00000{0,3}.tar")], output=str(tmp_path),
+                      models=[f"mem={memorability_artifact}"], batch_size=3, block_rows=2)
+    assert run_score(cfg).to_dict()["shards"]["done"] == 2
+    cfg.overwrite = True
+    summary = run_score(cfg).to_dict()
+    assert summary["shards"] == {"planned": 2, "done": 2, "skipped": 0, "failed": 0}
+    table = pq.read_table(tmp_path / "shard-000000.parquet")
+    assert table.num_rows == 7 and "mem" in table.column_names       # NAME=MODEL names the column
+
+
+def test_s3_end_to_end(s3_server, iqa_artifact, ray_local):
+    bucket = s3_server.bucket()
+    options = storage_options()
+    contents = {f"part-{i:03d}": good_samples(10 + i, 5) for i in range(3)}
+    contents["part-001"][2]["webp"] = b"RIFF....WEBPVP8 broken"
+    for name, samples in contents.items():
+        write_shard(f"{bucket}/shards/{name}.tar", samples, options)
+    fs = s3_server.filesystem()
+    fs.pipe_file(f"{bucket[5:]}/lists/nightly.txt", f"{bucket}/shards/part-{{000..002}}.tar\n".encode())
+    cfg = load_score_config(None, input=[f"{bucket}/lists/nightly.txt"], output=f"{bucket}/scores",
+                            models=[iqa_artifact])
+    summary = run_score(cfg).to_dict()
+    assert summary["shards"] == {"planned": 3, "done": 3, "skipped": 0, "failed": 0}
+    assert summary["samples"]["errors_by_reason"] == {"corrupt": 1}
+    for name, samples in contents.items():
+        with fs.open(f"{bucket[5:]}/scores/{name}.parquet", "rb") as f:
+            assert pq.read_table(f)["key"].to_pylist() == [s["__key__"] for s in samples]
+        assert fs.exists(f"{bucket[5:]}/scores/_markers/{name}.json")
+    # nothing written anywhere carries the credentials
+    for path in fs.find(f"{bucket[5:]}/scores"):
+        body = fs.cat_file(path)
+        assert b"testing-secret" not in body and b'"testing"' not in body
+    # a nightly run over a grown bucket scores only the new shard
+    write_shard(f"{bucket}/shards/part-003.tar", good_samples(20, 2), options)
+    cfg.input = [f"{bucket}/shards/part-*.tar"]
+    summary = run_score(cfg).to_dict()
+    assert summary["shards"] == {"planned": 4, "done": 1, "skipped": 3, "failed": 0}
+    assert len(read_shard(f"{bucket}/shards/part-003.tar", options)) == 2
+
+
+def test_config_is_validated_at_the_edge(tmp_path):
+    with pytest.raises(ValueError, match="^batch_size"):
+        load_score_config(None, input=["a.tar"], output="out", models=["m"], batch_size=0)
+    with pytest.raises(ValueError, match="^input"):
+        load_score_config(None, output="out", models=["m"])
+    with pytest.raises(ValueError, match="^storage.endpoint"):
+        load_score_config(None, input=["a.tar"], output="o", models=["m"], storage={"endpoint": "x"})
+    path = tmp_path / "c.yaml"
+    path.write_text("input: [a.tar]\noutput: o\nmodels: [m]\nactors: two\n")
+    with pytest.raises(ValueError, match="^actors"):
+        load_score_config(str(path))
+    result = CliRunner().invoke(main, ["score", "--config", str(path)])
+    assert result.exit_code != 0 and "actors" in result.output
+
+
+def test_shards_with_the_same_name_are_refused_before_any_work(tmp_path, iqa_artifact):
+    for d in ("a", "b"):
+        write_shard(str(tmp_path / d / "shard-0.tar"), good_samples(0, 1))
+    cfg = ScoreConfig(input=[str(tmp_path / "*" / "shard-0.tar")], output=str(tmp_path / "out"),
+                      models=[iqa_artifact])
+    with pytest.raises(ValueError, match="both write shard-0.parquet"):
+        run_score(cfg)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_score_config_file_documents_every_option():
+    import dataclasses
+
+    import yaml
+
+    from pipeline.storage import StorageConfig
+
+    text = (REPO / "configs" / "score.yaml").read_text()
+    documented = yaml.safe_load(text)
+    assert set(documented) == {f.name for f in dataclasses.fields(ScoreConfig)}
+    assert set(documented["storage"]) == {f.name for f in dataclasses.fields(StorageConfig)}
+    lines = text.splitlines()
+    for name in documented:                  # every option has a comment right above it
+        at = lines.index(f"{name}:") if f"{name}:" in lines else next(
+            i for i, line in enumerate(lines) if line.startswith(f"{name}: "))
+        assert lines[at - 1].startswith("#"), name
