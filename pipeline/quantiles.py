@@ -128,14 +128,15 @@ def quantiles(scores: ScoreSet, levels=DEFAULT_LEVELS) -> dict[str, dict]:
 
 def class_shares(scores: ScoreSet) -> dict[str, dict[str, dict]]:
     """Per classifier: each label's count and share of the rows that have a label, in label order."""
+    import pyarrow.compute as pc
+
     out = {}
     for model in scores.models:
         if not model.get("labels"):
             continue
-        labels = scores.table[model["name"]].drop_null().to_numpy(zero_copy_only=False)
-        total = len(labels)
-        names, counts = np.unique(labels, return_counts=True) if total else ([], [])
-        found = dict(zip(names.tolist() if total else [], np.asarray(counts).tolist()))
+        counted = pc.value_counts(scores.table[model["name"]].drop_null()).to_pylist()
+        found = {c["values"]: c["counts"] for c in counted}
+        total = sum(found.values())
         out[model["name"]] = {label: {"count": found.get(label, 0),
                                       "share": found.get(label, 0) / total if total else None}
                               for label in model["labels"]}
@@ -164,10 +165,10 @@ def format_description(description: dict) -> str:
     name_w = max([len("score")] + [len(c) for c in stats])
     lines = [f"{description['scores_dest']}: {samples['total']} samples in {description['tables']} tables, "
              f"{samples['ok']} scored, {samples['error']} errors", ""]
-    lines.append(f"{'score':<{name_w}} {'n':>7} {'mean':>7} " + " ".join(f"{'q' + q:>7}" for q in levels))
+    lines.append(f"{'score':<{name_w}} {'n':>8} {'mean':>9} " + " ".join(f"{'q' + q:>9}" for q in levels))
     for column, s in stats.items():
         cells = [_cell(s["quantiles"][q]) for q in levels]
-        lines.append(f"{column:<{name_w}} {s['count']:>7} {_cell(s['mean'])} " + " ".join(cells))
+        lines.append(f"{column:<{name_w}} {s['count']:>8} {_cell(s['mean'])} " + " ".join(cells))
     for name, shares in description["classes"].items():
         ordered = sorted(shares.items(), key=lambda item: -item[1]["count"])
         lines += ["", f"{name}: " + ", ".join(
@@ -176,7 +177,7 @@ def format_description(description: dict) -> str:
 
 
 def _cell(value: float | None) -> str:
-    return f"{'-' if value is None else format(value, '.4g'):>7}"
+    return f"{'-' if value is None else format(value, '.4g'):>9}"
 
 
 def _percent(share: float | None) -> str:

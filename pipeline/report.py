@@ -314,13 +314,13 @@ def grid(rows: list[dict], model: dict, thumbs: dict[tuple[str, str], Thumb]) ->
 
 
 def render_errors(scores: ScoreSet) -> str:
-    errors = [e for e in scores.table["error"].to_pylist() if e is not None]
     rows = scores.table.num_rows
+    errors = scores.table.filter(scores.table["error"].is_valid()).select(["key", "shard", "error"]).to_pylist()
     out = ["<section id=\"errors\"><h2>Errors</h2>"]
     if errors:
-        by_reason = Counter(e.split(":", 1)[0] for e in errors)
+        by_reason = Counter(row["error"].split(":", 1)[0] for row in errors)
         examples = {}
-        for row in scores.table.filter(scores.table["error"].is_valid()).select(["key", "shard", "error"]).to_pylist():
+        for row in errors:
             examples.setdefault(row["error"].split(":", 1)[0], row)
         body = "".join(
             f'<tr><td>{esc(reason)}</td><td class="n">{count}</td><td class="n">{num(100 * count / rows, 3)}%</td>'

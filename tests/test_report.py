@@ -132,6 +132,21 @@ def test_help_has_an_example(command):
     assert result.exit_code == 0 and re.search(rf"Example:\s+perceptclip {command} --scores", result.output)
 
 
+def test_scores_and_report_on_object_storage(scored, s3_server, tmp_path):
+    fs = s3_server.filesystem()
+    bucket = s3_server.bucket()
+    fs.put(str(scored["dest"]), f"{bucket}/scores", recursive=True)
+    local = json.loads(cli("quantiles", "--scores", str(scored["dest"]), "--json").stdout)
+    remote = cli("quantiles", "--scores", f"{bucket}/scores", "--json")
+    assert remote.exit_code == 0, remote.output
+    assert {**json.loads(remote.stdout), "scores_dest": None} == {**local, "scores_dest": None}
+
+    result = cli("report", "--scores", f"{bucket}/scores", "--output", f"{bucket}/report.html", "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    page = fs.cat_file(f"{bucket}/report.html").decode()
+    assert page.count('<img src="data:image/jpeg;base64,') == 2 * 2 * 2 and f"{bucket}/scores" in page
+
+
 # --- report ------------------------------------------------------------------------------------------------
 
 def figures(page: str, model: str) -> tuple[list[dict], list[dict]]:
