@@ -210,7 +210,8 @@ def report(dest, output, shards, top_k):
                                            options=storage_options(), progress=progress))
     progress.done()
     click.echo(f"wrote {result.output} ({result.bytes / 1e6:.1f} MB, {result.thumbnails} thumbnails"
-               + (f", {result.unavailable} unavailable" if result.unavailable else "") + ")")
+               + (f", {result.unavailable} unavailable: the page says why; --shards if the shards moved"
+                  if result.unavailable else "") + ")")
 
 
 @main.command()

@@ -174,6 +174,7 @@ def test_report_ranks_and_reads_thumbnails_from_where_the_shards_are_now(scored,
                  "--shards", str(moved / "*.tar"))
     assert result.exit_code == 0, result.output
     assert "thumbnails [2/2]" in result.stderr                   # progress, the last line always shown
+    assert "unavailable" in result.stdout and "--shards" in result.stdout
     page = output.read_text()
     ok = table.filter(pa.compute.equal(table["status"], "ok"))
     by_key = {(row["key"]): row for row in ok.to_pylist()}
