@@ -316,3 +316,35 @@ def evaluate(model, data, output, bootstrap, device):
         with fs.open(path, "w") as f:
             f.write(text + "\n")
     click.echo(text)
+
+
+@main.command("filter")
+@click.option("--scores", required=True, help="Output folder of `perceptclip score` (local or object store).")
+@click.option("--where", "where", required=True,
+              help="Keep-expression over score columns, e.g. 'iqa > 0.6 and emotion != \"fear\"'.")
+@click.option("--output", "-o", required=True, help="Folder for the curated shards (local or object store).")
+@click.option("--overwrite", is_flag=True, help="Redo shards already written.")
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(1), help="Shards in flight at once.")
+def filter_command(scores, where, output, overwrite, workers):
+    """Write new WebDataset shards holding only the samples whose scores pass --where.
+
+    \b
+    Example:
+      perceptclip filter --scores s3://b/scores --where 'iqa > 0.6 and emotion in ["awe", "amusement"]' \\
+          --output s3://b/curated
+
+    The expression knows column names, numbers, quoted strings, comparisons (< <= > >= == !=),
+    in / not in [list], and, or, not and parentheses; it is checked against the scores before any
+    work. Each kept sample keeps its files, with its scores added to its .json. A rerun skips shards
+    already written. The summary is printed as JSON; the exit status is 1 when a shard failed.
+    """
+    import json
+
+    from pipeline.filter import run_filter
+    from pipeline.storage import storage_options
+
+    summary = _or_fail(lambda: run_filter(scores, where, output, storage_options(), overwrite=overwrite,
+                                          workers=workers, progress=lambda line: click.echo(line, err=True)))
+    click.echo(json.dumps(summary.to_dict(), indent=2))
+    if not summary.ok:
+        raise SystemExit(1)

@@ -1,0 +1,155 @@
+"""Curation: the keep-expression language, and score -> filter end to end on real shards."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.filter import ExpressionError, kept_rows, parse_expression
+from pipeline.score import ScoreConfig, run_score
+from pipeline.shards import read_shard, write_shard
+from pipeline.testing import image_bytes, make_image
+
+TABLE = pa.table({
+    "key": ["a", "b", "c", "d", "e"],
+    "status": ["ok", "ok", "error", "ok", "ok"],
+    "iqa": pa.array([0.7, 0.5, None, 0.9, -0.2], pa.float32()),
+    "emotion": ["awe", "fear", None, "awe", "anger"],
+    "width": pa.array([10, 20, None, 30, 40], pa.int32()),
+})
+
+
+@pytest.mark.parametrize("where,kept", [
+    ('iqa > 0.6 and emotion != "fear"', ["a", "d"]),
+    ("emotion not in ['fear', 'anger']", ["a", "d"]),
+    ("not iqa > 0.6", ["b", "e"]),
+    ("0.4 < iqa <= 0.8", ["a", "b"]),
+    ('iqa > 0.8 or (emotion in ("fear",) and width >= 20)', ["b", "d"]),
+    ("iqa < -0.1", ["e"]),
+    ("not (emotion == 'awe')", ["b", "e"]),       # the error row (c) is never kept, even where null negates
+])
+def test_expressions_select_rows(where, kept):
+    expression = parse_expression(where)
+    expression.check(TABLE.schema)
+    assert kept_rows(TABLE, expression)["key"].to_pylist() == kept
+
+
+@pytest.mark.parametrize("where,message", [
+    ("iqa >", "cannot parse"),
+    ("iqa = 0.5", "cannot parse"),
+    ('__import__("os").system("true")', "only comparisons"),
+    ("iqa + 1 > 2", "expected a column, a number"),
+    ("iqa", "bare column"),
+    ("emotion == 3", "emotion is text; compare it with a quoted string"),
+    ("iqa > 'high'", "iqa is number; compare it with a number"),
+    ("emotion in ['awe', 1]", "emotion is text"),
+    ("sharpness > 0.5", "no column 'sharpness'"),
+    ("", "empty"),
+    ("iqa in emotion", "'in' takes a column on the left and a list"),
+    ("0.5 < 0.7", "needs a column"),
+    ("[x for x in y]", "only comparisons"),
+])
+def test_bad_expressions_name_the_problem(where, message):
+    with pytest.raises(ExpressionError, match=message):
+        parse_expression(where).check(TABLE.schema)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, iqa_artifact, emotion_artifact, ray_local):
+    root = tmp_path_factory.mktemp("filter")
+    shards = {}
+    for s in range(2):
+        samples = []
+        for i in range(8):
+            key = f"{s}{i:03d}"
+            sample = {"__key__": key, "jpg": image_bytes(make_image(300 + 10 * s + i, (64, 48))),
+                      "json": json.dumps({"url": f"https://example.com/{key}.jpg", "caption": "x"}).encode()}
+            if i == 5:
+                sample["jpg"] = b"not an image"
+            if i == 6:
+                del sample["json"]                     # no .json yet: the filter creates one
+            samples.append(sample)
+        shards[f"shard-{s}"] = samples
+        write_shard(str(root / "shards" / f"shard-{s}.tar"), samples)
+    cfg = ScoreConfig(input=[str(root / "shards" / "*.tar")], output=str(root / "scores"),
+                      models=[iqa_artifact, emotion_artifact])
+    assert run_score(cfg).ok
+    return root, shards
+
+
+def expected_keys(scores, name, threshold):
+    rows = pq.read_table(scores / f"{name}.parquet").to_pylist()
+    return [r["key"] for r in rows if r["status"] == "ok" and r["iqa"] > threshold]
+
+
+def test_filter_writes_only_kept_samples_with_their_scores(scored):
+    root, shards = scored
+    scores, out = root / "scores", root / "curated"
+    all_iqa = sorted(v for v in pq.read_table(scores / "shard-0.parquet")["iqa"].to_pylist() if v is not None)
+    threshold = all_iqa[len(all_iqa) // 2]
+    result = CliRunner().invoke(main, ["filter", "--scores", str(scores), "--where", f"iqa > {threshold!r}",
+                                       "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["shards"] == {"planned": 2, "done": 2, "skipped": 0, "failed": 0}
+    for name, samples in shards.items():
+        keep = expected_keys(scores, name, threshold)
+        table = {r["key"]: r for r in pq.read_table(scores / f"{name}.parquet").to_pylist()}
+        curated = read_shard(str(out / f"{name}.tar"))
+        assert [s["__key__"] for s in curated] == keep and keep
+        originals = {s["__key__"]: s for s in samples}
+        for sample in curated:
+            original = originals[sample["__key__"]]
+            assert sample["jpg"] == original["jpg"]
+            meta = json.loads(sample["json"])
+            if "json" in original:
+                assert meta["url"] == json.loads(original["json"])["url"]
+            row = table[sample["__key__"]]
+            assert meta["iqa"] == pytest.approx(row["iqa"]) and meta["emotion"] == row["emotion"]
+            assert meta["emotion_awe"] == pytest.approx(row["emotion_awe"])
+        marker = json.loads((out / "_markers" / f"{name}.json").read_text())
+        assert marker["kept"] == len(keep) and marker["of"] == len(samples)
+
+
+def test_filter_resumes_per_shard(scored):
+    root, _ = scored
+    scores, out = root / "scores", root / "curated-resume"
+    args = ["filter", "--scores", str(scores), "--where", "emotion != 'fear'", "--output", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    untouched = (out / "shard-0.tar").stat().st_mtime_ns
+    (out / "_markers" / "shard-1.json").unlink()
+    result = CliRunner().invoke(main, args)
+    assert json.loads(result.stdout)["shards"] == {"planned": 2, "done": 1, "skipped": 1, "failed": 0}
+    assert (out / "shard-0.tar").stat().st_mtime_ns == untouched
+    assert (out / "_markers" / "shard-1.json").exists()
+
+
+def test_bad_expression_fails_before_any_work(scored):
+    root, _ = scored
+    result = CliRunner().invoke(main, ["filter", "--scores", str(root / "scores"), "--where", "quality > 0.5",
+                                       "--output", str(root / "never")])
+    assert result.exit_code != 0 and "no column 'quality'" in result.output
+    assert not (root / "never").exists()
+
+
+def test_a_vanished_shard_fails_and_is_retried(scored, tmp_path):
+    root, shards = scored
+    moved = root / "shards" / "shard-1.tar"
+    data = moved.read_bytes()
+    moved.unlink()
+    try:
+        result = CliRunner().invoke(main, ["filter", "--scores", str(root / "scores"), "--where", "iqa > -100",
+                                           "--output", str(tmp_path)])
+    finally:
+        moved.write_bytes(data)
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["failed_shards"][0]["reason"] == "missing"
+    assert not (tmp_path / "_markers" / "shard-1.json").exists()
+    result = CliRunner().invoke(main, ["filter", "--scores", str(root / "scores"), "--where", "iqa > -100",
+                                       "--output", str(tmp_path)])
+    assert json.loads(result.stdout)["shards"]["done"] == 1
+    assert len(read_shard(str(tmp_path / "shard-1.tar"))) == len(shards["shard-1"]) - 1     # all but the bad image
