@@ -462,7 +462,7 @@ class RunSummary:
     done: list[ShardResult] = field(default_factory=list)
     failed: list[ShardResult] = field(default_factory=list)
     duration_s: float = 0.0
-    startup_s: float | None = None       # from start to the first scores at the driver
+    startup_s: float | None = None       # from start to the first committed shard
     steady_images_per_s: float | None = None
 
     @property
@@ -553,13 +553,12 @@ def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dic
         writer = ScoreWriter(cfg.output, options, models, summary.run_id, cfg.overwrite)
         first_at, first_rows, rows = None, 0, 0
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if first_at is None:
-                first_at, summary.startup_s = time.perf_counter(), time.perf_counter() - started
             for result in writer.add(block):
                 (summary.failed if result.failed else summary.done).append(result)
                 rows += result.rows
-                if first_rows == 0:
-                    first_rows = rows
+                if first_at is None and result.rows:     # start-up: until the first shard is committed
+                    first_at, first_rows = time.perf_counter(), rows
+                    summary.startup_s = first_at - started
                 done = len(summary.done) + len(summary.failed)
                 elapsed = time.perf_counter() - started
                 status = f"FAILED {result.failed}" if result.failed else \

@@ -1,0 +1,123 @@
+"""The scoring pipeline (Ray Data on a local cluster) against a plain single-process loop, on the same
+shards and the same tiny model, in one run.
+
+    python benchmarks/pipeline_vs_loop.py [--images 3200] [--shards 16] [--size 512] [--cpus 2]
+
+Workload: ``--images`` JPEGs of ``--size`` x ``--size`` pixels in ``--shards`` WebDataset shards, and
+a tiny memorability model (32 px input) that costs less per image than decoding does, so the work is
+CPU decoding, which the pipeline has to spread over every core while the loop uses one.
+
+The loop is what a user would write: read each tar, decode, preprocess, batch, score. Both are timed
+from a cold start (the loop from loading the model; the pipeline from ``ray.init``). Reported: total
+time, start-up (until the first scores arrive), and steady-state throughput (images after the first
+scores over the time after them). The last line is the steady-state ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+
+def write_workload(root: Path, images: int, shards: int, size: int) -> list[str]:
+    from pipeline.shards import write_shard
+    from pipeline.testing import image_bytes, make_image
+
+    distinct = [image_bytes(make_image(seed, (size, size)), "JPEG", quality=90) for seed in range(min(images, 256))]
+    per_shard = -(-images // shards)
+    urls = []
+    for s in range(shards):
+        keys = range(s * per_shard, min(images, (s + 1) * per_shard))
+        samples = [{"__key__": f"{k:08d}", "jpg": distinct[k % len(distinct)],
+                    "json": json.dumps({"url": f"https://example.com/{k}.jpg"}).encode()} for k in keys]
+        urls.append(str(root / f"shard-{s:06d}.tar"))
+        write_shard(urls[-1], samples)
+    return urls
+
+
+def plain_loop(urls: list[str], model: str, batch_size: int) -> dict:
+    """Read each tar, decode, preprocess, batch, score: one process, as a user would write it."""
+    started = time.perf_counter()
+    from pipeline.preprocess import ImageError, decode_image
+    from pipeline.scorer import Scorer
+    from pipeline.shards import read_shard
+
+    scorer = Scorer.load(model)
+    scores, first_at, first_n = [], None, 0
+
+    def flush(batch):
+        nonlocal first_at, first_n
+        scores.extend(scorer.score(batch)[:, 0].tolist())
+        if first_at is None:
+            first_at, first_n = time.perf_counter(), len(scores)
+
+    for url in urls:
+        batch = []
+        for sample in read_shard(url):
+            try:
+                batch.append(scorer.preprocess(decode_image(sample["jpg"])))
+            except ImageError:
+                continue
+            if len(batch) == batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    total = time.perf_counter() - started
+    return {"images": len(scores), "total_s": total, "startup_s": first_at - started,
+            "steady_images_per_s": (len(scores) - first_n) / (time.perf_counter() - first_at)}
+
+
+def pipeline(urls: list[str], model: str, out: Path, cpus: int, batch_size: int) -> dict:
+    import ray
+
+    from pipeline.score import ScoreConfig, run_score
+
+    started = time.perf_counter()
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    cluster_s = time.perf_counter() - started
+    # On a machine without GPUs the model actor shares the cores with decoding: it reserves none, so
+    # every core can run a decode task, and it uses one torch thread.
+    cfg = ScoreConfig(input=urls, output=str(out), models=[model], batch_size=batch_size,
+                      cpus_per_actor=0, torch_threads=1)
+    summary = run_score(cfg, progress=lambda line: None)
+    total = time.perf_counter() - started
+    ray.shutdown()
+    result = summary.to_dict()
+    assert result["shards"]["failed"] == 0 and result["samples"]["error"] == 0, result
+    return {"images": result["samples"]["total"], "total_s": total, "cluster_start_s": cluster_s,
+            "startup_s": cluster_s + result["startup_s"], "steady_images_per_s": result["steady_images_per_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=3200)
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    from pipeline.testing import make_tiny_artifact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = make_tiny_artifact(str(root / "model"), task="memorability", seed=0)
+        urls = write_workload(root / "shards", args.images, args.shards, args.size)
+        print(f"workload: {args.images} JPEGs of {args.size}x{args.size} px in {args.shards} shards, "
+              f"tiny memorability model (32 px input), {args.cpus} CPUs", flush=True)
+        loop = plain_loop(urls, model, args.batch_size)
+        pipe = pipeline(urls, model, root / "scores", args.cpus, args.batch_size)
+    for name, r in (("loop", loop), ("pipeline", pipe)):
+        extra = f" (Ray cluster start {r['cluster_start_s']:.1f} s)" if "cluster_start_s" in r else ""
+        print(f"{name:9s} {r['images']} images in {r['total_s']:.1f} s = {r['images'] / r['total_s']:.0f} images/s "
+              f"end to end; start-up {r['startup_s']:.1f} s{extra}; steady state {r['steady_images_per_s']:.0f} images/s")
+    print(f"end-to-end ratio (start-up included): {loop['total_s'] / pipe['total_s']:.2f}")
+    print(f"pipeline/loop throughput ratio: {pipe['steady_images_per_s'] / loop['steady_images_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
