@@ -216,8 +216,10 @@ def report(dest, output, shards, top_k):
 
 @main.command()
 @click.option("--scores", "dest", required=True, help="The --output of a perceptclip score run (folder or s3:// prefix).")
+@click.option("--where", "expression", default=None,
+              help="A keep-expression, as perceptclip filter takes it: also print the share of samples it keeps.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def quantiles(dest, as_json):
+def quantiles(dest, expression, as_json):
     """Print each score's quantiles and class shares, to pick a filter threshold before filtering.
 
     \b
@@ -236,7 +238,7 @@ def quantiles(dest, as_json):
     progress = _Progress()
     scores = _or_fail(lambda: read_scores(dest, storage_options(), progress))
     progress.done()
-    description = describe_scores(scores)
+    description = _or_fail(lambda: describe_scores(scores, where=expression))
     click.echo(json.dumps(description, indent=2) if as_json else format_description(description))
 
 

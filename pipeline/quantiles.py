@@ -149,12 +149,28 @@ def _level(q: float) -> str:
 
 # --- what ``perceptclip quantiles`` prints ---------------------------------------------------------------
 
-def describe_scores(scores: ScoreSet, levels=DEFAULT_LEVELS) -> dict:
-    """The JSON ``perceptclip quantiles --json`` prints."""
+def where_share(scores: ScoreSet, text: str) -> dict:
+    """How many samples ``perceptclip filter --where text`` would keep: the filter's own parser and
+    evaluator, so the share printed here is the share the filter keeps."""
+    from pipeline.filter import kept_rows, parse_expression
+
+    expression = parse_expression(text)
+    expression.check(scores.table.schema)
+    kept = kept_rows(scores.table, expression).num_rows
+    total, ok = scores.table.num_rows, int(scores.ok.sum())
+    return {"expression": text, "kept": kept, "samples": total, "share": kept / total if total else None,
+            "scored": ok, "share_of_scored": kept / ok if ok else None}
+
+
+def describe_scores(scores: ScoreSet, levels=DEFAULT_LEVELS, where: str | None = None) -> dict:
+    """The JSON ``perceptclip quantiles --json`` prints. ``where``: also what that expression keeps."""
     ok = int(scores.ok.sum())
-    return {"scores_dest": scores.dest, "tables": len(scores.files),
-            "samples": {"total": scores.table.num_rows, "ok": ok, "error": scores.table.num_rows - ok},
-            "levels": list(levels), "quantiles": quantiles(scores, levels), "classes": class_shares(scores)}
+    out = {"scores_dest": scores.dest, "tables": len(scores.files),
+           "samples": {"total": scores.table.num_rows, "ok": ok, "error": scores.table.num_rows - ok},
+           "levels": list(levels), "quantiles": quantiles(scores, levels), "classes": class_shares(scores)}
+    if where is not None:
+        out["where"] = where_share(scores, where)
+    return out
 
 
 def format_description(description: dict) -> str:
@@ -173,6 +189,11 @@ def format_description(description: dict) -> str:
         ordered = sorted(shares.items(), key=lambda item: -item[1]["count"])
         lines += ["", f"{name}: " + ", ".join(
             f"{label} {s['count']} ({_percent(s['share'])})" for label, s in ordered)]
+    where = description.get("where")
+    if where is not None:
+        lines += ["", f"--where {where['expression']!r} keeps {where['kept']} of {where['samples']} samples "
+                      f"({_percent(where['share'])}), {where['kept']} of {where['scored']} scored "
+                      f"({_percent(where['share_of_scored'])})"]
     return "\n".join(lines)
 
 

@@ -97,6 +97,31 @@ def test_quantiles_equal_numpy_and_class_shares_count_labels(scored):
     assert iqa[1] == str(SCORED) and float(iqa[3 + levels.index(0.5)]) == pytest.approx(median, rel=1e-3)
 
 
+def test_where_share_is_what_the_expression_keeps(scored):
+    table = scored["table"]
+    out = json.loads(cli("quantiles", "--scores", str(scored["dest"]), "--json").stdout)
+    # thresholds picked from the printed quantiles, as a user would
+    iqa_cut, fear_cut = out["quantiles"]["iqa"]["quantiles"]["0.75"], out["quantiles"]["emotion_fear"]["quantiles"]["0.9"]
+    where = f'iqa > {iqa_cut!r} or (emotion_fear >= {fear_cut!r} and emotion not in ["awe"])'
+    result = cli("quantiles", "--scores", str(scored["dest"]), "--json", "--where", where)
+    assert result.exit_code == 0, result.output
+    share = json.loads(result.stdout)["where"]
+
+    rows = table.to_pylist()
+    kept = sum(1 for r in rows if r["status"] == "ok"
+               and (r["iqa"] > iqa_cut or (r["emotion_fear"] >= fear_cut and r["emotion"] != "awe")))
+    assert 0 < kept < SCORED
+    assert share == {"expression": where, "kept": kept, "samples": SCORED + 2, "share": kept / (SCORED + 2),
+                     "scored": SCORED, "share_of_scored": kept / SCORED}
+    text = cli("quantiles", "--scores", str(scored["dest"]), "--where", where).stdout.splitlines()[-1]
+    assert text.startswith(f"--where {where!r} keeps {kept} of {SCORED + 2} samples ({100 * kept / (SCORED + 2):.1f}%)")
+
+    for bad, why in [("iqa >", "cannot parse"), ("sharpness > 0.5", "no column 'sharpness'"),
+                     ("emotion > 0.5", "emotion is text"), ("__import__('os').system('true')", "only comparisons")]:
+        result = cli("quantiles", "--scores", str(scored["dest"]), "--where", bad)
+        assert result.exit_code == 1 and "--where" in result.output and why in result.output, (bad, result.output)
+
+
 def test_only_committed_tables_count(scored, tmp_path):
     dest = tmp_path / "scores"
     shutil.copytree(scored["dest"], dest)
