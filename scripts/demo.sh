@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The README's first command: score demo images with a released PerceptCLIP model.
-# MODEL may be a built-in name (fetched once from the Hugging Face hub, ~1.2 GB), a model directory
-# or an s3:// URI.
+# The README's first command: score demo shards with a released PerceptCLIP model, then show the
+# score quantiles. MODEL may be a built-in name (fetched once from the Hugging Face hub, ~1.2 GB), a
+# model directory or an s3:// URI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-perceptclip-iqa}
-.venv/bin/python scripts/make_demo_data.py demo-output/images >/dev/null
-.venv/bin/perceptclip predict demo-output/images/*.jpg --model "$MODEL"
+shards=$(.venv/bin/python scripts/make_demo_data.py demo-output/shards)
+.venv/bin/perceptclip score --input "$shards" --output demo-output/scores --model "$MODEL"
+.venv/bin/perceptclip quantiles --scores demo-output/scores
