@@ -15,7 +15,17 @@ from pipeline import __version__
 @click.version_option(__version__, prog_name="perceptclip")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
-    """Perceptual scores (image quality, memorability, evoked emotion) for images at scale."""
+    """Perceptual scores (image quality, memorability, evoked emotion) for images at scale.
+
+    \b
+    Example (score shards, look at the scores, pick a threshold, keep the best):
+      perceptclip score --input 'shards/{000000..000099}.tar' --output scores --model perceptclip-iqa
+      perceptclip report --scores scores --output report.html
+      perceptclip quantiles --scores scores --where 'iqa > 0.6'
+      perceptclip filter --scores scores --where 'iqa > 0.6' --output curated
+
+    Each command's --help has its own example.
+    """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 

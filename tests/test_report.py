@@ -151,10 +151,12 @@ def test_errors_name_what_is_wrong_and_what_to_do(scored, tmp_path):
     assert no_shards.exit_code == 1 and "--shards" in no_shards.output and "matches no shards" in no_shards.output
 
 
-@pytest.mark.parametrize("command", ["report", "quantiles"])
-def test_help_has_an_example(command):
-    result = cli(command, "--help")
-    assert result.exit_code == 0 and re.search(rf"Example:\s+perceptclip {command} --scores", result.output)
+def test_every_help_has_an_example():
+    for command in [[], *([name] for name in main.commands)]:
+        result = cli(*command, "--help")
+        assert result.exit_code == 0 and re.search(r"Example[^\n]*:\n\s+perceptclip ", result.output), command
+    assert re.search(r"Example:\s+perceptclip report --scores", cli("report", "--help").output)
+    assert re.search(r"Example:\s+perceptclip quantiles --scores", cli("quantiles", "--help").output)
 
 
 def test_scores_and_report_on_object_storage(scored, s3_server, tmp_path):
