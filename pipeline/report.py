@@ -114,33 +114,40 @@ def shard_locations(shards: list[str], spec: str | list[str] | None, options: di
 
 
 def fetch_thumbnails(wanted: dict[str, set[str]], locations: dict[str, str | None], options: dict,
-                     progress: Callable[[str], None] = lambda _: None) -> dict[tuple[str, str], Thumb]:
-    """A thumbnail per wanted (shard, key), reading each shard once and only up to its last wanted
-    sample. A sample that cannot be shown gets the reason instead: the page shows no broken images."""
+                     progress: Callable[[str], None] = lambda _: None,
+                     workers: int = 8) -> dict[tuple[str, str], Thumb]:
+    """A thumbnail per wanted (shard, key). Each shard is read once, only up to its last wanted sample,
+    several at a time (the time goes in waiting on storage). A sample that cannot be shown gets the
+    reason instead: the page shows no broken images."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     thumbs: dict[tuple[str, str], Thumb] = {}
-    for i, (shard, keys) in enumerate(sorted(wanted.items()), 1):
-        progress(f"thumbnails [{i}/{len(wanted)}] {shard_name(shard)}: {len(keys)} samples")
-        url = locations.get(shard)
-        if url is None:
-            for key in keys:
-                thumbs[shard, key] = Thumb(problem=f"{shard_name(shard)} is not among --shards")
-            continue
-        missing = set(keys)
-        try:
-            for sample in iter_shard(url, options):
-                if sample["__key__"] in missing:
-                    missing.discard(sample["__key__"])
-                    thumbs[shard, sample["__key__"]] = thumbnail(sample)
-                    if not missing:
-                        break
-        except ShardError as e:
-            problem = f"{e}; point --shards at where the shards are now"
-            for key in missing:
-                thumbs[shard, key] = Thumb(problem=problem)
-            continue
-        for key in missing:
-            thumbs[shard, key] = Thumb(problem=f"not in {url}; was the shard rewritten?")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(shard_thumbnails, shard, keys, locations.get(shard), options): shard
+                   for shard, keys in sorted(wanted.items())}
+        for i, future in enumerate(as_completed(futures), 1):
+            shard = futures[future]
+            found = future.result()
+            progress(f"thumbnails [{i}/{len(futures)}] {shard_name(shard)}: {len(found)} samples")
+            thumbs.update({(shard, key): thumb for key, thumb in found.items()})
     return thumbs
+
+
+def shard_thumbnails(shard: str, keys: set[str], url: str | None, options: dict) -> dict[str, Thumb]:
+    """One shard's wanted samples as thumbnails, read from ``url`` (None: the shard is nowhere to be found)."""
+    if url is None:
+        return {key: Thumb(problem=f"{shard_name(shard)} is not among --shards") for key in keys}
+    thumbs: dict[str, Thumb] = {}
+    try:
+        for sample in iter_shard(url, options):
+            if sample["__key__"] in keys and sample["__key__"] not in thumbs:
+                thumbs[sample["__key__"]] = thumbnail(sample)
+                if len(thumbs) == len(keys):
+                    break
+    except ShardError as e:
+        problem = f"{e}; point --shards at where the shards are now"
+        return thumbs | {key: Thumb(problem=problem) for key in keys - set(thumbs)}
+    return thumbs | {key: Thumb(problem=f"not in {url}; was the shard rewritten?") for key in keys - set(thumbs)}
 
 
 def thumbnail(sample: dict, size: int = THUMB_SIZE) -> Thumb:
