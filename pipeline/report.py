@@ -231,8 +231,10 @@ def render_model(scores: ScoreSet, model: dict, stats: dict, shares: dict | None
                 "<h3>Quantiles</h3>", quantile_table({name: stats[name]})]
         what = f"{esc(name)}"
     top, bottom = picks
-    out += [f"<h3>Top {len(top)} by {what}</h3>", grid(top, model, thumbs),
-            f"<h3>Bottom {len(bottom)} by {what}</h3>", grid(bottom, model, thumbs), "</section>"]
+    if top:                 # none with --top-k 0, or when no sample has a score (the chart says so)
+        out += [f"<h3>Top {len(top)} by {what}</h3>", grid(top, model, thumbs),
+                f"<h3>Bottom {len(bottom)} by {what}</h3>", grid(bottom, model, thumbs)]
+    out.append("</section>")
     return "\n".join(out)
 
 
@@ -302,8 +304,6 @@ def quantile_table(stats: dict[str, dict]) -> str:
 
 
 def grid(rows: list[dict], model: dict, thumbs: dict[tuple[str, str], Thumb]) -> str:
-    if not rows:
-        return '<p class="meta">no scored samples</p>'
     figures = []
     for row in rows:
         thumb = thumbs.get((row["shard"], row["key"])) or Thumb(problem="not fetched")

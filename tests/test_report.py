@@ -227,6 +227,14 @@ def test_report_ranks_and_reads_thumbnails_from_where_the_shards_are_now(scored,
     assert "part-000001 is not among --shards" in page
 
 
+def test_report_without_thumbnails(scored, tmp_path):
+    output = tmp_path / "report.html"
+    result = cli("report", "--scores", str(scored["dest"]), "--output", str(output), "--top-k", "0")
+    assert result.exit_code == 0 and "0 thumbnails" in result.stdout
+    page = output.read_text()
+    assert "<img" not in page and "<h3>Top" not in page and page.count('<svg class="chart"') == 2
+
+
 def test_report_renders_in_chromium(scored, tmp_path):
     assert Path(CHROMIUM).exists(), "headless Chromium is needed: scripts/setup.sh --with-test-tools installs it"
     output = tmp_path / "report.html"
