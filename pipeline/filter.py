@@ -219,18 +219,20 @@ def kept_rows(table: pa.Table, expression: KeepExpression) -> pa.Table:
     return table.filter(expression.to_arrow() & (pc.field("status") == "ok"))
 
 
-def filter_shard(marker: dict, expression: KeepExpression, output: str, options: dict) -> dict:
+def filter_shard(marker: dict, scores: str, expression: KeepExpression, output: str, options: dict) -> dict:
     """Write one curated shard and its marker; returns the marker."""
     import pyarrow.parquet as pq
 
-    fs, path = filesystem(marker["output"], options)
+    name = shard_name(marker["shard"])
+    # the table sits next to its marker, wherever the scores folder has been moved since
+    fs, path = filesystem(join(scores, f"{name}.parquet"), options)
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
     models = json.loads(table.schema.metadata[b"perceptclip"])["models"]
     score_columns = [c for m in models for c in m["columns"]]
     samples = read_shard(marker["shard"], options)
     if [s["__key__"] for s in samples] != table["key"].to_pylist():
-        raise ShardError("changed", f"{marker['shard']}: its samples differ from those scored in {marker['output']}")
+        raise ShardError("changed", f"{marker['shard']}: its samples differ from those scored in {path}")
     kept = {row["key"]: row for row in kept_rows(table, expression).select(["key", *score_columns]).to_pylist()}
     out_samples = []
     for sample in samples:
@@ -241,7 +243,6 @@ def filter_shard(marker: dict, expression: KeepExpression, output: str, options:
         meta = meta if isinstance(meta, dict) else {"json": meta}
         meta.update({c: row[c] for c in score_columns})
         out_samples.append({**sample, "json": json.dumps(meta).encode()})
-    name = shard_name(marker["shard"])
     data = shard_bytes(out_samples)
     out_fs, root = filesystem(output, options)
     out_fs.makedirs(join(root, MARKERS_DIR), exist_ok=True)
@@ -262,7 +263,7 @@ def run_filter(scores: str, where: str, output: str, options: dict, overwrite: b
     started = time.perf_counter()
     expression = parse_expression(where)
     markers = committed_scores(scores, options)
-    fs, path = filesystem(markers[0]["output"], options)
+    fs, path = filesystem(join(scores, f"{shard_name(markers[0]['shard'])}.parquet"), options)
     with fs.open(path, "rb") as f:
         expression.check(pq.read_schema(f))
     summary = FilterSummary(scores=scores, output=output, where=where)
@@ -278,7 +279,7 @@ def run_filter(scores: str, where: str, output: str, options: dict, overwrite: b
 
     def one(marker):
         try:
-            return filter_shard(marker, expression, output, options), None
+            return filter_shard(marker, scores, expression, output, options), None
         except ShardError as e:
             return None, {"shard": marker["shard"], "reason": e.reason, "message": e.message}
         except OSError as e:

@@ -239,11 +239,13 @@ def decode_samples(shard: str, samples: list[dict], start: int, preprocessing: l
             if ext is None:
                 raise ImageError("no_image", f"no image file among {sorted(k for k in sample if k != '__key__')}")
             img = decode_image(sample[ext], max_pixels=max_pixels)
-            width[i], height[i] = img.size
+            width[i], height[i] = img.info.get("source_size", img.size)
             for out, p in zip(crops, preprocessing):
                 out[i] = preprocess(img, p).numpy()
         except ImageError as e:
             status[i], error[i] = "error", str(e)
+        except Exception as e:  # a preprocessing bug on one odd image must not fail the whole run
+            status[i], error[i] = "error", f"preprocess_failed: {type(e).__name__}: {e}"
     info = [sample_info(s) for s in samples]
     block = {
         "shard": np.full(n, shard, dtype=object),
