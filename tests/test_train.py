@@ -1,0 +1,289 @@
+"""Fine-tuning: config validation, losses and rows as plain code; then real Ray Train runs of a tiny
+model on a synthetic perceptual task (the label is a known amount of noise added to the image)."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from webdataset import TarWriter
+
+from pipeline.augment import AugmentConfig, random_crop
+from pipeline.cli import main
+from pipeline.metrics import srcc
+from pipeline.preprocess import PreprocessConfig
+from pipeline.testing import image_bytes, make_image
+from pipeline.train import TrainConfig, parse_datasets, plcc_loss, shard_rows, task_loss, train
+
+# On a 2-CPU cluster Ray keeps only 2 idle worker processes, so every data task of every epoch would
+# start (and import torch in) a fresh process: 10-20 s an epoch instead of 1. Set at collection, before
+# any test starts the shared cluster.
+os.environ.setdefault("RAY_num_workers_soft_limit", "16")
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "train" / "smoke.yaml"
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def noise_level(seed: int) -> float:
+    return float(np.random.default_rng(seed).uniform(0, 60))
+
+
+def noisy_image(seed: int, size=(48, 48)) -> Image.Image:
+    """A generated image with Gaussian noise of a known strength: the distortion the model must judge."""
+    img = np.asarray(make_image(seed, size), dtype=np.float64)
+    noise = np.random.default_rng(seed + 10_000).normal(0, noise_level(seed), img.shape)
+    return Image.fromarray(np.clip(img + noise, 0, 255).astype(np.uint8))
+
+
+def quality(seed: int) -> float:
+    return 5 - noise_level(seed) / 15          # a MOS-like label: less noise, better quality
+
+
+def write_shards(prefix: Path, seeds, per_shard: int = 40, label=quality) -> list[str]:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for start in range(0, len(seeds), per_shard):
+        path = f"{prefix}-{start // per_shard:06d}.tar"
+        with open(path, "wb") as f:
+            writer = TarWriter(f, encoder=False)
+            for seed in seeds[start:start + per_shard]:
+                writer.write({"__key__": f"s{seed:05d}", "png": image_bytes(noisy_image(seed), "PNG"),
+                              "json": json.dumps({"label": label(seed)}).encode()})
+            writer.close()
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return {
+        "train": write_shards(root / "train", list(range(200))),
+        "val": write_shards(root / "val", list(range(1000, 1040))),
+        "test": write_shards(root / "test", list(range(2000, 2060)), per_shard=30),
+    }
+
+
+def spec(paths: list[str]) -> str:
+    return ",".join(paths) if len(paths) == 1 else paths[0].rsplit("-", 1)[0] + "-{%06d..%06d}.tar" % (0, len(paths) - 1)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def test_paper_configs_hold_the_papers_recipe():
+    for task, lr in (("iqa", 5e-5), ("memorability", 5e-5), ("emotion", 1e-4)):
+        cfg = TrainConfig.load(str(REPO / "configs" / "train" / f"{task}.yaml"))
+        assert cfg.task == task and cfg.lr == lr and cfg.batch_size == 32
+        assert (cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.dropout) == (16, 8.0, 0.1)
+        assert cfg.model.backbone == "ViT-L-14-quickgelu" and cfg.model.pretrained == "openai"
+        assert cfg.model.head_hidden == [512, 256] and cfg.precision == "auto"
+    assert TrainConfig(task="emotion").lr == 1e-4      # the task's rate when the config names none
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"task": "iqa", "epochs": 0}, "epochs"),
+    ({"task": "iqa", "model": {"lora": {"r": "sixteen"}}}, "model.lora.r"),
+    ({"task": "iqa", "scaling": {"gpus": 2}}, "scaling.gpus"),
+    ({"task": "iqa", "scaling": {"num_workers": 0}}, "scaling.num_workers"),
+    ({"task": "iqa", "precision": "fp8"}, "precision"),
+    ({"task": "iqa", "learning_rate": "fast"}, "learning_rate"),
+    ({"task": "iqa", "batch_size": 30, "scaling": {"num_workers": 4}}, "num_workers"),
+    ({"task": "colour"}, "colour"),
+])
+def test_a_bad_config_value_fails_at_start_naming_the_field(raw, field, tmp_path):
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")) as info:
+        TrainConfig.load(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_dataset_arguments_name_the_heads():
+    assert parse_datasets(["s3://b/x-{0..3}.tar"], "--train") == {"default": "s3://b/x-{0..3}.tar"}
+    assert parse_datasets(["koniq=a.tar", "spaq=b.tar"], "--train") == {"koniq": "a.tar", "spaq": "b.tar"}
+    with pytest.raises(ValueError, match="two sets are named"):
+        parse_datasets(["a.tar", "b.tar"], "--train")
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+def test_plcc_loss_ignores_the_labels_scale_and_shift():
+    torch.manual_seed(0)
+    pred, target = torch.randn(16), torch.randn(16)
+    assert plcc_loss(pred, target) == pytest.approx(float(plcc_loss(pred, 3 * target + 7)), abs=1e-5)
+    assert float(plcc_loss(target * 2, target)) == pytest.approx(0.0, abs=1e-5)
+    assert float(plcc_loss(-target, target)) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_task_loss_uses_only_valid_rows_and_keeps_the_graph_when_none_are():
+    out = torch.randn(4, 1, requires_grad=True)
+    target = torch.tensor([0.1, 0.5, 0.9, 123.0])
+    valid = torch.tensor([True, True, True, False])
+    masked = task_loss("mse", out, target, valid)
+    assert float(masked) == pytest.approx(float(((out.detach()[:3, 0] - target[:3]) ** 2).mean()))
+    empty = task_loss("plcc", out, target, torch.tensor([True, False, False, False]))
+    empty.backward()                      # every worker must still run a backward, even with no loss
+    assert float(empty) == 0.0 and out.grad is not None
+    logits = torch.randn(3, 8)
+    ce = task_loss("cross_entropy", logits, torch.tensor([1.0, 7.0, 0.0]), torch.ones(3, dtype=torch.bool))
+    assert float(ce) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.tensor([1, 7, 0]))))
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+def test_shard_rows_turn_every_sample_into_a_row(tmp_path):
+    path = tmp_path / "mixed-000000.tar"
+    with open(path, "wb") as f:
+        w = TarWriter(f, encoder=False)
+        w.write({"__key__": "good", "jpg": image_bytes(make_image(1, (80, 60))), "json": b'{"label": "fear"}'})
+        w.write({"__key__": "index", "png": image_bytes(make_image(2), "PNG"), "json": b'{"label": 3}'})
+        w.write({"__key__": "broken", "jpg": b"\xff\xd8 not really", "json": b'{"label": "awe"}'})
+        w.write({"__key__": "nolabel", "jpg": image_bytes(make_image(3)), "json": b'{"score": 1}'})
+        w.write({"__key__": "unknown", "jpg": image_bytes(make_image(4)), "json": b'{"label": "boredom"}'})
+        w.close()
+    pre = PreprocessConfig(kind="resize_center_crop", size=32)
+    rows = {r["key"]: r for r in shard_rows({"url": str(path)}, "emotion", pre, AugmentConfig())}
+    assert list(rows) == ["good", "index", "broken", "nolabel", "unknown"]
+    assert rows["good"]["error"] == "" and rows["good"]["target"] == 6.0      # fear is class 6
+    assert rows["index"]["target"] == 3.0 and rows["good"]["pixels"].shape == (1, 3, 32, 32)
+    assert "not_an_image" in rows["broken"]["error"] and "no label" in rows["nolabel"]["error"]
+    assert "boredom" in rows["unknown"]["error"] and rows["unknown"]["pixels"].shape == (1, 3, 32, 32)
+    missing = shard_rows({"url": str(tmp_path / "nope.tar")}, "emotion", pre, None)
+    assert len(missing) == 1 and missing[0]["error"].startswith("missing")
+
+
+def test_iqa_rows_crop_the_unresized_image():
+    img = make_image(5, (120, 90))
+    pre = PreprocessConfig(kind="multi_crop", size=32, crops=3, max_side=256)
+    arr = np.asarray(img)
+    crop = random_crop(img, pre, AugmentConfig(flip=False), np.random.default_rng(0))[0].permute(1, 2, 0).numpy()
+    found = any((arr[y:y + 32, x:x + 32] == crop).all() for y in range(90 - 31) for x in range(120 - 31))
+    assert found, "an iqa training crop must be a window of the original pixels"
+
+
+# ---------------------------------------------------------------------------------------------- Ray Train
+
+def test_it_learns_the_synthetic_task_and_the_export_scores(ray_local, synthetic, tmp_path):
+    dest = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--config", str(SMOKE), "--train", spec(synthetic["train"]),
+                                       "--val", spec(synthetic["val"]), "--output", str(dest)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    history = json.loads((dest / "metrics.json").read_text())
+    assert [r["epoch"] for r in history] == list(range(15)) and summary["epochs"] == 15
+    assert all(r["val"]["default"]["n"] == 40 and r["train_samples"] == 200 for r in history)
+    assert summary["best_epoch"] == max(history, key=lambda r: r["score"])["epoch"]
+    assert (dest / "model" / "config.json").exists()
+
+    # held-out images, scored by the exported artifact through the evaluation path
+    ev = CliRunner().invoke(main, ["evaluate", "--model", str(dest / "model"), "--data", spec(synthetic["test"]),
+                                   "--bootstrap", "200", "--output", str(tmp_path / "eval.json")])
+    assert ev.exit_code == 0, ev.output
+    metrics = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert metrics["n"] == 60 and metrics["srcc"] >= 0.6, metrics
+    assert json.loads((tmp_path / "eval.json").read_text()) == metrics
+
+    # ... and through the scoring job, which must agree with the evaluation
+    out = tmp_path / "scores"
+    scored = CliRunner().invoke(main, ["score", "--input", spec(synthetic["test"]), "--output", str(out),
+                                       "--model", str(dest / "model")])
+    assert scored.exit_code == 0, scored.output
+    table = pq.read_table([str(p) for p in sorted(out.glob("*.parquet"))]).to_pylist()
+    labels = {f"s{seed:05d}": quality(seed) for seed in range(2000, 2060)}
+    assert len(table) == 60 and all(row["status"] == "ok" for row in table)
+    assert srcc([row["iqa"] for row in table], [labels[row["key"]] for row in table]) == pytest.approx(
+        metrics["srcc"], abs=1e-6)
+
+
+def _train_worker_pids() -> list[int]:
+    """The Ray Train worker processes of this test's own cluster (other Ray clusters may share the machine)."""
+    import psutil
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    return [p.pid for p in psutil.Process(raylet).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def test_two_workers_an_interrupted_run_resumes_without_repeating_epochs(ray_local, synthetic, tmp_path):
+    cfg = TrainConfig.load(str(SMOKE))
+    cfg.epochs = 4
+    cfg.scaling.num_workers = 2
+    cfg.scaling.cpus_per_worker = 0.5          # leaves the shared 2-CPU cluster room for the data tasks
+    dest = str(tmp_path / "run")
+    args = (cfg, {"default": spec(synthetic["train"])}, {"default": spec(synthetic["val"])}, dest)
+    metrics = Path(dest) / "metrics.json"
+    snapshot = Path(dest) / "checkpoints" / "checkpoint_manager_snapshot.json"
+
+    def latest_checkpoint() -> str | None:
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return latest["checkpoint_dir_name"] if latest else None
+
+    failure = {}
+
+    def first_run():
+        try:
+            train(*args)
+        except Exception as e:          # the killed run must fail: max_failures is 0 in smoke.yaml
+            failure["error"] = e
+
+    thread = threading.Thread(target=first_run)
+    thread.start()
+    deadline = time.monotonic() + 240
+    while latest_checkpoint() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = _train_worker_pids()
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    thread.join(timeout=240)
+    assert "error" in failure, "the interrupted run should have failed"
+    # what the interrupted run finished: the history kept in its latest registered checkpoint
+    latest = latest_checkpoint()
+    done_before = json.loads((Path(dest) / "checkpoints" / latest / "state.json").read_text())["history"]
+    assert 1 <= len(done_before) < 4
+
+    summary = train(*args)                   # the same command again
+    history = json.loads(metrics.read_text())
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    assert history[:len(done_before)] == done_before, "finished epochs must not run again"
+    assert all(r["val"]["default"]["n"] == 40 for r in history)      # gathered from both workers
+    assert all(r["train_samples"] == 200 for r in history)
+    assert summary["epochs"] == 4 and (Path(dest) / "model" / "config.json").exists()
+    checkpoints = sorted(p.name for p in (Path(dest) / "checkpoints").iterdir() if p.name.startswith("epoch-"))
+    assert checkpoints == ["epoch-0002", "epoch-0003"]                  # keep_checkpoints: 2
+
+
+def test_multi_dataset_training_has_one_head_per_set(ray_local, synthetic, tmp_path):
+    from pipeline.evaluate import evaluate
+
+    root = tmp_path / "second"
+    # the second set rates the same kind of images the opposite way: only its own head can fit it
+    second = write_shards(root / "train", list(range(300, 380)), label=lambda s: -quality(s))
+    second_val = write_shards(root / "val", list(range(1100, 1120)), label=lambda s: -quality(s))
+    cfg = TrainConfig.load(str(SMOKE))
+    cfg.epochs = 8
+    dest = tmp_path / "run"
+    summary = train(cfg, {"first": spec(synthetic["train"]), "second": spec(second)},
+                    {"first": spec(synthetic["val"]), "second": spec(second_val)}, str(dest))
+    assert set(summary["val"]) == {"first", "second"}
+    config = json.loads((dest / "model" / "config.json").read_text())
+    assert config["model"]["heads"] == ["first", "second"]
+    first = evaluate(str(dest / "model"), synthetic["test"], resamples=0)
+    other = evaluate(str(dest / "model"), synthetic["test"], head="second", resamples=0)
+    assert first["head"] == "first" and other["head"] == "second"
+    assert first["srcc"] > 0.3 and other["srcc"] < -0.3, (first["srcc"], other["srcc"])
