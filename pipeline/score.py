@@ -36,7 +36,7 @@ from pipeline import __version__
 from pipeline.artifact import ArtifactMeta, describe, read_meta
 from pipeline.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessConfig, decode_image, preprocess
 from pipeline.shards import ShardError, expand_shards, image_member, read_shard, sample_info, shard_name
-from pipeline.storage import StorageConfig, filesystem, join, redact, storage_options
+from pipeline.storage import StorageConfig, filesystem, join, redact, redact_text, storage_options
 
 log = logging.getLogger(__name__)
 
@@ -466,10 +466,11 @@ class RunSummary:
     duration_s: float = 0.0
     startup_s: float | None = None       # from start to the first committed shard
     steady_images_per_s: float | None = None
+    aborted: str | None = None           # why the run stopped before the end, if it did
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and self.aborted is None
 
     def to_dict(self) -> dict:
         errors: Counter = Counter()
@@ -488,6 +489,7 @@ class RunSummary:
             "samples": {"total": rows, "ok": ok, "error": rows - ok, "errors_by_reason": dict(errors)},
             "images_per_s": round(rows / self.duration_s, 2) if self.duration_s else None,
             "steady_images_per_s": None if self.steady_images_per_s is None else round(self.steady_images_per_s, 2),
+            "aborted": self.aborted,
             "outputs": [r.output for r in self.done],
             "models": self.models, "storage": self.storage,
         }
@@ -516,14 +518,21 @@ def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> R
                          models=[m.describe() for m in models], storage=redact(options),
                          planned=plan.total, skipped=len(plan.skipped))
     progress(f"{plan.total} shards: {len(plan.todo)} to score, {len(plan.skipped)} already committed")
-    if plan.todo:
-        _execute(cfg, plan, models, options, summary, started, progress)
-    summary.duration_s = time.perf_counter() - started
-    write_summary(summary, options)
+    try:
+        if plan.todo:
+            _execute(cfg, plan, models, options, summary, started, progress)
+    except BaseException as e:
+        # what was committed stays committed (a rerun resumes); the summary says where the run stopped
+        summary.aborted = redact_text(f"{type(e).__name__}: {e}", options)
+        raise
+    finally:
+        summary.duration_s = time.perf_counter() - started
+        write_summary(summary, options)
     return summary
 
 
-def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dict, summary: RunSummary, started: float, progress: Callable[[str], None]) -> None:
+def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dict, summary: RunSummary,
+             started: float, progress: Callable[[str], None]) -> None:
     import ray
 
     started_ray = not ray.is_initialized()

@@ -260,3 +260,20 @@ def test_score_config_file_documents_every_option():
         at = lines.index(f"{name}:") if f"{name}:" in lines else next(
             i for i, line in enumerate(lines) if line.startswith(f"{name}: "))
         assert lines[at - 1].startswith("#"), name
+
+
+def test_a_model_that_cannot_load_stops_the_run_with_a_summary(dataset, iqa_artifact, ray_local, tmp_path):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(iqa_artifact, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + b"\0" * 64)     # config.json still reads fine
+    cfg = ScoreConfig(input=[str(dataset["root"] / "shard-000000.tar")], output=str(tmp_path / "out"),
+                      models=[str(broken)])
+    with pytest.raises(Exception, match="sha256"):
+        run_score(cfg)
+    (run,) = (tmp_path / "out" / "_runs").glob("*.json")
+    summary = json.loads(run.read_text())
+    assert "sha256" in summary["aborted"] and summary["shards"]["done"] == 0
+    assert not list((tmp_path / "out").glob("*.parquet"))
