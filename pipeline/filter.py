@@ -131,13 +131,15 @@ def _check_types(op: ast.cmpop, left: ast.AST, right: ast.AST, schema: pa.Schema
     def kind(node):
         if isinstance(node, ast.Name) and node.id not in LITERAL_NAMES:
             typ = schema.field(node.id).type
+            if pa.types.is_null(typ):               # a column with no values at all fits anything
+                return node.id, None
             return node.id, "text" if pa.types.is_string(typ) or pa.types.is_large_string(typ) else "number"
         values = [_value(e) for e in node.elts] if isinstance(node, (ast.List, ast.Tuple, ast.Set)) else [_value(node)]
         kinds = {"text" if isinstance(v, str) else "number" for v in values}
         return None, kinds.pop() if len(kinds) == 1 else "mixed"
 
     (lname, lkind), (rname, rkind) = kind(left), kind(right)
-    if lkind != rkind:
+    if lkind != rkind and None not in (lkind, rkind):
         column = lname or rname
         ckind = lkind if lname else rkind
         want = "a quoted string" if ckind == "text" else "a number"

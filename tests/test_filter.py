@@ -153,3 +153,38 @@ def test_a_vanished_shard_fails_and_is_retried(scored, tmp_path):
                                        "--output", str(tmp_path)])
     assert json.loads(result.stdout)["shards"]["done"] == 1
     assert len(read_shard(str(tmp_path / "shard-1.tar"))) == len(shards["shard-1"]) - 1     # all but the bad image
+
+
+OPS = {"<": float.__lt__, "<=": float.__le__, ">": float.__gt__, ">=": float.__ge__, "==": float.__eq__,
+       "!=": float.__ne__}
+
+
+def test_expressions_agree_with_a_python_reference():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    value = st.one_of(st.none(), st.floats(-2, 2, width=32))
+    label = st.sampled_from(["awe", "fear", "anger"])
+
+    @settings(max_examples=150, deadline=None)
+    @given(rows=st.lists(st.tuples(value, label), max_size=12), a=st.floats(-2, 2, width=32),
+           b=st.floats(-2, 2, width=32), op1=st.sampled_from(sorted(OPS)), op2=st.sampled_from(sorted(OPS)),
+           joiner=st.sampled_from(["and", "or"]), negate=st.booleans(), labels=st.sets(label, min_size=1))
+    def check(rows, a, b, op1, op2, joiner, negate, labels):
+        table = pa.table({"key": [str(i) for i in range(len(rows))],
+                          "status": ["error" if v is None else "ok" for v, _ in rows],
+                          "iqa": pa.array([v for v, _ in rows], pa.float32()),
+                          "emotion": pa.array([None if v is None else e for v, e in rows], pa.string())})
+        where = f"({'not ' if negate else ''}iqa {op1} {a!r}) {joiner} (iqa {op2} {b!r} and emotion in {sorted(labels)!r})"
+        expression = parse_expression(where)
+        expression.check(table.schema)
+
+        def keep(v, e):
+            first = OPS[op1](float(v), a) != negate
+            second = OPS[op2](float(v), b) and e in labels
+            return first and second if joiner == "and" else first or second
+
+        expected = [str(i) for i, (v, e) in enumerate(rows) if v is not None and keep(v, e)]
+        assert kept_rows(table, expression)["key"].to_pylist() == expected
+
+    check()
