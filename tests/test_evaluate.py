@@ -1,0 +1,86 @@
+"""Evaluation with the scoring path, on shards written here, against tiny real artifacts."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from webdataset import TarWriter
+
+from pipeline.cli import main
+from pipeline.evaluate import evaluate
+from pipeline.metrics import plcc, srcc
+from pipeline.preprocess import decode_image
+from pipeline.scorer import Scorer
+from pipeline.tasks import EMOSET_LABELS
+from pipeline.testing import image_bytes, make_image
+
+
+def write_shard(path, samples):
+    with open(path, "wb") as f:
+        writer = TarWriter(f, encoder=False)
+        for key, image, meta in samples:
+            sample = {"__key__": key, "json": json.dumps(meta).encode()}
+            if image is not None:
+                sample["jpg"] = image
+            writer.write(sample)
+        writer.close()
+    return str(path)
+
+
+@pytest.fixture
+def regression_shards(tmp_path):
+    images = {f"k{i:03d}": image_bytes(make_image(i, (72, 56))) for i in range(24)}
+    labels = {key: float(i % 7) / 7 for i, key in enumerate(images)}
+    good = list(images)
+    a = write_shard(tmp_path / "eval-000000.tar", [(k, images[k], {"label": labels[k]}) for k in good[:12]]
+                    + [("corrupt", b"\xff\xd8\xff garbage", {"label": 0.5})])
+    b = write_shard(tmp_path / "eval-000001.tar", [(k, images[k], {"label": labels[k]}) for k in good[12:]]
+                    + [("nolabel", images["k000"], {"other": 1}), ("noimage", None, {"label": 0.1})])
+    return [a, b], images, labels
+
+
+def test_regression_metrics_equal_the_scorers_own_outputs(iqa_artifact, regression_shards, tmp_path):
+    shards, images, labels = regression_shards
+    result = evaluate(iqa_artifact, shards + [str(tmp_path / "eval-000009.tar")], resamples=200, device="cpu")
+    scorer = Scorer.load(iqa_artifact, device="cpu")
+    keys = sorted(images)
+    pred = scorer.score([scorer.preprocess(decode_image(images[k])) for k in keys])[:, 0]
+    target = np.array([labels[k] for k in keys])
+    assert result["n"] == 24 and result["task"] == "iqa"
+    assert result["srcc"] == pytest.approx(srcc(pred, target), abs=1e-6)
+    assert result["plcc"] == pytest.approx(plcc(pred, target), abs=1e-5)
+    assert result["mse"] == pytest.approx(float(np.mean((pred - target) ** 2)), rel=1e-5)
+    assert result["srcc_ci"][0] <= result["srcc"] <= result["srcc_ci"][1]
+    assert result["plcc_ci"][0] <= result["plcc"] <= result["plcc_ci"][1]
+    # nothing is dropped silently: the bad samples and the missing shard are counted by reason
+    assert result["errors"] == 4
+    assert result["error_reasons"] == {"not_an_image": 1, "bad_label": 1, "no_image": 1, "shard_missing": 1}
+
+
+def test_classification_metrics_over_class_names_and_indices(emotion_artifact, tmp_path):
+    samples = [(f"e{i}", image_bytes(make_image(100 + i)), {"label": EMOSET_LABELS[i % 8] if i % 2 else i % 8})
+               for i in range(16)]
+    shard = write_shard(tmp_path / "emo-000000.tar", samples)
+    result = evaluate(emotion_artifact, shard, device="cpu")
+    scorer = Scorer.load(emotion_artifact, device="cpu")
+    pred = scorer.score([scorer.preprocess(decode_image(img)) for _, img, _ in samples]).argmax(1)
+    target = np.array([i % 8 for i in range(16)])
+    assert result["accuracy"] == pytest.approx(float((pred == target).mean()))
+    assert np.array(result["confusion"]).shape == (8, 8) and np.array(result["confusion"]).sum() == 16
+    assert result["labels"] == list(EMOSET_LABELS) and 0 <= result["macro_f1"] <= 1
+    assert "srcc" not in result
+
+
+def test_cli_evaluate_reads_shards_from_s3_and_writes_the_metrics_there(iqa_artifact, regression_shards, s3_server):
+    shards, _, _ = regression_shards
+    bucket = s3_server.bucket()
+    fs = s3_server.filesystem()
+    for path in shards:
+        fs.put_file(path, f"{bucket[5:]}/data/{path.rsplit('/', 1)[1]}")
+    result = CliRunner().invoke(main, ["evaluate", "--model", iqa_artifact, "--data", f"{bucket}/data/eval-{{000000..000001}}.tar",
+                                       "--bootstrap", "100", "--device", "cpu", "--output", f"{bucket}/metrics.json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"srcc", "plcc", "mse", "srcc_ci", "plcc_ci"} <= set(printed) and printed["n"] == 24
+    assert json.loads(fs.cat(f"{bucket[5:]}/metrics.json")) == printed
