@@ -90,6 +90,16 @@ def test_paper_configs_hold_the_papers_recipe():
     assert TrainConfig(task="emotion").lr == 1e-4      # the task's rate when the config names none
 
 
+def test_the_rayjobs_training_config_is_valid_and_uses_its_gpus():
+    import yaml
+
+    docs = list(yaml.safe_load_all((REPO / "jobs" / "train-rayjob.yaml").read_text()))
+    cfg = TrainConfig.from_dict(yaml.safe_load(docs[0]["data"]["train.yaml"]))
+    workers = docs[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert cfg.scaling.use_gpu and cfg.scaling.num_workers == workers["replicas"]
+    assert "perceptclip train --config /etc/perceptclip/train.yaml" in docs[1]["spec"]["entrypoint"]
+
+
 @pytest.mark.parametrize("raw, field", [
     ({"task": "iqa", "epochs": 0}, "epochs"),
     ({"task": "iqa", "model": {"lora": {"r": "sixteen"}}}, "model.lora.r"),
