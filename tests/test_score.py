@@ -178,15 +178,20 @@ def test_deleted_marker_reruns_exactly_that_shard(first_run, dataset, iqa_artifa
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name != "shard-000002.parquet"} == before
 
 
-def test_overwrite_redoes_all(dataset, memorability_artifact, ray_local, tmp_path):
-    cfg = ScoreConfig(input=[str(dataset["root"] / "shard-00000{0,3}.tar")], output=str(tmp_path),
-                      models=[f"mem={memorability_artifact}"], batch_size=3, block_rows=2)
-    assert run_score(cfg).to_dict()["shards"]["done"] == 2
-    cfg.overwrite = True
+def test_overwrite_redoes_all(first_run, dataset, iqa_artifact, emotion_artifact, ray_local):
+    out = first_run["out"]
+    before = {p.name: pq.read_table(p).to_pylist() for p in out.glob("*.parquet")}
+    cfg = ScoreConfig(input=[dataset["good"]], output=str(out), models=[iqa_artifact, emotion_artifact],
+                      overwrite=True, batch_size=3, block_rows=2)
     summary = run_score(cfg).to_dict()
-    assert summary["shards"] == {"planned": 2, "done": 2, "skipped": 0, "failed": 0}
-    table = pq.read_table(tmp_path / "shard-000000.parquet")
-    assert table.num_rows == 7 and "mem" in table.column_names       # NAME=MODEL names the column
+    assert summary["shards"] == {"planned": 4, "done": 4, "skipped": 0, "failed": 0}
+    for name, rows in before.items():
+        again = pq.read_table(out / name).to_pylist()
+        assert len(again) == len(rows)
+        for new, old in zip(again, rows):                     # the same scores, whatever the batching
+            assert new == {k: pytest.approx(v, abs=1e-5) if isinstance(v, float) else v for k, v in old.items()}
+        marker = json.loads((out / "_markers" / name.replace(".parquet", ".json")).read_text())
+        assert marker["run_id"] == summary["run_id"]
 
 
 def test_s3_end_to_end(s3_server, iqa_artifact, ray_local):
@@ -199,13 +204,15 @@ def test_s3_end_to_end(s3_server, iqa_artifact, ray_local):
     fs = s3_server.filesystem()
     fs.pipe_file(f"{bucket[5:]}/lists/nightly.txt", f"{bucket}/shards/part-{{000..002}}.tar\n".encode())
     cfg = load_score_config(None, input=[f"{bucket}/lists/nightly.txt"], output=f"{bucket}/scores",
-                            models=[iqa_artifact])
+                            models=[f"quality={iqa_artifact}"])
     summary = run_score(cfg).to_dict()
     assert summary["shards"] == {"planned": 3, "done": 3, "skipped": 0, "failed": 0}
     assert summary["samples"]["errors_by_reason"] == {"corrupt": 1}
     for name, samples in contents.items():
         with fs.open(f"{bucket[5:]}/scores/{name}.parquet", "rb") as f:
-            assert pq.read_table(f)["key"].to_pylist() == [s["__key__"] for s in samples]
+            table = pq.read_table(f)
+        assert table["key"].to_pylist() == [s["__key__"] for s in samples]
+        assert "quality" in table.column_names and "iqa" not in table.column_names   # NAME=MODEL
         assert fs.exists(f"{bucket[5:]}/scores/_markers/{name}.json")
     # nothing written anywhere carries the credentials
     for path in fs.find(f"{bucket[5:]}/scores"):
