@@ -224,6 +224,14 @@ def test_s3_end_to_end(s3_server, iqa_artifact, ray_local):
     summary = run_score(cfg).to_dict()
     assert summary["shards"] == {"planned": 4, "done": 1, "skipped": 3, "failed": 0}
     assert len(read_shard(f"{bucket}/shards/part-003.tar", options)) == 2
+    # curation from and to the object store
+    from pipeline.filter import run_filter
+
+    curated = run_filter(f"{bucket}/scores", "quality > -1000", f"{bucket}/curated", options).to_dict()
+    assert curated["shards"]["done"] == 4 and curated["samples"] == {"seen": 17, "kept": 16}
+    kept = read_shard(f"{bucket}/curated/part-001.tar", options)
+    assert [s["__key__"] for s in kept] == [s["__key__"] for i, s in enumerate(contents["part-001"]) if i != 2]
+    assert all("quality" in json.loads(s["json"]) for s in kept)
 
 
 def test_config_is_validated_at_the_edge(tmp_path):
