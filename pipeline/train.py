@@ -396,7 +396,7 @@ def train_loop(plan: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from pipeline.artifact import ArtifactMeta, save_artifact
+    from pipeline.artifact import ArtifactMeta
     from pipeline.storage import join
 
     ctx = ray.train.get_context()
@@ -495,7 +495,22 @@ def train_loop(plan: dict) -> None:
             "trained_by": "perceptclip train", "init": plan["init"], "train": plan["train_specs"],
             "val": plan["val_specs"], "best_epoch": state["best_epoch"], "best_score": state["best_score"],
             "metric": primary_metric(task)}, **plan["export_preprocess"])
-        save_artifact(model.cpu(), meta, join(plan["dest"], MODEL_DIR))
+        export_artifact(model.cpu(), meta, join(plan["dest"], MODEL_DIR), plan["storage_options"])
+
+
+def export_artifact(model: ClipLoraModel, meta, dest: str, storage_options: dict) -> None:
+    """``save_artifact`` to ``dest`` with the run's storage options (a worker's own environment may
+    hold no credentials): written locally, then uploaded weights first and config.json last, so a
+    config.json only ever describes complete weights."""
+    from pipeline.artifact import CONFIG_FILE, WEIGHTS_FILE, save_artifact
+    from pipeline.storage import filesystem
+
+    fs, root = filesystem(dest, storage_options)
+    with tempfile.TemporaryDirectory() as local:
+        save_artifact(model, meta, local)
+        fs.makedirs(root, exist_ok=True)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            fs.put_file(os.path.join(local, name), f"{root.rstrip('/')}/{name}")
 
 
 def _printable(record: dict) -> dict:

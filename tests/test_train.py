@@ -185,30 +185,41 @@ def test_iqa_rows_crop_the_unresized_image():
 
 # ---------------------------------------------------------------------------------------------- Ray Train
 
-def test_it_learns_the_synthetic_task_and_the_export_scores(ray_local, synthetic, tmp_path):
-    dest = tmp_path / "run"
+def test_it_learns_the_synthetic_task_and_the_export_scores(ray_local, synthetic, s3_server, tmp_path):
+    """The smoke config on the synthetic task, checkpointing to S3; the exported model is then
+    evaluated on held-out images and scored by ``perceptclip score``."""
+    fs = s3_server.filesystem()
+    dest = f"{s3_server.bucket()}/runs/smoke"
     result = CliRunner().invoke(main, ["train", "--config", str(SMOKE), "--train", spec(synthetic["train"]),
-                                       "--val", spec(synthetic["val"]), "--output", str(dest)])
+                                       "--val", spec(synthetic["val"]), "--output", dest])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    history = json.loads((dest / "metrics.json").read_text())
+    history = json.loads(fs.cat(f"{dest[5:]}/metrics.json"))
     assert [r["epoch"] for r in history] == list(range(15)) and summary["epochs"] == 15
     assert all(r["val"]["default"]["n"] == 40 and r["train_samples"] == 200 for r in history)
     assert summary["best_epoch"] == max(history, key=lambda r: r["score"])["epoch"]
-    assert (dest / "model" / "config.json").exists()
+    assert summary["model"] == f"{dest}/model"
+    checkpoint = sorted(fs.ls(f"{dest[5:]}/checkpoints"))[-1]
+    assert checkpoint.endswith("epoch-0014")
+    # checkpoints hold LoRA and heads only: a few tensors, not the backbone
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(checkpoint)) == [
+        "best.safetensors", "optimizer.pt", "state.json", "trainable.safetensors"]
 
     # held-out images, scored by the exported artifact through the evaluation path
-    ev = CliRunner().invoke(main, ["evaluate", "--model", str(dest / "model"), "--data", spec(synthetic["test"]),
+    ev = CliRunner().invoke(main, ["evaluate", "--model", f"{dest}/model", "--data", spec(synthetic["test"]),
                                    "--bootstrap", "200", "--output", str(tmp_path / "eval.json")])
     assert ev.exit_code == 0, ev.output
     metrics = json.loads(ev.stdout.strip().splitlines()[-1])
     assert metrics["n"] == 60 and metrics["srcc"] >= 0.6, metrics
     assert json.loads((tmp_path / "eval.json").read_text()) == metrics
 
-    # ... and through the scoring job, which must agree with the evaluation
+    # ... and through the scoring job, which must agree with the evaluation (from a local copy: the
+    # scoring job's model actors read an s3:// model with their own environment's credentials)
+    local_model = tmp_path / "model"
+    fs.get(f"{dest[5:]}/model/", str(local_model), recursive=True)
     out = tmp_path / "scores"
     scored = CliRunner().invoke(main, ["score", "--input", spec(synthetic["test"]), "--output", str(out),
-                                       "--model", str(dest / "model")])
+                                       "--model", str(local_model)])
     assert scored.exit_code == 0, scored.output
     table = pq.read_table([str(p) for p in sorted(out.glob("*.parquet"))]).to_pylist()
     labels = {f"s{seed:05d}": quality(seed) for seed in range(2000, 2060)}
