@@ -151,6 +151,24 @@ def test_task_loss_uses_only_valid_rows_and_keeps_the_graph_when_none_are():
     assert float(ce) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.tensor([1, 7, 0]))))
 
 
+def test_init_from_a_model_keeps_its_backbone_and_lora_and_copies_its_head_to_every_head(iqa_artifact):
+    from pipeline.artifact import load_artifact
+    from pipeline.train import build_model, init_model_config
+
+    cfg = TrainConfig(task="iqa", init=iqa_artifact)
+    model_cfg = init_model_config(cfg, ("koniq", "spaq"))
+    model = build_model({"model": model_cfg.to_dict(), "seed": 0, "init": iqa_artifact})
+    source, _ = load_artifact(iqa_artifact)
+    state, reference = model.state_dict(), source.state_dict()
+    for name, tensor in reference.items():
+        if name.startswith("heads.default."):
+            for head in ("koniq", "spaq"):
+                assert torch.equal(state[name.replace("heads.default.", f"heads.{head}.")], tensor)
+        else:
+            assert torch.equal(state[name], tensor), name          # base weights and the trained LoRA
+    assert list(model.heads) == ["koniq", "spaq"] and model_cfg.lora == source.cfg.lora
+
+
 # ---------------------------------------------------------------------------------------------- rows
 
 def test_shard_rows_turn_every_sample_into_a_row(tmp_path):
