@@ -144,7 +144,10 @@ def convert(dataset, source, output, split, fractions, seed, shard_size):
               help="YAML score config (see configs/score.yaml); the options above override it.")
 @click.option("--address", default=None, help="Ray cluster to join; default RAY_ADDRESS, else a local cluster.")
 @click.option("--overwrite", is_flag=True, default=None, help="Score every shard again, committed or not.")
-def score(inputs, output, models, config_path, address, overwrite):
+@click.option("--sample-fraction", type=float, default=None,
+              help="Dry run: score only this seeded random share of the shards (0 < F <= 1; the seed is "
+                   "the config's sample_seed), to estimate cost and distributions before the full run.")
+def score(inputs, output, models, config_path, address, overwrite, sample_fraction):
     """Score WebDataset shards: one Parquet file and one commit marker per shard under OUTPUT.
 
     \b
@@ -154,13 +157,15 @@ def score(inputs, output, models, config_path, address, overwrite):
 
     A rerun skips the shards already committed. Progress goes to stderr; the run summary (also written
     under OUTPUT/_runs/) is printed as JSON at the end. The exit status is 1 when a shard failed.
+    --sample-fraction 0.01 scores a seeded 1% of the shards first, to see cost and distributions.
     """
     import json
 
     from pipeline.score import load_score_config, run_score
 
     cfg = _or_fail(lambda: load_score_config(config_path, input=list(inputs) or None, output=output,
-                                             models=list(models) or None, address=address, overwrite=overwrite))
+                                             models=list(models) or None, address=address, overwrite=overwrite,
+                                             sample_fraction=sample_fraction))
     summary = _or_fail(lambda: run_score(cfg, progress=lambda line: click.echo(line, err=True)))
     click.echo(json.dumps(summary.to_dict(), indent=2))
     if not summary.ok:

@@ -68,6 +68,8 @@ class ScoreConfig:
     torch_threads: int | None = None      # None: the actor's CPU share, at least 1
     num_cpus: int | None = None           # local cluster only
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images become error rows (too_large)
+    sample_fraction: float | None = None  # dry run: score only this seeded random share of the shards
+    sample_seed: int = 0
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self):
@@ -95,6 +97,11 @@ class ScoreConfig:
         _check("cpus_per_reader", self.cpus_per_reader, (int, float), minimum=0.01)
         if self.gpus_per_actor is not None:
             _check("gpus_per_actor", self.gpus_per_actor, (int, float), minimum=0)
+        if self.sample_fraction is not None:
+            _check("sample_fraction", self.sample_fraction, (int, float), minimum=0)
+            if not 0 < self.sample_fraction <= 1:
+                raise ValueError(f"sample_fraction: must be in (0, 1], got {self.sample_fraction!r}")
+        _check("sample_seed", self.sample_seed, int, minimum=0)
         if self.address is not None and self.num_cpus is not None:
             raise ValueError("num_cpus: only for a local cluster; an existing cluster (address) has its own")
         return self
@@ -192,6 +199,7 @@ def distinct_preprocessing(models: list[ModelSpec]) -> tuple[list[PreprocessConf
 class Plan:
     todo: list[str]
     skipped: list[str]
+    not_sampled: int = 0       # shards left out by sample_fraction
 
     @property
     def total(self) -> int:
@@ -217,9 +225,22 @@ def plan_shards(cfg: ScoreConfig, options: dict) -> Plan:
             # outputs are named after shards so users can join them; two shards cannot share one
             raise ValueError(f"input: {other} and {url} would both write {shard_name(url)}.parquet; "
                              f"score them into different outputs")
+    listed = len(urls)
+    if cfg.sample_fraction is not None:
+        urls = sample_shards(urls, cfg.sample_fraction, cfg.sample_seed)
     done = set() if cfg.overwrite else committed_names(cfg.output, options)
     return Plan(todo=[u for u in urls if shard_name(u) not in done],
-                skipped=[u for u in urls if shard_name(u) in done])
+                skipped=[u for u in urls if shard_name(u) in done], not_sampled=listed - len(urls))
+
+
+def sample_shards(urls: list[str], fraction: float, seed: int) -> list[str]:
+    """A seeded random share of ``urls`` (at least one), in listing order. Drawn by shard name, so the
+    same listing and seed give the same sample wherever the shards live and whatever ran before."""
+    import random
+
+    count = max(1, round(fraction * len(urls)))
+    chosen = set(random.Random(seed).sample(sorted(shard_name(u) for u in urls), count))
+    return [u for u in urls if shard_name(u) in chosen]
 
 
 # --- read + decode (CPU tasks) -------------------------------------------------------------------------
@@ -461,6 +482,7 @@ class RunSummary:
     storage: dict
     planned: int = 0
     skipped: int = 0
+    sample: dict | None = None           # a dry run's sample_fraction, seed and shards left out
     done: list[ShardResult] = field(default_factory=list)
     failed: list[ShardResult] = field(default_factory=list)
     duration_s: float = 0.0
@@ -482,6 +504,7 @@ class RunSummary:
             "run_id": self.run_id, "package_version": __version__, "output": self.output,
             "started_at": self.started_at, "duration_s": round(self.duration_s, 3),
             "startup_s": None if self.startup_s is None else round(self.startup_s, 3),
+            "sample": self.sample,
             "shards": {"planned": self.planned, "done": len(self.done), "skipped": self.skipped,
                        "failed": len(self.failed)},
             "failed_shards": [{"shard": r.shard, "reason": r.failed.split(":", 1)[0], "message": r.failed}
@@ -517,6 +540,9 @@ def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> R
     summary = RunSummary(run_id=run_id, output=cfg.output, started_at=_now(),
                          models=[m.describe() for m in models], storage=redact(options),
                          planned=plan.total, skipped=len(plan.skipped))
+    if cfg.sample_fraction is not None:
+        summary.sample = {"fraction": cfg.sample_fraction, "seed": cfg.sample_seed, "not_sampled": plan.not_sampled}
+        progress(f"dry run: a seeded sample of {plan.total} shards; {plan.not_sampled} left out")
     progress(f"{plan.total} shards: {len(plan.todo)} to score, {len(plan.skipped)} already committed")
     try:
         if plan.todo:

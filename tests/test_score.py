@@ -292,3 +292,27 @@ def test_a_model_that_cannot_load_stops_the_run_with_a_summary(dataset, iqa_arti
     summary = json.loads(run.read_text())
     assert "sha256" in summary["aborted"] and summary["shards"]["done"] == 0
     assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_sample_fraction_scores_a_seeded_share_then_the_full_run_completes(tmp_path, iqa_artifact, ray_local):
+    for i in range(10):
+        write_shard(str(tmp_path / "in" / f"part-{i:06d}.tar"), good_samples(i, 2))
+    spec = str(tmp_path / "in" / "part-{000000..000009}.tar")
+    out = str(tmp_path / "out")
+    result = CliRunner().invoke(main, ["score", "--input", spec, "--output", out, "--model", iqa_artifact,
+                                       "--sample-fraction", "0.3"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["sample"] == {"fraction": 0.3, "seed": 0, "not_sampled": 7}
+    assert summary["shards"]["done"] == 3
+    sampled = sorted(p.name for p in (tmp_path / "out" / "_markers").glob("*.json"))
+    again = load_score_config(None, input=[spec], output=str(tmp_path / "other"), models=[iqa_artifact],
+                              sample_fraction=0.3)
+    from pipeline.score import plan_shards
+
+    # the same listing and seed plan the same sample, wherever it is written
+    assert sorted(f"{Path(u).stem}.json" for u in plan_shards(again, storage_options(again.storage)).todo) == sampled
+    full = run_score(load_score_config(None, input=[spec], output=out, models=[iqa_artifact])).to_dict()
+    assert full["sample"] is None and full["shards"]["skipped"] == 3 and full["shards"]["done"] == 7
+    with pytest.raises(ValueError, match="sample_fraction: must be in"):
+        load_score_config(None, input=[spec], output=out, models=[iqa_artifact], sample_fraction=1.5)
