@@ -180,3 +180,20 @@ def test_cli_convert_prints_problems_and_a_summary(koniq, tmp_path):
     assert "malformed row" in result.stderr
     bad = CliRunner().invoke(main, ["convert", "lamem", str(root), "--output", str(tmp_path / "x"), "--split", "nope"])
     assert bad.exit_code != 0 and "train_1" in bad.output
+
+
+def test_manifest_and_images_on_s3_to_shards_on_s3(s3_server, tmp_path):
+    fs = s3_server.filesystem()
+    bucket = s3_server.bucket()
+    data = {}
+    for i in range(3):
+        data[f"img{i}.jpg"] = image_bytes(make_image(20 + i, (30, 30)))
+        fs.pipe(f"{bucket[5:]}/raw/img{i}.jpg", data[f"img{i}.jpg"])
+    fs.pipe(f"{bucket[5:]}/raw/labels.csv", b"path,label\nimg0.jpg,0.1\nimg1.jpg,0.2\nimg9.jpg,0.3\nimg2.jpg,0.4\n")
+    report = convert("manifest", f"{bucket}/raw/labels.csv", f"{bucket}/shards")
+    assert report.shards == [f"{bucket}/shards/all-000000.tar"] and report.written == 3
+    assert [str(p) for p in report.problems] == [f"{bucket}/raw/labels.csv:4: image not found: {bucket}/raw/img9.jpg"]
+    local = tmp_path / "all-000000.tar"
+    fs.get_file(report.shards[0][5:], str(local))
+    samples = read_shards([local])
+    assert samples["img2"]["jpg"] == data["img2.jpg"] and json.loads(samples["img2"]["json"])["label"] == 0.4
