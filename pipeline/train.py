@@ -448,7 +448,7 @@ def train_loop(plan: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             steps += 1
             seen += int(valid.sum())
 

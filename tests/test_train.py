@@ -261,10 +261,11 @@ def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_e
     from pipeline.evaluate import evaluate
 
     # the second set rates the same kind of images the opposite way: only its own head can fit it
-    second = write_shards(tmp_path / "second" / "train", list(range(300, 420)), label=lambda s: -quality(s))
+    second = write_shards(tmp_path / "second" / "train", list(range(300, 500)), label=lambda s: -quality(s))
     second_val = write_shards(tmp_path / "second" / "val", list(range(1100, 1120)), label=lambda s: -quality(s))
     cfg = TrainConfig.load(str(SMOKE))
-    cfg.epochs = 10
+    cfg.epochs = 12
+    cfg.batch_size = 32                        # 16 per worker: the PLCC loss needs more than a handful
     cfg.scaling.num_workers = 2
     cfg.scaling.cpus_per_worker = 0.5          # leaves the shared 2-CPU cluster room for the data tasks
     dest = tmp_path / "run"
@@ -299,18 +300,18 @@ def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_e
     assert "error" in failure, "the interrupted run should have failed"
     # what the interrupted run finished: the history kept in its latest registered checkpoint
     done_before = json.loads((dest / "checkpoints" / latest_checkpoint() / "state.json").read_text())["history"]
-    assert 1 <= len(done_before) < 10
+    assert 1 <= len(done_before) < 12
 
     summary = train(*args)                   # the same command again
     history = json.loads((dest / "metrics.json").read_text())
-    assert [r["epoch"] for r in history] == list(range(10))
+    assert [r["epoch"] for r in history] == list(range(12))
     assert history[:len(done_before)] == done_before, "finished epochs must not run again"
     for r in history:                        # validation gathered from both workers, whole sets
         assert r["val"]["first"]["n"] == 40 and r["val"]["second"]["n"] == 20
-        assert r["train_samples"] == 320
-    assert summary["epochs"] == 10 and set(summary["val"]) == {"first", "second"}
+        assert r["train_samples"] == 400
+    assert summary["epochs"] == 12 and set(summary["val"]) == {"first", "second"}
     checkpoints = sorted(p.name for p in (dest / "checkpoints").iterdir() if p.name.startswith("epoch-"))
-    assert checkpoints == ["epoch-0008", "epoch-0009"]                  # keep_checkpoints: 2
+    assert checkpoints == ["epoch-0010", "epoch-0011"]                  # keep_checkpoints: 2
 
     config = json.loads((dest / "model" / "config.json").read_text())
     assert config["model"]["heads"] == ["first", "second"]
