@@ -575,6 +575,18 @@ def _storage(dest: str):
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), options, dest
 
 
+def check_local_resources(scaling: ScalingSpec, available: dict) -> None:
+    """A local cluster started here cannot grow: fail at start, naming the field, instead of waiting
+    forever for workers it can never place (a cluster joined with --address may autoscale)."""
+    gpus, cpus = available.get("GPU", 0), available.get("CPU", 0)
+    if scaling.use_gpu and gpus < scaling.num_workers:
+        raise ValueError(f"scaling.use_gpu: {scaling.num_workers} GPU worker(s) asked for, this machine has "
+                         f"{int(gpus)} GPU(s); set scaling.use_gpu: false or join a GPU cluster (--address)")
+    if scaling.cpus_per_worker * scaling.num_workers >= cpus:
+        raise ValueError(f"scaling.cpus_per_worker: {scaling.num_workers} worker(s) x {scaling.cpus_per_worker} "
+                         f"CPUs leave none of this machine's {int(cpus)} for reading and decoding the data")
+
+
 def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str], dest: str) -> dict:
     """Fine-tune on ``train_sets`` ({head name: shard spec}), validate on ``val_sets`` every epoch,
     checkpoint to ``dest`` and export the best epoch to ``dest/model``. Returns the run's summary."""
@@ -600,6 +612,7 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
 
     if not ray.is_initialized():
         ray.init()
+        check_local_resources(cfg.scaling, ray.cluster_resources())
     datasets = {}
     for name, urls in train_urls.items():
         ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))

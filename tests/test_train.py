@@ -127,6 +127,17 @@ def test_dataset_arguments_name_the_heads():
         parse_datasets(["a.tar", "b.tar"], "--train")
 
 
+def test_a_local_machine_that_cannot_place_the_workers_fails_at_start():
+    from pipeline.train import ScalingSpec, check_local_resources
+
+    with pytest.raises(ValueError, match="scaling.use_gpu: 1 GPU worker"):
+        check_local_resources(ScalingSpec(use_gpu=True), {"CPU": 16.0})
+    with pytest.raises(ValueError, match="scaling.cpus_per_worker"):
+        check_local_resources(ScalingSpec(num_workers=2, cpus_per_worker=1.0), {"CPU": 2.0})
+    check_local_resources(ScalingSpec(num_workers=1, cpus_per_worker=1.0), {"CPU": 2.0})
+    check_local_resources(ScalingSpec(num_workers=4, use_gpu=True, cpus_per_worker=8), {"CPU": 64.0, "GPU": 4.0})
+
+
 # ---------------------------------------------------------------------------------------------- losses
 
 def test_plcc_loss_ignores_the_labels_scale_and_shift():
