@@ -268,7 +268,8 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_epochs(ray_local, synthetic, tmp_path):
-    """Two workers (gloo DDP), two training sets with a head each, killed after a checkpoint, rerun."""
+    """Two workers (gloo DDP), two training sets with a head each, killed after a checkpoint, rerun;
+    the rerun loses a worker too and Ray Train restarts the group from the latest checkpoint."""
     from pipeline.evaluate import evaluate
 
     # the second set rates the same kind of images the opposite way: only its own head can fit it
@@ -313,10 +314,25 @@ def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_e
     done_before = json.loads((dest / "checkpoints" / latest_checkpoint() / "state.json").read_text())["history"]
     assert 1 <= len(done_before) < 12
 
-    summary = train(*args)                   # the same command again
+    # the same command again; this time a lost worker is retried (FailureConfig) rather than fatal
+    cfg.max_failures = 1
+    resumed_from = latest_checkpoint()
+    second_run = {}
+    thread = threading.Thread(target=lambda: second_run.update(summary=train(*args)))
+    thread.start()
+    deadline = time.monotonic() + 240
+    while latest_checkpoint() == resumed_from and time.monotonic() < deadline:
+        time.sleep(0.2)
+    done_mid = json.loads((dest / "checkpoints" / latest_checkpoint() / "state.json").read_text())["history"]
+    workers = _train_worker_pids()
+    assert len(workers) == 2 and len(done_mid) < 12
+    os.kill(workers[1], signal.SIGKILL)
+    thread.join(timeout=400)
+    summary = second_run["summary"]          # absent if the rerun failed instead of retrying
     history = json.loads((dest / "metrics.json").read_text())
     assert [r["epoch"] for r in history] == list(range(12))
     assert history[:len(done_before)] == done_before, "finished epochs must not run again"
+    assert history[:len(done_mid)] == done_mid, "nor after the retried worker failure"
     for r in history:                        # validation gathered from both workers, whole sets
         assert r["val"]["first"]["n"] == 40 and r["val"]["second"]["n"] == 20
         assert r["train_samples"] == 400
