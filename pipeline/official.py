@@ -178,12 +178,13 @@ def _offline_message(name: str, repo: str, filename: str, task: str, cause: Exce
 
 
 def resolve_model(ref: str) -> str:
-    """A built-in name -> a local artifact directory (fetched and converted once, then cached);
-    anything else is returned unchanged as an artifact path or URI."""
+    """A built-in name -> a local artifact directory (fetched and converted once, then cached); a local
+    path -> the same path, absolute; a URI is returned unchanged."""
     if ref not in BUILTIN_MODELS:
         if ref.startswith("perceptclip-") and not Path(ref).exists():
             raise ArtifactError(f"unknown built-in model {ref!r}; built-in names: {', '.join(BUILTIN_MODELS)}")
-        return ref
+        # a local path is made absolute here, so workers with another working directory find it too
+        return ref if "://" in ref else str(Path(ref).absolute())
     repo, filename, task = BUILTIN_MODELS[ref]
     target = cache_dir() / "releases" / ref
     if (target / CONFIG_FILE).exists():

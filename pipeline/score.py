@@ -147,8 +147,9 @@ class ModelSpec:
     The driver reads only ``config.json``; weights are loaded by the actors, once each."""
 
     name: str
-    ref: str
+    ref: str                  # resolved: an absolute path, a cache directory or a URI (what actors load)
     meta: ArtifactMeta
+    given: str = ""           # as the user wrote it, for provenance
 
     @classmethod
     def resolve(cls, text: str) -> "ModelSpec":
@@ -157,9 +158,10 @@ class ModelSpec:
         name = None
         if "=" in text and "/" not in text.split("=", 1)[0]:
             name, text = text.split("=", 1)
-        base = text.rsplit("#", 1)[0]
-        meta = read_meta(resolve_model(base))
-        return cls(name=name or meta.task, ref=text, meta=meta)
+        base, head = text.rsplit("#", 1) if "#" in text else (text, None)
+        resolved = resolve_model(base)             # the actors load exactly what the driver resolved
+        meta = read_meta(resolved)
+        return cls(name=name or meta.task, ref=resolved + (f"#{head}" if head else ""), meta=meta, given=text)
 
     @property
     def columns(self) -> list[str]:
@@ -169,7 +171,8 @@ class ModelSpec:
 
     def describe(self) -> dict:
         head = self.ref.rsplit("#", 1)[1] if "#" in self.ref else None
-        return {"name": self.name, "ref": self.ref, "head": head, "columns": self.columns, **describe(self.meta)}
+        return {"name": self.name, "ref": self.given or self.ref, "resolved": self.ref, "head": head,
+                "columns": self.columns, **describe(self.meta)}
 
 
 def check_columns(models: list[ModelSpec]) -> None:
@@ -178,7 +181,7 @@ def check_columns(models: list[ModelSpec]) -> None:
         for column in model.columns:
             if column in seen:
                 raise ValueError(f"models: two outputs would be called {column!r}; name one NAME=MODEL, "
-                                 f"e.g. --model {model.name}_2={model.ref}")
+                                 f"e.g. --model {model.name}_2={model.given or model.ref}")
             seen.add(column)
 
 
@@ -456,7 +459,8 @@ class ScoreWriter:
         self.fs.pipe_file(marker, json.dumps({
             "shard": shard, "output": result.output, "rows": result.rows, "ok": result.ok,
             "errors": sum(errors.values()), "errors_by_reason": dict(errors),
-            "models": [{"name": m.name, "ref": m.ref, "weights_sha256": m.meta.weights_sha256} for m in self.models],
+            "models": [{"name": m.name, "ref": m.given or m.ref, "weights_sha256": m.meta.weights_sha256}
+                       for m in self.models],
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "run_id": self.run_id,
             "committed_at": _now(),
         }, indent=2).encode())
