@@ -68,8 +68,8 @@ def write_shards(prefix: Path, seeds, per_shard: int = 40, label=quality) -> lis
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     return {
-        "train": write_shards(root / "train", list(range(200))),
-        "val": write_shards(root / "val", list(range(1000, 1040))),
+        "train": write_shards(root / "train", list(range(400))),
+        "val": write_shards(root / "val", list(range(1000, 1080))),
         "test": write_shards(root / "test", list(range(2000, 2060)), per_shard=30),
     }
 
@@ -225,7 +225,7 @@ def test_it_learns_the_synthetic_task_and_the_export_scores(ray_local, synthetic
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     history = json.loads(fs.cat(f"{dest[5:]}/metrics.json"))
     assert [r["epoch"] for r in history] == list(range(15)) and summary["epochs"] == 15
-    assert all(r["val"]["default"]["n"] == 40 and r["train_samples"] == 200 for r in history)
+    assert all(r["val"]["default"]["n"] == 80 and r["train_samples"] == 400 for r in history)
     assert summary["best_epoch"] == max(history, key=lambda r: r["score"])["epoch"]
     assert summary["model"] == f"{dest}/model"
     checkpoint = sorted(fs.ls(f"{dest[5:]}/checkpoints"))[-1]
@@ -278,6 +278,7 @@ def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_e
     cfg = TrainConfig.load(str(SMOKE))
     cfg.epochs = 12
     cfg.batch_size = 32                        # 16 per worker: the PLCC loss needs more than a handful
+    cfg.learning_rate = 3e-3
     cfg.scaling.num_workers = 2
     cfg.scaling.cpus_per_worker = 0.5          # leaves the shared 2-CPU cluster room for the data tasks
     dest = tmp_path / "run"
@@ -334,8 +335,8 @@ def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_e
     assert history[:len(done_before)] == done_before, "finished epochs must not run again"
     assert history[:len(done_mid)] == done_mid, "nor after the retried worker failure"
     for r in history:                        # validation gathered from both workers, whole sets
-        assert r["val"]["first"]["n"] == 40 and r["val"]["second"]["n"] == 20
-        assert r["train_samples"] == 400
+        assert r["val"]["first"]["n"] == 80 and r["val"]["second"]["n"] == 20
+        assert r["train_samples"] == 600
     assert summary["epochs"] == 12 and set(summary["val"]) == {"first", "second"}
     checkpoints = sorted(p.name for p in (dest / "checkpoints").iterdir() if p.name.startswith("epoch-"))
     assert checkpoints == ["epoch-0010", "epoch-0011"]                  # keep_checkpoints: 2
