@@ -47,6 +47,7 @@ class Record:
     label: float | str  # a number (regression) or a class name
     where: str          # "file:line" of the label that listed it, for error messages
     meta: dict = field(default_factory=dict)
+    name: str = ""      # the image as the label file names it: what a random split hashes
 
 
 @dataclass
@@ -118,7 +119,7 @@ def parse_fractions(text: str) -> dict[str, float]:
 
 def random_split(records: list[Record], split: str, fractions: dict[str, float], seed: int) -> list[Record]:
     """The records of ``split`` ("all" for every record). Each image goes to a split by a seeded hash of
-    its location, so a record's split does not change when other rows are added, fixed or removed; the
+    its name in the label file (not where the dataset is stored), so a record's split does not change when other rows are added, fixed or removed; the
     splits never overlap, and their sizes follow ``fractions`` up to sampling noise."""
     if split == "all":
         return records
@@ -128,7 +129,7 @@ def random_split(records: list[Record], split: str, fractions: dict[str, float],
     index = list(fractions).index(split)
     chosen = []
     for r in records:
-        digest = hashlib.sha256(f"{seed}:{r.image}".encode()).digest()
+        digest = hashlib.sha256(f"{seed}:{r.name or r.image}".encode()).digest()
         u = int.from_bytes(digest[:8], "big") / 2 ** 64          # uniform in [0, 1)
         if min(int(np.searchsorted(bounds, u, side="right")), len(bounds) - 1) == index:
             r.meta["split"] = split
@@ -178,7 +179,7 @@ def koniq_records(source: str) -> tuple[list[Record], list[Problem]]:
             except (ValueError, TypeError) as e:
                 problems.append(Problem(where, f"malformed row: {e}"))
                 continue
-            records.append(Record(make_key(name), _join(source, KONIQ_IMAGES, name), meta["mos"], where, meta))
+            records.append(Record(make_key(name), _join(source, KONIQ_IMAGES, name), meta["mos"], where, meta, name))
     return records, problems
 
 
@@ -261,7 +262,7 @@ def manifest_records(manifest: str) -> tuple[list[Record], list[Problem]]:
         image = str(image).strip()
         location = image if "://" in image or image.startswith("/") else _join(base, image)
         meta = {"dataset": "manifest", "manifest": manifest, "path": image}
-        records.append(Record(make_key(image), location, label, where, meta))
+        records.append(Record(make_key(image), location, label, where, meta, image))
     return records, problems
 
 

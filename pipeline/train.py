@@ -466,11 +466,14 @@ def train_loop(plan: dict) -> None:
         }
         scores = [v[primary_metric(task)] for v in val.values()]
         record["score"] = float(np.mean(scores)) if scores and not any(np.isnan(scores)) else float("nan")
-        improved = not math.isnan(record["score"]) and (state["best_score"] is None or record["score"] > state["best_score"])
+        # a score that is NaN (a validation set too small or too uniform to rank) never beats a real
+        # one, but the first epoch still counts as the best so far: a run always has a model to export
+        improved = state["best_epoch"] is None or _beats(record["score"], state["best_score"])
         if improved:
             state["best_score"], state["best_epoch"] = record["score"], epoch
             best = {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()}
         state["epoch"] = epoch
+        record["best_epoch"] = state["best_epoch"]
         state["history"].append(record)
         flat = {"epoch": epoch, "score": record["score"], "train_loss": record["train_loss"],
                 "train_errors": record["train_errors"], "best_epoch": state["best_epoch"]}
@@ -488,8 +491,6 @@ def train_loop(plan: dict) -> None:
             ray.train.report(flat)
 
     if rank == 0:
-        if state["best_epoch"] is None:
-            raise RuntimeError("no epoch produced a finite validation score; nothing to export")
         model.load_state_dict(best, strict=False)
         meta = ArtifactMeta.for_task(task.name, model.cfg, provenance={
             "trained_by": "perceptclip train", "init": plan["init"], "train": plan["train_specs"],
@@ -511,6 +512,10 @@ def export_artifact(model: ClipLoraModel, meta, dest: str, storage_options: dict
         fs.makedirs(root, exist_ok=True)
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             fs.put_file(os.path.join(local, name), f"{root.rstrip('/')}/{name}")
+
+
+def _beats(score: float, best: float | None) -> bool:
+    return not math.isnan(score) and (best is None or math.isnan(best) or score > best)
 
 
 def _printable(record: dict) -> dict:
@@ -612,7 +617,8 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
 
     if not ray.is_initialized():
         ray.init()
-        check_local_resources(cfg.scaling, ray.cluster_resources())
+        if not os.environ.get("RAY_ADDRESS"):
+            check_local_resources(cfg.scaling, ray.cluster_resources())
     datasets = {}
     for name, urls in train_urls.items():
         ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
@@ -642,6 +648,6 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
     fs, path = filesystem(join(dest, METRICS_FILE), options)
     with fs.open(path, "r") as f:
         history = json.load(f)
-    best = max((r for r in history if not math.isnan(r["score"])), key=lambda r: r["score"])
+    best = next(r for r in history if r["epoch"] == history[-1]["best_epoch"])
     return {"model": join(dest, MODEL_DIR), "best_epoch": best["epoch"], "metric": primary_metric(task),
             "score": best["score"], "val": _printable(best)["val"], "epochs": len(history)}

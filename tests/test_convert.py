@@ -84,6 +84,13 @@ def test_conversion_is_deterministic_and_random_splits_partition(koniq, tmp_path
     other_seed = convert("koniq", str(root), str(tmp_path / "c"), split="train", seed=4,
                          fractions={"train": 0.5, "val": 0.25, "test": 0.25})
     assert set(read_shards(other_seed.shards)) != parts["train"]
+    # the split follows the names in the label file, not where the dataset is stored
+    import shutil
+
+    moved = shutil.copytree(root, tmp_path / "elsewhere" / "koniq")
+    again = convert("koniq", str(moved), str(tmp_path / "moved"), split="train", seed=3,
+                    fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    assert set(read_shards(again.shards)) == parts["train"]
 
 
 def test_lamem_reads_the_chosen_split_and_reports_malformed_lines(tmp_path):
