@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pipeline.model import ClipLoraModel, ModelConfig
 from pipeline.preprocess import PreprocessConfig
+from pipeline.storage import filesystem
 from pipeline.tasks import get_task
 
 FORMAT = "perceptclip-model"
@@ -121,12 +122,12 @@ def save_artifact(model: ClipLoraModel, meta: ArtifactMeta, dest: str) -> str:
     return meta.weights_sha256
 
 
-def read_meta(uri: str) -> ArtifactMeta:
-    import fsspec
-
+def read_meta(uri: str, storage_options: dict | None = None) -> ArtifactMeta:
+    """``storage_options``: per protocol, as ``pipeline.storage.storage_options`` gives them."""
     path = f"{uri.rstrip('/')}/{CONFIG_FILE}"
+    fs, fs_path = filesystem(path, storage_options)
     try:
-        with fsspec.open(path, "r") as f:
+        with fs.open(fs_path, "r") as f:
             raw = json.load(f)
     except FileNotFoundError:
         raise ArtifactError(f"{uri}: no {CONFIG_FILE} here; is this a perceptclip model directory?") from None
@@ -139,18 +140,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PERCEPTCLIP_CACHE", Path.home() / ".cache" / "perceptclip"))
 
 
-def fetch_artifact(uri: str) -> Path:
+def fetch_artifact(uri: str, storage_options: dict | None = None) -> Path:
     """A local directory holding the artifact at ``uri``: the path itself if local, else a verified
     copy in the cache, downloaded at most once per machine (concurrent callers share the result)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = filesystem(uri, storage_options)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         path = Path(root)
         if not path.is_dir():
             raise ArtifactError(f"{uri}: no such model directory")
         return path
-    meta = read_meta(uri)
+    meta = read_meta(uri, storage_options)
     target = cache_dir() / "artifacts" / hashlib.sha256(f"{uri}|{meta.weights_sha256}".encode()).hexdigest()[:32]
     if (target / CONFIG_FILE).exists():
         return target
@@ -180,12 +179,13 @@ def publish_once(target: Path, fill) -> Path:
     return target
 
 
-def load_artifact(uri: str, verify: bool = True) -> tuple[ClipLoraModel, ArtifactMeta]:
+def load_artifact(uri: str, verify: bool = True, storage_options: dict | None = None
+                  ) -> tuple[ClipLoraModel, ArtifactMeta]:
     """Rebuild the model saved at ``uri`` (unmerged, eval mode, on CPU) and its metadata."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    local = fetch_artifact(uri)
+    local = fetch_artifact(uri, storage_options)
     meta = read_meta(str(local))
     weights = local / WEIGHTS_FILE
     if not weights.exists():

@@ -152,7 +152,7 @@ class ModelSpec:
     given: str = ""           # as the user wrote it, for provenance
 
     @classmethod
-    def resolve(cls, text: str) -> "ModelSpec":
+    def resolve(cls, text: str, options: dict | None = None) -> "ModelSpec":
         from pipeline.official import resolve_model
 
         name = None
@@ -160,7 +160,7 @@ class ModelSpec:
             name, text = text.split("=", 1)
         base, head = text.rsplit("#", 1) if "#" in text else (text, None)
         resolved = resolve_model(base)             # the actors load exactly what the driver resolved
-        meta = read_meta(resolved)
+        meta = read_meta(resolved, options)
         return cls(name=name or meta.task, ref=resolved + (f"#{head}" if head else ""), meta=meta, given=text)
 
     @property
@@ -315,14 +315,16 @@ def read_and_decode(batch: dict[str, np.ndarray], preprocessing: list[Preprocess
 class ModelActor:
     """Ray Data stage: decoded blocks -> score rows. Loads every model once, when the actor starts."""
 
-    def __init__(self, models: list[tuple[str, str]], crops_index: list[int], torch_threads: int | None):
+    def __init__(self, models: list[tuple[str, str]], crops_index: list[int], torch_threads: int | None,
+                 options: dict | None = None):
         import torch
 
         from pipeline.scorer import Scorer
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.scorers = [Scorer.load(ref, name=name) for name, ref in models]
+        # the run's storage options travel with the job: workers may hold no credentials of their own
+        self.scorers = [Scorer.load(ref, name=name, storage_options=options) for name, ref in models]
         self.crops_index = crops_index
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -537,7 +539,7 @@ def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> R
     cfg.validate()
     started = time.perf_counter()
     options = storage_options(cfg.storage)
-    models = [ModelSpec.resolve(m) for m in cfg.models]
+    models = [ModelSpec.resolve(m, options) for m in cfg.models]
     check_columns(models)
     plan = plan_shards(cfg, options)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
@@ -587,7 +589,7 @@ def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dic
                             # on every CPU of the cluster.
                             memory=cfg.reader_memory_mb * 2**20)
         ds = ds.map_batches(ModelActor, batch_size=cfg.batch_size, batch_format="numpy",
-                            fn_constructor_args=([(m.name, m.ref) for m in models], crops_index, threads),
+                            fn_constructor_args=([(m.name, m.ref) for m in models], crops_index, threads, options),
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor)
 

@@ -48,10 +48,11 @@ class Scorer:
 
     @classmethod
     def load(cls, ref: str, device: str | torch.device | None = None, name: str | None = None,
-             **options) -> "Scorer":
+             storage_options: dict | None = None, **options) -> "Scorer":
         """``ref``: a built-in name (``perceptclip-iqa``), a local artifact directory or an fsspec URI.
         ``NAME=REF`` names the output columns (two models of one task need different names) and
-        ``REF#HEAD`` picks a head of a multi-dataset model."""
+        ``REF#HEAD`` picks a head of a multi-dataset model. ``storage_options``: per protocol, for
+        artifacts on object storage (``pipeline.storage.storage_options``)."""
         from pipeline.official import resolve_model
 
         if "=" in ref and name is None and not ref.split("=", 1)[0].count("/"):
@@ -59,7 +60,7 @@ class Scorer:
         head = None
         if "#" in ref:
             ref, head = ref.rsplit("#", 1)
-        model, meta = load_artifact(resolve_model(ref))
+        model, meta = load_artifact(resolve_model(ref), storage_options=storage_options)
         meta.provenance.setdefault("ref", ref)
         return cls(model, meta, name=name, device=device, head=head, **options)
 

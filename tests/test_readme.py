@@ -40,9 +40,9 @@ def workdir(tmp_path_factory):
         writer = csv.writer(f)
         writer.writerow(["path", "label"])
         for i in range(40):
-            path = images / f"{i:03d}.jpg"
-            path.write_bytes(image_bytes(make_image(1000 + i, (80, 64))))
-            writer.writerow([str(path), round(i / 40, 3)])
+            (images / f"{i:03d}.jpg").write_bytes(image_bytes(make_image(1000 + i, (80, 64))))
+            # relative to the manifest: the seeded split hashes these names, so it is the same every run
+            writer.writerow([f"photos/{i:03d}.jpg", round(i / 40, 3)])
     models = {name: make_tiny_artifact(str(work / "models" / name), task=name, seed=7)
               for name in ("iqa", "emotion")}
     return work, models
@@ -68,4 +68,5 @@ def test_every_walkthrough_command_runs(workdir, ray_local):
     assert len(list((work / "scores").glob("*.parquet"))) == 2
     assert (work / "report.html").stat().st_size > 10_000
     assert (work / "runs" / "iqa-mine" / "model" / "config.json").exists()
+    assert list((work / "labelled").glob("val-*.tar")), "the split must hold validation images"
     assert len(list((work / "scores-mine" / "_markers").glob("*.json"))) == 2

@@ -242,13 +242,11 @@ def test_it_learns_the_synthetic_task_and_the_export_scores(ray_local, synthetic
     assert metrics["n"] == 60 and metrics["srcc"] >= 0.6, metrics
     assert json.loads((tmp_path / "eval.json").read_text()) == metrics
 
-    # ... and through the scoring job, which must agree with the evaluation (from a local copy: the
-    # scoring job's model actors read an s3:// model with their own environment's credentials)
-    local_model = tmp_path / "model"
-    fs.get(f"{dest[5:]}/model/", str(local_model), recursive=True)
+    # ... and through the scoring job, straight from S3, which must agree with the evaluation. The
+    # cluster's workers started before the S3 credentials were set: the job must hand them its own.
     out = tmp_path / "scores"
     scored = CliRunner().invoke(main, ["score", "--input", spec(synthetic["test"]), "--output", str(out),
-                                       "--model", str(local_model)])
+                                       "--model", f"{dest}/model"])
     assert scored.exit_code == 0, scored.output
     table = pq.read_table([str(p) for p in sorted(out.glob("*.parquet"))]).to_pylist()
     labels = {f"s{seed:05d}": quality(seed) for seed in range(2000, 2060)}
