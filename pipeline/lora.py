@@ -88,7 +88,7 @@ class LoraAttention(nn.Module):
         # open_clip calls attn(q_x, k_x, v_x, need_weights=False, attn_mask=...) and reads [0];
         # the vision tower only ever does self-attention.
         if (k_x is not None and k_x is not q_x) or (v_x is not None and v_x is not q_x):
-            raise NotImplementedError("LoraAttention supports self-attention only")
+            raise ValueError("LoraAttention adapts self-attention only (the vision tower never cross-attends)")
         x = q_x                                                       # (B, N, width)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)     # (B, N, 3*width)
         if self.lora is not None:
