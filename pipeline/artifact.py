@@ -100,16 +100,16 @@ def _sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_artifact(model: ClipLoraModel, meta: ArtifactMeta, dest: str) -> str:
-    """Write ``model`` (unmerged) and ``meta`` to ``dest`` (local or fsspec URI). Returns the weights' sha256."""
-    import fsspec
+def save_artifact(model: ClipLoraModel, meta: ArtifactMeta, dest: str, storage_options: dict | None = None) -> str:
+    """Write ``model`` (unmerged) and ``meta`` to ``dest`` (local or fsspec URI). Returns the weights' sha256.
+    ``storage_options``: per protocol, as ``pipeline.storage.storage_options`` gives them."""
     from safetensors.torch import save_file
 
     if model.cfg.lora.r and not any(".lora." in k for k in model.state_dict()):
         # a merged model has lost its LoRA tensors and no longer matches its own config
         raise ArtifactError("cannot save a merged model: save before merge_lora()")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    fs, root = fsspec.core.url_to_fs(dest)
+    fs, root = filesystem(dest, storage_options)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, WEIGHTS_FILE)
         save_file(state, local, metadata={"format": FORMAT})

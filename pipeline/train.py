@@ -501,17 +501,10 @@ def train_loop(plan: dict) -> None:
 
 def export_artifact(model: ClipLoraModel, meta, dest: str, storage_options: dict) -> None:
     """``save_artifact`` to ``dest`` with the run's storage options (a worker's own environment may
-    hold no credentials): written locally, then uploaded weights first and config.json last, so a
-    config.json only ever describes complete weights."""
-    from pipeline.artifact import CONFIG_FILE, WEIGHTS_FILE, save_artifact
-    from pipeline.storage import filesystem
+    hold no credentials)."""
+    from pipeline.artifact import save_artifact
 
-    fs, root = filesystem(dest, storage_options)
-    with tempfile.TemporaryDirectory() as local:
-        save_artifact(model, meta, local)
-        fs.makedirs(root, exist_ok=True)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            fs.put_file(os.path.join(local, name), f"{root.rstrip('/')}/{name}")
+    save_artifact(model, meta, dest, storage_options)
 
 
 def _beats(score: float, best: float | None) -> bool:
