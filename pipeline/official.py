@@ -177,6 +177,16 @@ def _offline_message(name: str, repo: str, filename: str, task: str, cause: Exce
     )
 
 
+def parse_model_ref(text: str) -> tuple[str | None, str, str | None]:
+    """``[NAME=]REF[#HEAD]`` -> (name, ref, head). NAME renames a model's output columns; HEAD picks a
+    head of a multi-dataset model. An ``=`` after a ``/`` belongs to the path, not to a name."""
+    name = None
+    if "=" in text and "/" not in text.split("=", 1)[0]:
+        name, text = text.split("=", 1)
+    ref, head = text.rsplit("#", 1) if "#" in text else (text, None)
+    return name, ref, head
+
+
 def resolve_model(ref: str) -> str:
     """A built-in name -> a local artifact directory (fetched and converted once, then cached); a local
     path -> the same path, absolute; a URI is returned unchanged."""

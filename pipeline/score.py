@@ -153,15 +153,13 @@ class ModelSpec:
 
     @classmethod
     def resolve(cls, text: str, options: dict | None = None) -> "ModelSpec":
-        from pipeline.official import resolve_model
+        from pipeline.official import parse_model_ref, resolve_model
 
-        name = None
-        if "=" in text and "/" not in text.split("=", 1)[0]:
-            name, text = text.split("=", 1)
-        base, head = text.rsplit("#", 1) if "#" in text else (text, None)
+        name, base, head = parse_model_ref(text)
         resolved = resolve_model(base)             # the actors load exactly what the driver resolved
         meta = read_meta(resolved, options)
-        return cls(name=name or meta.task, ref=resolved + (f"#{head}" if head else ""), meta=meta, given=text)
+        return cls(name=name or meta.task, ref=resolved + (f"#{head}" if head else ""), meta=meta,
+                   given=base + (f"#{head}" if head else ""))
 
     @property
     def columns(self) -> list[str]:

@@ -53,13 +53,10 @@ class Scorer:
         ``NAME=REF`` names the output columns (two models of one task need different names) and
         ``REF#HEAD`` picks a head of a multi-dataset model. ``storage_options``: per protocol, for
         artifacts on object storage (``pipeline.storage.storage_options``)."""
-        from pipeline.official import resolve_model
+        from pipeline.official import parse_model_ref, resolve_model
 
-        if "=" in ref and name is None and not ref.split("=", 1)[0].count("/"):
-            name, ref = ref.split("=", 1)
-        head = None
-        if "#" in ref:
-            ref, head = ref.rsplit("#", 1)
+        given_name, ref, head = parse_model_ref(ref)
+        name = name or given_name
         model, meta = load_artifact(resolve_model(ref), storage_options=storage_options)
         meta.provenance.setdefault("ref", ref)
         return cls(model, meta, name=name, device=device, head=head, **options)
