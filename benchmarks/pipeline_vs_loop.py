@@ -18,26 +18,11 @@ steady-state throughputs.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-
-def write_workload(root: Path, images: int, shards: int, size: int) -> list[str]:
-    from pipeline.shards import write_shard
-    from pipeline.testing import image_bytes, make_image
-
-    distinct = [image_bytes(make_image(seed, (size, size)), "JPEG", quality=90) for seed in range(min(images, 256))]
-    per_shard = -(-images // shards)
-    urls = []
-    for s in range(shards):
-        keys = range(s * per_shard, min(images, (s + 1) * per_shard))
-        samples = [{"__key__": f"{k:08d}", "jpg": distinct[k % len(distinct)],
-                    "json": json.dumps({"url": f"https://example.com/{k}.jpg"}).encode()} for k in keys]
-        urls.append(str(root / f"shard-{s:06d}.tar"))
-        write_shard(urls[-1], samples)
-    return urls
+from workload import workload_model, write_workload
 
 
 def plain_loop(urls: list[str], model: str, batch_size: int) -> dict:
@@ -103,11 +88,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
-    from pipeline.testing import make_tiny_artifact
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = make_tiny_artifact(str(root / "model"), task="memorability", seed=0)
+        model = workload_model("tiny", root)
         urls = write_workload(root / "shards", args.images, args.shards, args.size)
         print(f"workload: {args.images} JPEGs of {args.size}x{args.size} px in {args.shards} shards, "
               f"tiny memorability model (32 px input), {args.cpus} CPUs", flush=True)
