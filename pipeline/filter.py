@@ -15,6 +15,13 @@ over each score table:
 Only scored samples (status ``ok``) can be kept. Each kept sample is copied unchanged into a shard
 of the same name under the output, with its models' score columns added to its ``.json``. Per shard:
 the tar, then a marker; a rerun skips shards with a marker.
+
+Nothing is ever written outside the output, whatever the shards and keys say. A curated shard's path
+is the output folder plus the input shard's file name, refused (``unsafe_name``, the shard fails)
+unless it is a plain file name. A kept sample whose file names in the new tar would be unsafe to
+extract (absolute, a ``..`` segment, a drive letter, a NUL) is not written but refused, and so is one
+whose ``.json`` cannot be read to add the scores (``unreadable_json``): the marker and the summary
+count refused samples by reason, so ``of = kept + refused + not selected``.
 """
 
 from __future__ import annotations
@@ -22,19 +29,22 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline.shards import ShardError, read_shard, shard_bytes, shard_name
+from pipeline.shards import ShardError, parse_json, read_shard, shard_bytes, shard_name
 from pipeline.storage import filesystem, join, redact_text
 
 MARKERS_DIR = "_markers"
 LITERAL_NAMES = {"true": True, "false": False, "True": True, "False": False}
 _COMPARISONS = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
+_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 class ExpressionError(ValueError):
@@ -196,10 +206,14 @@ class FilterSummary:
         return not self.failed
 
     def to_dict(self) -> dict:
+        refused: Counter = Counter()
+        for d in self.done:
+            refused.update(d["refused"])
         return {"scores": self.scores, "output": self.output, "where": self.where,
                 "shards": {"planned": len(self.done) + self.skipped + len(self.failed), "done": len(self.done),
                            "skipped": self.skipped, "failed": len(self.failed)},
                 "samples": {"seen": sum(d["of"] for d in self.done), "kept": sum(d["kept"] for d in self.done)},
+                "refused_by_reason": dict(refused),
                 "failed_shards": self.failed, "duration_s": round(self.duration_s, 3)}
 
 
@@ -221,11 +235,25 @@ def kept_rows(table: pa.Table, expression: KeepExpression) -> pa.Table:
     return table.filter(expression.to_arrow() & (pc.field("status") == "ok"))
 
 
+def output_name(shard: str) -> str:
+    """The curated shard's file name (without .tar): the input shard's own, if it is a plain name."""
+    name = shard_name(shard)
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or _DRIVE.match(name):
+        raise ShardError("unsafe_name", f"{shard}: {name!r} is not a plain file name to write under the output")
+    return name
+
+
+def safe_member_name(name: str) -> bool:
+    """Whether ``tar -x`` (or any extractor) would write ``name`` inside the folder it extracts into."""
+    parts = re.split(r"[/\\]", name)
+    return not (name.startswith(("/", "\\")) or ".." in parts or "\0" in name or _DRIVE.match(name))
+
+
 def filter_shard(marker: dict, scores: str, expression: KeepExpression, output: str, options: dict) -> dict:
     """Write one curated shard and its marker; returns the marker."""
     import pyarrow.parquet as pq
 
-    name = shard_name(marker["shard"])
+    name = output_name(marker["shard"])
     # the table sits next to its marker, wherever the scores folder has been moved since
     fs, path = filesystem(join(scores, f"{name}.parquet"), options)
     with fs.open(path, "rb") as f:
@@ -236,22 +264,30 @@ def filter_shard(marker: dict, scores: str, expression: KeepExpression, output: 
     if [s["__key__"] for s in samples] != table["key"].to_pylist():
         raise ShardError("changed", f"{marker['shard']}: its samples differ from those scored in {path}")
     kept = {row["key"]: row for row in kept_rows(table, expression).select(["key", *score_columns]).to_pylist()}
-    out_samples = []
+    out_samples, refused = [], Counter()
     for sample in samples:
         row = kept.get(sample["__key__"])
         if row is None:
             continue
-        meta = json.loads(sample["json"]) if isinstance(sample.get("json"), bytes) else {}
-        meta = meta if isinstance(meta, dict) else {"json": meta}
-        meta.update({c: row[c] for c in score_columns})
-        out_samples.append({**sample, "json": json.dumps(meta).encode()})
+        if not all(safe_member_name(f"{sample['__key__']}.{ext}") for ext in sample if not ext.startswith("__")):
+            refused["unsafe_name"] += 1
+            continue
+        try:
+            meta = parse_json(sample["json"]) if isinstance(sample.get("json"), bytes) else {}
+            meta = meta if isinstance(meta, dict) else {"json": meta}
+            meta.update({c: row[c] for c in score_columns})
+            text = json.dumps(meta)
+        except (ValueError, RecursionError):     # invalid, or nested deeper than json can write back
+            refused["unreadable_json"] += 1
+            continue
+        out_samples.append({**sample, "json": text.encode()})
     data = shard_bytes(out_samples)
     out_fs, root = filesystem(output, options)
     out_fs.makedirs(join(root, MARKERS_DIR), exist_ok=True)
     out_fs.pipe_file(join(root, f"{name}.tar"), data)
     done = {"shard": marker["shard"], "output": join(output, f"{name}.tar"), "kept": len(out_samples),
-            "of": len(samples), "where": expression.text, "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data)}
+            "refused": dict(refused), "of": len(samples), "where": expression.text,
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     out_fs.pipe_file(join(root, MARKERS_DIR, f"{name}.json"), json.dumps(done, indent=2).encode())
     return done
 

@@ -2,7 +2,10 @@
 
 Decoding turns bytes into a correct RGB ``PIL.Image`` (EXIF orientation applied, every mode handled)
 or raises ``ImageError`` with a reason code; it never lets another exception escape, so a caller can
-turn any bad image into an error row.
+turn any bad image into an error row. Only the formats in ``IMAGE_FORMATS`` are opened, whatever the
+file is named: the bytes are untrusted, and PIL's other decoders (EPS hands the file to Ghostscript)
+have no business seeing them. An image with more than ``max_pixels`` pixels is refused from its header,
+before any pixel is decoded.
 
 Preprocessing turns an RGB image into uint8 crops, shape (n, 3, S, S): normalisation happens on the
 model's device (``Scorer``), so what travels between processes is a quarter of float32's size.
@@ -12,6 +15,9 @@ model's device (``Scorer``), so what travels between processes is a quarter of f
 - ``multi_crop`` (iqa): ``crops`` S x S crops of the unresized image at positions drawn from a seeded
   generator (the same image always gets the same crops); the scores of the crops are averaged. Images
   longer than ``max_side`` are first scaled down to it; images shorter than S are scaled up to S.
+
+Neither ever builds an image much larger than its output, whatever the aspect ratio: a 1 x 20000
+strip would otherwise be scaled to 224 x 4.5 million pixels on the way to one 224 x 224 crop.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own decompression-bomb threshold (2x MAX_IMAGE_PIXELS)
+# The PIL formats behind shards.IMAGE_EXTENSIONS (MPO, the multi-picture JPEG of cameras, opens as JPEG).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM", "JPEG2000", "AVIF", "TGA", "ICO")
+# resize_center_crop: an aspect ratio above this takes the crop straight from the source region
+MAX_RESIZE_ASPECT = 8
 
 
 class ImageError(Exception):
@@ -64,6 +74,9 @@ class PreprocessConfig:
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Bytes -> RGB image, upright. Raises ``ImageError`` for anything that is not a usable image.
 
+    ``max_pixels``: larger images are refused (``too_large``) from the size in their header. PIL refuses
+    images over its own limit (``2 * Image.MAX_IMAGE_PIXELS``, the default here) while opening them,
+    also as ``too_large``, so a higher ``max_pixels`` changes nothing.
     ``draft_size``: let the JPEG decoder scale down in the DCT domain (1/2, 1/4, 1/8) while both sides
     stay >= draft_size; several times faster for large JPEGs, for preprocessing that resizes anyway.
     ``img.info["source_size"]`` keeps the full upright size either way."""
@@ -71,8 +84,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
         raise ImageError("empty", "zero bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            # PIL warns from half its limit; max_pixels is the limit here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError("too_large", f"{width}x{height} exceeds the limit of {max_pixels} pixels")
@@ -87,7 +101,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
             return rgb
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageError("too_large", str(e)) from None
     except UnidentifiedImageError:
         raise ImageError("not_an_image", "no image format recognised") from None
@@ -125,9 +139,26 @@ def _to_uint8_chw(img: Image.Image) -> torch.Tensor:
 def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
     from torchvision.transforms import functional as TF
 
-    img = TF.resize(img, size)                       # shorter side -> size, bilinear (PIL, antialiased)
-    img = TF.center_crop(img, [size, size])
+    width, height = img.size
+    if max(width, height) > MAX_RESIZE_ASPECT * min(width, height):
+        img = _resized_center_square(img, size)
+    else:
+        img = TF.resize(img, size)                   # shorter side -> size, bilinear (PIL, antialiased)
+        img = TF.center_crop(img, [size, size])
     return _to_uint8_chw(img).unsqueeze(0)           # (1, 3, S, S)
+
+
+def _resized_center_square(img: Image.Image, size: int) -> Image.Image:
+    """``Resize(size)`` then ``CenterCrop(size)`` in one step: PIL resamples only the source region the
+    crop covers. The same sampling positions as the two steps; pixels may differ by one level where
+    PIL rounds between its passes, so this path is kept for strips, where the two steps cost most."""
+    width, height = img.size
+    # the sizes and offsets torchvision computes
+    new_w, new_h = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return img.resize((size, size), Image.BILINEAR, box=box)
 
 
 def crop_positions(width: int, height: int, size: int, count: int, seed: int) -> list[tuple[int, int]]:
@@ -142,10 +173,11 @@ def multi_crop(img: Image.Image, size: int, crops: int, max_side: int, seed: int
     if max(width, height) > max_side:
         scale = max_side / max(width, height)
         img = img.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-    if min(img.size) < size:
-        from torchvision.transforms import functional as TF
-
-        img = TF.resize(img, size)
+    width, height = img.size
+    if min(width, height) < size:
+        # shorter side -> size as torchvision's Resize(size) does, the longer one no longer than max_side
+        long = min(int(size * max(width, height) / min(width, height)), max_side)
+        img = img.resize((size, long) if width <= height else (long, size), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)            # (H, W, 3)
     height, width = arr.shape[:2]
     out = np.stack([arr[y:y + size, x:x + size] for x, y in crop_positions(width, height, size, crops, seed)])

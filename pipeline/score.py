@@ -249,13 +249,17 @@ def sample_shards(urls: list[str], fraction: float, seed: int) -> list[str]:
 def decode_samples(shard: str, samples: list[dict], start: int, preprocessing: list[PreprocessConfig],
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
     """One block of rows: sample metadata, status and, per preprocessing ``i``, uint8 crops ``crops_i``
-    (n, crops, 3, S, S). A sample that cannot be decoded is an error row with zero crops."""
+    (n, crops, 3, S, S). A sample that cannot be decoded, or that the reader refused (``__error__``:
+    a link, a duplicated key), is an error row with zero crops: one row per sample, whatever it holds."""
     n = len(samples)
     crops = [np.zeros((n, p.crops if p.kind == "multi_crop" else 1, 3, p.size, p.size), np.uint8)
              for p in preprocessing]
     status, error = np.full(n, "ok", dtype=object), np.full(n, None, dtype=object)
     width, height = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
     for i, sample in enumerate(samples):
+        if "__error__" in sample:
+            status[i], error[i] = "error", sample["__error__"]
+            continue
         ext = image_member(sample)
         try:
             if ext is None:

@@ -4,13 +4,22 @@ A spec is a local path or any fsspec URL (``s3://``, ``gs://``, ...), with brace
 (``shard-{000000..000999}.tar``) and globs (``data/*.tar``), a list of such specs, or a ``.txt`` file
 holding one spec per line (blank lines and ``#`` comments ignored).
 
-A shard is read as a unit. ``iter_shard`` streams its samples, each a dict ``{"__key__": key,
-ext: bytes, ...}`` grouped by key the webdataset way (``dir/key.ext``, ``ext`` everything after the
-first dot of the file name); ``read_shard`` returns them all, so a caller knows the sample count
-before it emits anything and never emits part of a shard that turns out to be broken. Anything wrong
-with the shard itself (missing, not a tar, truncated, a sample whose files are not together) raises
-``ShardError`` with a reason code; nothing else escapes. What is wrong with one sample's image is the
-decoder's business, not the reader's.
+A shard is read as a unit: ``read_shard`` returns all its samples or raises ``ShardError`` with a
+reason code (missing, unreadable, not_a_tar, truncated); nothing else escapes, and a caller never
+emits part of a shard that turns out to be broken. A sample is a dict ``{"__key__": key, ext: bytes,
+...}``: every regular file named ``dir/key.ext`` (``ext`` everything after the first dot of the file
+name), wherever it sits in the tar, in the order keys first appear. What the reader does with odd
+members, as a stated policy:
+
+- directories, files without an extension and webdataset's own ``__name__`` entries: not samples,
+  ignored; so is a member whose extension starts with ``__`` (it would overwrite ``__key__``).
+- a symlink or hardlink (``link_member``), a device or fifo (``special_member``), or a key with the
+  same extension twice (``duplicate_key``): nothing is followed, extracted or guessed; the key becomes
+  one sample ``{"__key__": key, "__error__": "reason: message"}`` holding no files, which the
+  scoring job writes as an error row. A key counts as one sample however many files it has.
+- a file name that is not UTF-8: its undecodable bytes are written ``\\xNN`` in the key.
+
+What is wrong with one sample's image is the decoder's business, not the reader's.
 """
 
 from __future__ import annotations
@@ -28,14 +37,14 @@ URL_LIST_SUFFIXES = (".txt",)
 # Lower-case extensions of the image formats PIL reads, in the order a sample's image is picked.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "ppm", "pgm", "pbm", "pnm",
                     "jp2", "j2k", "avif", "tga", "ico")
+MAX_META_BYTES = 1 << 20    # a larger .json or .txt beside an image is not read: url and caption stay null
 _META_MEMBER = re.compile(r"(^|/)__[^/]*__($|/)")    # webdataset's own metadata, such as __index__
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 class ShardError(Exception):
-    """A shard that cannot be read as a whole. ``reason``: missing, unreadable, not_a_tar, truncated,
-    unordered or duplicate_member."""
+    """A shard that cannot be read as a whole. ``reason``: missing, unreadable, not_a_tar or truncated."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(f"{reason}: {message}")
@@ -107,14 +116,14 @@ def shard_name(url: str) -> str:
 
 # --- reading -----------------------------------------------------------------------------------------
 
-def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[dict]:
-    """Stream the samples of one shard. Raises ``ShardError`` (and only that) for a broken shard,
-    possibly after some samples were yielded: use ``read_shard`` to get all or nothing."""
+def read_shard(url: str, storage_options: dict | None = None) -> list[dict]:
+    """All samples of one shard, in the order their keys first appear, or ``ShardError``."""
     options = storage_options or {}
     try:
         fs, path = filesystem(url, options)
         with fs.open(path, "rb") as raw:
-            yield from _samples(tarfile.open(fileobj=raw, mode="r|*"), url)
+            # "r|*": a forward-only stream (object stores need no seeks), plain or compressed
+            return _samples(tarfile.open(fileobj=raw, mode="r|*", encoding="utf-8", errors="surrogateescape"), url)
     except ShardError:
         raise
     except FileNotFoundError:
@@ -130,37 +139,45 @@ def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[dict]:
         raise ShardError("unreadable", redact_text(f"{url}: {type(e).__name__}: {e}", options)) from None
 
 
-def read_shard(url: str, storage_options: dict | None = None) -> list[dict]:
-    """All samples of one shard, in tar order, or ``ShardError``."""
-    return list(iter_shard(url, storage_options))
+def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[dict]:
+    """``read_shard`` for callers that loop: a sample's files may sit anywhere in the tar, so the whole
+    shard is read before the first sample is yielded, and a broken shard yields nothing."""
+    yield from read_shard(url, storage_options)
 
 
-def _samples(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
-    current: dict | None = None
-    seen: set[str] = set()
+def _samples(tar: tarfile.TarFile, url: str) -> list[dict]:
+    samples: dict[str, dict] = {}           # key -> sample; dicts keep the order keys first appear
+    problems: dict[str, str] = {}           # key -> "reason: message", the first problem found
     for member in tar:
-        if not member.isreg() or _META_MEMBER.search(member.name):
+        name = _text(member.name)
+        if member.isdir() or _META_MEMBER.search(name):
             continue
-        match = _KEY_EXT.match(member.name)
-        if not match:               # a file without an extension belongs to no sample
-            continue
+        match = _KEY_EXT.match(name)
+        if not match or match.group(2).startswith("__"):
+            continue                        # no extension: part of no sample; "__": reserved for ours
         key, ext = match.groups()
-        data = tar.extractfile(member).read()
-        if current is not None and current["__key__"] == key:
-            if ext in current:
-                raise ShardError("duplicate_member", f"{url}: sample {key!r} has two {ext!r} files")
-            current[ext] = data
-            continue
-        if key in seen:
-            # Silently emitting the stray file as a second sample would double-count and split it.
-            raise ShardError("unordered", f"{url}: the files of sample {key!r} are not next to each other in the tar")
-        if current is not None:
-            yield current
-        seen.add(key)
-        current = {"__key__": key, ext: data}
+        sample = samples.setdefault(key, {"__key__": key})
+        if member.issym() or member.islnk():
+            problems.setdefault(key, f"link_member: {name!r} is a link to {_text(member.linkname)!r}, never followed")
+        elif not member.isreg():
+            problems.setdefault(key, f"special_member: {name!r} is a device or fifo, not a file")
+        elif ext in sample:
+            problems.setdefault(key, f"duplicate_key: the shard holds {name!r} more than once")
+        else:
+            sample[ext] = tar.extractfile(member).read()
     _check_end_of_archive(tar, url)
-    if current is not None:
-        yield current
+    return [{"__key__": key, "__error__": problems[key]} if key in problems else sample
+            for key, sample in samples.items()]
+
+
+def _text(name: str) -> str:
+    """A member name as text Parquet can hold: tarfile keeps undecodable bytes as lone surrogates,
+    which no UTF-8 writer accepts, so they become ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _check_end_of_archive(tar: tarfile.TarFile, url: str) -> None:
@@ -206,22 +223,45 @@ def image_member(sample: dict) -> str | None:
     """The extension of the sample's image, or None when it has none."""
     by_type: dict[str, str] = {}
     for ext in sample:
-        if ext != "__key__":
+        if not ext.startswith("__"):
             by_type.setdefault(ext.rsplit(".", 1)[-1].lower(), ext)
     return next((by_type[t] for t in IMAGE_EXTENSIONS if t in by_type), None)
 
 
 def sample_info(sample: dict) -> dict:
-    """``url`` and ``caption`` as img2dataset writes them (``key.json``, ``key.txt``); None when absent."""
+    """``url`` and ``caption`` as img2dataset writes them (``key.json``, ``key.txt``), as they are; None
+    when absent, not text, or beside metadata that is invalid or over ``MAX_META_BYTES``."""
     meta: dict = {}
-    if isinstance(sample.get("json"), bytes):
+    data = sample.get("json")
+    if isinstance(data, bytes) and len(data) <= MAX_META_BYTES:
         try:
-            loaded = json.loads(sample["json"])
+            loaded = parse_json(data)
             meta = loaded if isinstance(loaded, dict) else {}
         except ValueError:
             meta = {}
     caption = meta.get("caption")
-    if isinstance(sample.get("txt"), bytes):
-        caption = sample["txt"].decode("utf-8", errors="replace").strip()
+    text = sample.get("txt")
+    if isinstance(text, bytes):
+        caption = text.decode("utf-8", errors="replace").strip() if len(text) <= MAX_META_BYTES else None
     url = meta.get("url")
-    return {"url": url if isinstance(url, str) else None, "caption": caption if isinstance(caption, str) else None}
+    return {"url": _storable(url), "caption": _storable(caption)}
+
+
+def parse_json(data: bytes):
+    """``json.loads`` that fails only with ``ValueError``: deep nesting raises RecursionError otherwise."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _storable(value) -> str | None:
+    """Text as Parquet can store it: JSON may carry lone surrogates (``"\\ud800"``), which no UTF-8
+    writer accepts; they become U+FFFD. Anything but text is None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")

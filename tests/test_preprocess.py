@@ -103,3 +103,90 @@ def test_animated_gif_gives_its_first_frame():
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     r, g, b = decode_image(buf.getvalue()).getpixel((5, 5))
     assert r > 200 and b < 50
+
+
+QUADRANTS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255))   # top-left, -right, bottom-left, -right
+
+
+def upright() -> np.ndarray:
+    """64 x 32 with four coloured quadrants: each of the 8 orientations moves them differently."""
+    arr = np.zeros((32, 64, 3), np.uint8)
+    for (row, col), colour in zip([(0, 0), (0, 1), (1, 0), (1, 1)], QUADRANTS):
+        arr[16 * row:16 * (row + 1), 32 * col:32 * (col + 1)] = colour
+    return arr
+
+
+# How a camera stores the upright picture for each EXIF orientation (the tag says where the stored 0th
+# row and 0th column are in the picture; TIFF 6.0 / EXIF 2.3), written here from the standard.
+STORED = {
+    1: lambda a: a,                                  # top, left
+    2: lambda a: a[:, ::-1],                         # top, right: mirrored left-right
+    3: lambda a: a[::-1, ::-1],                      # bottom, right: turned half a circle
+    4: lambda a: a[::-1],                            # bottom, left: mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),               # left, top: transposed
+    6: lambda a: np.rot90(a, 1),                     # right, top: turned a quarter anticlockwise
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),  # right, bottom: transposed across the other diagonal
+    8: lambda a: np.rot90(a, -1),                    # left, bottom: turned a quarter clockwise
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED))
+def test_every_exif_orientation_gives_the_upright_picture(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = Image.fromarray(np.ascontiguousarray(STORED[orientation](upright())))
+    img = decode_image(image_bytes(stored, "JPEG", quality=95, exif=exif))
+    assert img.size == (64, 32) and img.info["source_size"] == (64, 32)
+    assert np.abs(np.asarray(img, dtype=np.int16) - upright()).mean() < 4
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    from pipeline.hostile import _png_bomb
+
+    return _png_bomb(width, height)
+
+
+@pytest.mark.parametrize("width,height,max_pixels", [
+    (6000, 6000, 16_000_000),          # over max_pixels: refused from the header
+    (14000, 14000, 10**12),            # over PIL's own limit, whatever max_pixels says
+])
+def test_a_decompression_bomb_is_refused_before_any_pixel_is_decoded(width, height, max_pixels):
+    data = bomb_png(width, height)
+    assert len(data) < width * height // 500                    # kilobytes that would decode to megapixels
+    before = Image.core.get_stats()["new_count"]                # images PIL has allocated so far
+    with pytest.raises(ImageError) as err:
+        decode_image(data, max_pixels=max_pixels)
+    assert err.value.reason == "too_large"
+    assert Image.core.get_stats()["new_count"] == before        # not one image allocated
+
+
+@pytest.mark.parametrize("size", [(1, 4000), (4000, 1), (3, 200)])
+def test_strips_are_cropped_without_building_a_huge_image(size):
+    from torchvision.transforms import functional as TF
+
+    img = make_image(8, size)
+    before = Image.core.get_stats()["allocated_blocks"]           # PIL's 16 MiB memory blocks
+    crops = preprocess(img, PreprocessConfig(size=224))
+    assert Image.core.get_stats()["allocated_blocks"] - before <= 3
+    # the two torchvision steps, for comparison: the same picture, within one level per pixel
+    reference = np.asarray(TF.center_crop(TF.resize(img, 224), [224, 224]), dtype=np.int16)
+    assert np.abs(crops[0].permute(1, 2, 0).numpy().astype(np.int16) - reference).max() <= 1
+    multi = preprocess(img, PreprocessConfig(kind="multi_crop", size=224, crops=2, max_side=512))
+    assert multi.shape == (2, 3, 224, 224)
+
+
+def test_only_the_listed_formats_are_opened():
+    from pipeline.preprocess import IMAGE_FORMATS
+    from pipeline.shards import IMAGE_EXTENSIONS
+
+    registered = Image.registered_extensions()
+    assert {registered[f".{ext}"] for ext in IMAGE_EXTENSIONS} == set(IMAGE_FORMATS)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"    # PIL would hand it to Ghostscript
+    assert Image.open(io.BytesIO(eps)).format == "EPS"
+    with pytest.raises(ImageError) as err:
+        decode_image(eps)
+    assert err.value.reason == "not_an_image"
+    pcx = image_bytes(make_image(1, (8, 8)), "PCX")                           # a format PIL reads, not listed
+    with pytest.raises(ImageError) as err:
+        decode_image(pcx)
+    assert err.value.reason == "not_an_image"

@@ -5,10 +5,11 @@ import io
 import json
 import tarfile
 
+import pyarrow as pa
 import pytest
 
-from pipeline.shards import (ShardError, expand_shards, image_member, read_shard, sample_info, shard_bytes,
-                             shard_name, write_shard)
+from pipeline.shards import (MAX_META_BYTES, ShardError, expand_shards, image_member, iter_shard, read_shard,
+                             sample_info, shard_bytes, shard_name, write_shard)
 from pipeline.storage import StorageConfig, redact, redact_text, storage_options
 
 
@@ -97,18 +98,80 @@ def test_truncated_gzip_shard(tmp_path):
     assert e.value.reason == "truncated"
 
 
-def test_missing_unordered_and_duplicate(tmp_path):
+def test_missing_shard(tmp_path):
     with pytest.raises(ShardError) as e:
         read_shard(str(tmp_path / "nope.tar"))
     assert e.value.reason == "missing"
-    raw_tar(tmp_path / "u.tar", [("a.jpg", b"1"), ("b.jpg", b"2"), ("a.json", b"{}")])
-    with pytest.raises(ShardError) as e:
-        read_shard(str(tmp_path / "u.tar"))
-    assert e.value.reason == "unordered"
-    raw_tar(tmp_path / "d.tar", [("a.jpg", b"1"), ("a.jpg", b"2")])
-    with pytest.raises(ShardError) as e:
-        read_shard(str(tmp_path / "d.tar"))
-    assert e.value.reason == "duplicate_member"
+
+
+def test_members_out_of_order_are_grouped_by_key(tmp_path):
+    raw_tar(tmp_path / "u.tar", [("a.jpg", b"1"), ("b.jpg", b"2"), ("a.json", b"{}"), ("c.txt", b"t"),
+                                 ("b.txt", b"x"), ("c.png", b"3")])
+    assert read_shard(str(tmp_path / "u.tar")) == [
+        {"__key__": "a", "jpg": b"1", "json": b"{}"}, {"__key__": "b", "jpg": b"2", "txt": b"x"},
+        {"__key__": "c", "txt": b"t", "png": b"3"}]
+
+
+def test_a_duplicated_key_is_one_sample_that_says_so(tmp_path):
+    raw_tar(tmp_path / "d.tar", [("a.jpg", b"1"), ("b.jpg", b"2"), ("a.json", b"{}"), ("a.jpg", b"3")])
+    a, b = read_shard(str(tmp_path / "d.tar"))
+    assert a == {"__key__": "a", "__error__": "duplicate_key: the shard holds 'a.jpg' more than once"}
+    assert b == {"__key__": "b", "jpg": b"2"}
+    assert image_member(a) is None
+
+
+def special_member(name, kind, link=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+def test_links_devices_and_directories_are_never_followed(tmp_path):
+    path = tmp_path / "links.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("good.jpg", b"img"), ("pair.jpg", b"img")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info in [special_member("sym.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+                     special_member("hard.jpg", tarfile.LNKTYPE, "good.jpg"),
+                     special_member("pair.json", tarfile.SYMTYPE, "../../secret.json"),
+                     special_member("fifo.jpg", tarfile.FIFOTYPE),
+                     special_member("dev.jpg", tarfile.CHRTYPE),
+                     special_member("folder.jpg", tarfile.DIRTYPE)]:
+            tar.addfile(info)
+    got = {s["__key__"]: s for s in read_shard(str(path))}
+    assert list(got) == ["good", "pair", "sym", "hard", "fifo", "dev"]          # the directory is no sample
+    assert got["good"] == {"__key__": "good", "jpg": b"img"}
+    for key, reason, target in [("sym", "link_member", "/etc/passwd"), ("hard", "link_member", "good.jpg"),
+                                ("pair", "link_member", "../../secret.json"), ("fifo", "special_member", None),
+                                ("dev", "special_member", None)]:
+        assert set(got[key]) == {"__key__", "__error__"}                        # no bytes, none guessed
+        assert got[key]["__error__"].startswith(f"{reason}: ")
+        assert target is None or repr(target) in got[key]["__error__"]
+
+
+def test_odd_names(tmp_path):
+    path = tmp_path / "names.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        for name in ["caf\udce9.jpg", "../up.jpg", "/abs/k.jpg", "東京.jpg", "k.jpg", "k.__key__", "x/__index__"]:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"1"))
+    got = read_shard(str(path))
+    # undecodable bytes are spelt out; reserved extensions cannot overwrite the key
+    assert [s["__key__"] for s in got] == ["caf\\xe9", "../up", "/abs/k", "東京", "k"]
+    assert got[-1] == {"__key__": "k", "jpg": b"1"}
+
+
+def test_iter_shard_yields_nothing_from_a_broken_shard(tmp_path):
+    data = shard_bytes(samples(6))
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])        # whole samples, then the cut
+    seen = []
+    with pytest.raises(ShardError):
+        for sample in iter_shard(str(tmp_path / "cut.tar")):
+            seen.append(sample)
+    assert seen == []
 
 
 def test_img2dataset_fields():
@@ -116,6 +179,23 @@ def test_img2dataset_fields():
         {"url": "http://example.com/a.jpg", "caption": "other"}).encode()}
     assert sample_info(sample) == {"url": "http://example.com/a.jpg", "caption": "a caption"}
     assert sample_info({"__key__": "k", "json": b"{not json"}) == {"url": None, "caption": None}
+
+
+@pytest.mark.parametrize("meta,expected", [
+    (b"[" * 100_000, {"url": None, "caption": None}),                          # RecursionError inside json
+    (b'{"url": "\xff"}', {"url": None, "caption": None}),                       # not UTF-8
+    (b'{"url": 3, "caption": ["a"]}', {"url": None, "caption": None}),          # not text
+    (b'["a list"]', {"url": None, "caption": None}),
+    (b'{"caption": "a \\ud800 b"}', {"url": None, "caption": "a \ufffd\ufffd\ufffd b"}),   # storable in Parquet
+    (json.dumps({"url": "u", "caption": "c" * 1000}).encode(), {"url": "u", "caption": "c" * 1000}),
+    (json.dumps({"url": "u", "pad": "x" * MAX_META_BYTES}).encode(), {"url": None, "caption": None}),
+])
+def test_metadata_that_cannot_be_read_leaves_url_and_caption_null(meta, expected):
+    info = sample_info({"__key__": "k", "jpg": b"", "json": meta})
+    assert info == expected
+    pa.array([info["url"], info["caption"]], pa.string())      # always writable
+    big = sample_info({"__key__": "k", "txt": b"x" * (MAX_META_BYTES + 1)})
+    assert big["caption"] is None
     assert image_member({"__key__": "k", "json": b"{}"}) is None
     assert image_member({"__key__": "k", "JPEG": b"", "png": b""}) == "JPEG"
 
@@ -128,7 +208,8 @@ def test_storage_options_from_environment_and_config(monkeypatch):
     monkeypatch.setenv("AWS_REGION", "eu-west-3")
     s3 = storage_options()["s3"]
     assert s3 == {"endpoint_url": "http://s3-only:2", "client_kwargs": {"region_name": "eu-west-3"},
-                  "key": "AKIDEXAMPLE", "secret": "very-secret"}
+                  "key": "AKIDEXAMPLE", "secret": "very-secret",
+                  "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 8}}}
     assert storage_options(StorageConfig(endpoint_url="http://cfg:3"))["s3"]["endpoint_url"] == "http://cfg:3"
     shown = redact(storage_options())
     assert "very-secret" not in json.dumps(shown) and "AKIDEXAMPLE" not in json.dumps(shown)
