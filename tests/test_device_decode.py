@@ -19,23 +19,22 @@ from pipeline.testing import image_bytes, make_image, tiny_model
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
-# Largest pixel difference from the CPU path allowed per image: (max, mean) absolute uint8 levels.
+# Largest pixel difference from the CPU path allowed per image: (max or None, mean) absolute uint8 levels.
 # "cpu": libjpeg-turbo through torchvision decodes to PIL's pixels exactly; torchvision's uint8 resize
-# differs from PIL's by at most 2 levels (over 40 random sizes at S = 32 and 224 and the images below:
-# max 2, mean at most 0.25, portrait images the most).
+# differs from PIL's by 1 level at most in test_resize_over_random_sizes (mean at most 0.25, on portrait
+# images) and by 2 where an image is scaled up (96 x 64 to 224).
 # "cuda": nvjpeg's IDCT and chroma upsampling are not libjpeg's, so single pixels may differ a lot at
 # sharp colour edges and only the mean is bounded, by torchvision's own bound for nvjpeg against
 # libjpeg (mean < 2, its test_decode_jpegs_cuda). Not yet measured on a GPU here: tighten it when one is.
-DECODE_TOLERANCE = {"cpu": (0, 0.0), "cuda": (255, 2.0)}
-RESIZE_TOLERANCE = {"cpu": (2, 0.3), "cuda": (255, 2.0)}
+DECODE_TOLERANCE = {"cpu": (0, 0.0), "cuda": (None, 2.0)}
+RESIZE_TOLERANCE = {"cpu": (2, 0.3), "cuda": (None, 2.0)}
 
 CENTER = PreprocessConfig(kind="resize_center_crop", size=32)
 MULTI = PreprocessConfig(kind="multi_crop", size=32, crops=3, max_side=128)
 
 
-def cpu_path(data: bytes, cfg: PreprocessConfig, max_pixels: int | None = None) -> torch.Tensor:
-    img = decode_image(data, **({"max_pixels": max_pixels} if max_pixels else {}))
-    return preprocess(img, cfg)
+def cpu_path(data: bytes, cfg: PreprocessConfig) -> torch.Tensor:
+    return preprocess(decode_image(data), cfg)
 
 
 def cpu_error(data: bytes, **kwargs) -> str:
@@ -47,6 +46,10 @@ def cpu_error(data: bytes, **kwargs) -> str:
 def pixel_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
     d = (a.cpu().int() - b.cpu().int()).abs()
     return int(d.max()), float(d.float().mean())
+
+
+def within(difference: tuple[int, float], tolerance: tuple[int | None, float]) -> bool:
+    return (tolerance[0] is None or difference[0] <= tolerance[0]) and difference[1] <= tolerance[1]
 
 
 def with_orientation(img: Image.Image, orientation: int) -> bytes:
@@ -90,10 +93,25 @@ def test_good_jpegs_match_the_cpu_path_within_tolerance(device):
     assert batch.crops[1].shape == (len(GOOD_JPEGS), 3, 3, 32, 32)
     for i, (name, data) in enumerate(GOOD_JPEGS.items()):
         assert (batch.width[i], batch.height[i]) == decode_image(data).size, name
-        for out, cfg, tol in ((batch.crops[0], CENTER, RESIZE_TOLERANCE[device]),
-                              (batch.crops[1], MULTI, DECODE_TOLERANCE[device])):
-            worst, mean = pixel_difference(out[i], cpu_path(data, cfg))
-            assert worst <= tol[0] and mean <= tol[1], f"{name} {cfg.kind}: max {worst}, mean {mean:.3f}"
+        for out, cfg, tolerance in ((batch.crops[0], CENTER, RESIZE_TOLERANCE[device]),
+                                    (batch.crops[1], MULTI, DECODE_TOLERANCE[device])):
+            difference = pixel_difference(out[i], cpu_path(data, cfg))
+            assert within(difference, tolerance), f"{name} {cfg.kind}: (max, mean) {difference}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resize_over_random_sizes(device):
+    rng = np.random.default_rng(0)
+    sizes = [(int(w), int(h)) for w, h in rng.integers(16, 900, size=(40, 2))]
+    datas = [image_bytes(make_image(i, size), quality=int(q)) for i, (size, q) in
+             enumerate(zip(sizes, rng.integers(50, 98, size=40)))]
+    configs = [PreprocessConfig(size=32), PreprocessConfig(size=224)]
+    batch = decode_on_device(datas, configs, device)
+    assert batch.decoded_on == ["device"] * len(datas)
+    for out, cfg in zip(batch.crops, configs):
+        for i, data in enumerate(datas):
+            difference = pixel_difference(out[i], cpu_path(data, cfg))
+            assert within(difference, RESIZE_TOLERANCE[device]), f"{sizes[i]} at {cfg.size}: {difference}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,8 +124,8 @@ def test_exif_orientation_matches_pil(device):
     for i, data in enumerate(datas):
         upright = decode_image(data)
         assert (batch.width[i], batch.height[i]) == upright.size == ((64, 40) if i < 4 else (40, 64))
-        worst, mean = pixel_difference(batch.crops[0][i], preprocess(upright, crop))
-        assert worst <= DECODE_TOLERANCE[device][0] and mean <= DECODE_TOLERANCE[device][1], f"orientation {i + 1}"
+        difference = pixel_difference(batch.crops[0][i], preprocess(upright, crop))
+        assert within(difference, DECODE_TOLERANCE[device]), f"orientation {i + 1}: {difference}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -152,26 +170,28 @@ def test_an_empty_batch_has_no_rows(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_scores_rank_like_the_cpu_path(device):
-    """Through a tiny model on the CPU: resize_center_crop scores rank as the CPU path's (SRCC >= 0.999);
-    multi_crop crops are the CPU path's pixels, so where decoding is the same (device="cpu") the scores
-    are the reference's within the fp32 rule of 1e-4 relative error."""
+    """Through a tiny model on the CPU, the scores of 24 JPEGs rank as the CPU path's (SRCC >= 0.999).
+    multi_crop crops (unscaled here) are the decoded pixels themselves, so where decoding is the same
+    computation (device="cpu") the scores meet the fp32 rule: within 1e-4 relative error (measured: 0).
+    resize_center_crop is a different resize: its scores are within 1e-3 (measured: 1.2e-4)."""
     sizes = [(64 + 37 * i, 48 + 23 * (i % 7)) for i in range(24)]
     datas = [image_bytes(make_image(100 + i, size), quality=70 + i) for i, size in enumerate(sizes)]
     memorability = tiny_model("memorability", seed=4)
     iqa = tiny_model("iqa", seed=5)
     center_scorer = Scorer(memorability, ArtifactMeta.for_task("memorability", memorability.cfg), device="cpu")
-    multi_scorer = Scorer(iqa, ArtifactMeta.for_task("iqa", iqa.cfg, crops=3, max_side=128), device="cpu")
+    multi_scorer = Scorer(iqa, ArtifactMeta.for_task("iqa", iqa.cfg, crops=3, max_side=1024), device="cpu")
+    # on "cuda" nvjpeg's pixels differ too: a looser bound, not yet measured on a GPU here
+    relative_tolerance = {"cpu": {"resize_center_crop": 1e-3, "multi_crop": 1e-4},
+                          "cuda": {"resize_center_crop": 5e-2, "multi_crop": 5e-2}}[device]
     configs = [center_scorer.meta.preprocess, multi_scorer.meta.preprocess]
     batch = decode_on_device(datas, configs, device)
     assert batch.status == ["ok"] * len(datas)
 
     for scorer, out in ((center_scorer, batch.crops[0]), (multi_scorer, batch.crops[1])):
+        kind = scorer.meta.preprocess.kind
         ours = scorer.score(list(out.cpu()))[:, 0]
         reference = scorer.score([cpu_path(d, scorer.meta.preprocess) for d in datas])[:, 0]
-        assert np.ptp(reference) > 1e-3                       # the images do score differently
-        assert srcc(ours, reference) >= 0.999, scorer.meta.preprocess.kind
+        assert np.ptp(reference) > 1e-2                       # the images do score differently
+        assert srcc(ours, reference) >= 0.999, kind
         relative = np.abs(ours - reference) / np.abs(reference)
-        if scorer is multi_scorer and device == "cpu":
-            assert relative.max() <= 1e-4
-        else:
-            assert relative.max() <= 0.05, f"{scorer.meta.preprocess.kind}: {relative.max():.2e}"
+        assert relative.max() <= relative_tolerance[kind], f"{kind}: {relative.max():.2e}"
