@@ -32,8 +32,8 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from pipeline.preprocess import (DEFAULT_MAX_PIXELS, ImageError, PreprocessConfig, crop_positions, decode_image,
-                                 preprocess)
+from pipeline.preprocess import (DEFAULT_MAX_PIXELS, MAX_RESIZE_ASPECT, ImageError, PreprocessConfig, crop_positions,
+                                 decode_image, preprocess)
 
 # EXIF orientation tag (0x0112) -> how to turn the stored (C, H, W) pixels upright: the same
 # transposes, in tensor terms, as PIL's ImageOps.exif_transpose applies on the CPU path.
@@ -46,10 +46,6 @@ UPRIGHT = {
     7: lambda x: x.transpose(-2, -1).flip(-2, -1),        # transversed
     8: lambda x: x.rot90(1, (-2, -1)),                    # turned 90 counter-clockwise to be upright
 }
-
-# resize_center_crop of a longer strip would scale it to far more pixels than its one crop (a 1 x 20000
-# strip to 224 x 4.5 million) in device memory: strips go to the CPU code, on their decoded pixels.
-MAX_DEVICE_ASPECT = 8
 
 
 class DecodedBatch(NamedTuple):
@@ -119,8 +115,8 @@ def probe_jpeg(data: bytes, max_pixels: int) -> int | None:
         return None
     try:
         with warnings.catch_warnings():
-            # PIL warns from half its own limit: such images are left to the CPU path's policy
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # as in decode_image: max_pixels is the limit; PIL still refuses images over its own
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # only the JPEG parser sees the bytes; MPO (cameras' multi-picture JPEG) is a JPEG whose
             # first picture is what the CPU path decodes too
             img = Image.open(io.BytesIO(data), formats=("JPEG",))
@@ -166,12 +162,14 @@ def crops_on_device(image: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     if cfg.kind == "multi_crop" and size <= short and long <= cfg.max_side:
         return torch.stack([image[:, y:y + size, x:x + size]
                             for x, y in crop_positions(width, height, size, cfg.crops, cfg.seed)])
-    if cfg.kind == "resize_center_crop" and long <= MAX_DEVICE_ASPECT * short:
+    # a strip's two-step resize would build far more pixels than its one crop (1 x 20000 -> 224 x 4.5
+    # million); the CPU code resizes only the region the crop covers, so strips are left to it
+    if cfg.kind == "resize_center_crop" and long <= MAX_RESIZE_ASPECT * short:
         # the CPU path's torchvision Resize(S) + CenterCrop(S) on a tensor: the same sizes and offsets; on
         # the CPU, v2's uint8 kernel follows PIL's fixed-point filter (and is many times faster than float)
         resized = TF.resize(image, [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         return TF.center_crop(resized, [size, size]).unsqueeze(0)
-    # The rest are rare: multi_crop images scaled before cropping (PIL's bicubic, which tensors do not
+    # The rest are rare: multi_crop images scaled before cropping (PIL's resampling, which tensors do not
     # reproduce exactly) and strips. These run the CPU code itself on the decoded pixels.
     img = Image.fromarray(image.permute(1, 2, 0).cpu().numpy(), "RGB")
     return preprocess(img, cfg).to(image.device)
