@@ -28,6 +28,8 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # botocore's debug log prints every signed request, session token included: never below INFO
+    logging.getLogger("botocore").setLevel(max(level, logging.INFO))
 
 
 @main.command()

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.filter import ExpressionError, kept_rows, parse_expression
+from pipeline.filter import ExpressionError, kept_rows, parse_expression, safe_member_name
 from pipeline.score import ScoreConfig, run_score
 from pipeline.shards import read_shard, write_shard
 from pipeline.testing import image_bytes, make_image
@@ -188,3 +188,47 @@ def test_expressions_agree_with_a_python_reference():
         assert kept_rows(table, expression)["key"].to_pylist() == expected
 
     check()
+
+
+@pytest.mark.parametrize("name,safe", [
+    ("k.jpg", True), ("dir/sub/k.jpg", True), ("..k.jpg", True), ("k...jpg", True), ("café/東京.jpg", True),
+    ("../k.jpg", False), ("a/../../k.jpg", False), ("/abs/k.jpg", False), ("a\\..\\k.jpg", False),
+    ("\\k.jpg", False), ("C:k.jpg", False), ("k\0.jpg", False),
+])
+def test_member_names_that_would_extract_outside_the_folder(name, safe):
+    assert safe_member_name(name) is safe
+
+
+def test_safe_member_names_stay_inside_for_python_tarfile_too(tmp_path):
+    import tarfile
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=300, deadline=None)
+    @given(name=st.text(alphabet="./\\a:C", min_size=1, max_size=12))
+    def check(name):
+        if not safe_member_name(name):
+            return
+        try:
+            tarfile.data_filter(tarfile.TarInfo(name), str(tmp_path))
+        except (tarfile.AbsolutePathError, tarfile.OutsideDestinationError) as e:
+            pytest.fail(f"{name!r} passed as safe, but {e}")
+
+    check()
+
+
+@pytest.mark.parametrize("shard,name", [
+    ("s3://bucket/x/shard-000001.tar", "shard-000001"), ("/data/part.tar.gz", "part"), ("/data/.hidden.tar", ".hidden"),
+    ("/data/..", None), ("s3://bucket/x/../", None), ("/data/a\\..\\b.tar", None), ("s3://b/C:x.tar", None),
+])
+def test_curated_shards_are_named_only_after_a_plain_shard_file_name(shard, name):
+    from pipeline.filter import output_name
+    from pipeline.shards import ShardError
+
+    if name is not None:
+        assert output_name(shard) == name
+        return
+    with pytest.raises(ShardError) as e:
+        output_name(shard)
+    assert e.value.reason == "unsafe_name"
