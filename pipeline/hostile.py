@@ -151,7 +151,7 @@ def _sample_cases() -> tuple[list[tuple], list[Case]]:
         w, h = (32, 48) if o >= 5 else (48, 32)     # 5..8 turn the image a quarter: the sides swap
         sample(f"EXIF orientation {o}", f"exif-{o}", "ok", [("jpg", _oriented(o))], width=w, height=h)
     big = json.dumps({"url": "https://example.com/big.jpg", "pad": "x" * (1 << 20)}).encode()
-    sample("1 MiB JSON beside an image", "huge-json", "ok", [("jpg", good), ("json", big)], url=None)
+    sample("JSON over 1 MiB beside an image", "huge-json", "ok", [("jpg", good), ("json", big)], url=None)
     sample("invalid JSON beside an image", "bad-json", "ok", [("jpg", good), ("json", b'{"url": "https://ex')],
            url=None)
     sample("JSON nested 100000 deep", "deep-json", "ok", [("jpg", good), ("json", b"[" * 100_000)], url=None)
