@@ -45,6 +45,7 @@ MARKERS_DIR = "_markers"
 LITERAL_NAMES = {"true": True, "false": False, "True": True, "False": False}
 _COMPARISONS = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
 _DRIVE = re.compile(r"^[A-Za-z]:")
+MAX_DEPTH = 100                 # nesting levels an expression may have
 
 
 class ExpressionError(ValueError):
@@ -85,8 +86,21 @@ def parse_expression(text: str) -> KeepExpression:
         tree = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as e:
         raise ExpressionError(f"--where: cannot parse {text!r} at column {e.offset}: {e.msg}") from None
+    except (RecursionError, MemoryError):       # Python's parser gives up on "not not not ..." this way
+        raise ExpressionError(f"--where: nested more than {MAX_DEPTH} levels deep") from None
+    if _depth(tree) > MAX_DEPTH:                # checked without recursion: checking and compiling recurse
+        raise ExpressionError(f"--where: nested more than {MAX_DEPTH} levels deep")
     _validate(tree, text)
     return KeepExpression(text=text, tree=tree)
+
+
+def _depth(tree: ast.AST) -> int:
+    deepest, todo = 0, [(tree, 1)]
+    while todo:
+        node, depth = todo.pop()
+        deepest = max(deepest, depth)
+        todo += [(child, depth + 1) for child in ast.iter_child_nodes(node)]
+    return deepest
 
 
 def _validate(node: ast.AST, text: str) -> None:

@@ -1,5 +1,6 @@
 """Curation: the keep-expression language, and score -> filter end to end on real shards."""
 
+import ast
 import json
 
 import pyarrow as pa
@@ -51,6 +52,19 @@ def test_expressions_select_rows(where, kept):
     ("iqa in emotion", "'in' takes a column on the left and a list"),
     ("0.5 < 0.7", "needs a column"),
     ("[x for x in y]", "only comparisons"),
+    # nothing that could reach code: attributes, subscripts, calls, lambdas, f-strings, walrus, unpacking
+    ("iqa.__class__ > 1", "expected a column"),
+    ("key[0] == 'a'", "expected a column"),
+    ("iqa > float('nan')", "expected a column"),
+    ("(lambda: 1)() > iqa", "expected a column"),
+    ("f'{iqa}' == 'x'", "expected a column"),
+    ("(x := 1) > iqa", "expected a column"),
+    ("iqa in [*emotion]", "expected a column"),
+    ("iqa if iqa > 1 else iqa < 0", "only comparisons"),
+    ("iqa > 1; import os", "cannot parse"),
+    ("iqa\0 > 1", "cannot parse"),
+    ("not " * 5000 + "iqa > 1", "nested more than 100 levels"),     # Python's parser gives up with RecursionError
+    ("not " * 150 + "iqa > 1", "nested more than 100 levels"),
 ])
 def test_bad_expressions_name_the_problem(where, message):
     with pytest.raises(ExpressionError, match=message):
@@ -232,3 +246,29 @@ def test_curated_shards_are_named_only_after_a_plain_shard_file_name(shard, name
     with pytest.raises(ShardError) as e:
         output_name(shard)
     assert e.value.reason == "unsafe_name"
+
+
+ALLOWED_NODES = (ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.UAdd, ast.Compare, ast.Lt, ast.LtE,
+                 ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.In, ast.NotIn, ast.Name, ast.Load, ast.Constant, ast.List,
+                 ast.Tuple, ast.Set)
+
+
+def test_no_text_gets_past_the_parser_but_the_language():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tokens = st.sampled_from(["iqa", "emotion", "key", "__import__", "os", "system", "open", "eval", ".", ",", "(",
+                              ")", "[", "]", "{", "}", ":", "lambda", "not", "and", "or", "in", "if", "else", "for",
+                              "<", "==", ">", "!=", "-", "+", "*", "**", "=", ":=", "'x'", "1", "0.5", "true", "\\",
+                              "f'{iqa}'", "@", ";", "\n", " "])
+
+    @settings(max_examples=400, deadline=None)
+    @given(text=st.one_of(st.lists(tokens, max_size=14).map(" ".join), st.text(max_size=40)))
+    def check(text):
+        try:
+            expression = parse_expression(text)
+        except ExpressionError:
+            return
+        assert all(isinstance(node, ALLOWED_NODES) for node in ast.walk(expression.tree)), ast.dump(expression.tree)
+
+    check()
