@@ -57,7 +57,7 @@ def _jpeg(seed: int = 0, size=(48, 32), **kwargs) -> bytes:
     return image_bytes(make_image(seed, size), "JPEG", quality=90, **kwargs)
 
 
-def _png_bomb(width: int, height: int) -> bytes:
+def png_bomb(width: int, height: int) -> bytes:
     """A real 1-bit black PNG of ``width`` x ``height``: a few kilobytes that decode to width*height
     pixels (PIL holds a byte per pixel). Written chunk by chunk, never held whole."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -141,10 +141,10 @@ def _sample_cases() -> tuple[list[tuple], list[Case]]:
            width=1, height=1)
     sample("1x20000 strip (a memory bomb for resize-then-crop)", "strip", "ok",
            [("png", image_bytes(Image.new("L", (1, 20000), 128), "PNG"))], width=1, height=20000)
-    bomb = _png_bomb(6000, 6000)
+    bomb = png_bomb(6000, 6000)
     sample(f"decompression bomb: {len(bomb) // 1024} KiB PNG of 6000x6000, over max_pixels", "bomb-36mp",
            "too_large", [("png", bomb)])
-    bomb = _png_bomb(14000, 14000)
+    bomb = png_bomb(14000, 14000)
     sample(f"decompression bomb: {len(bomb) // 1024} KiB PNG of 14000x14000, over PIL's own limit", "bomb-196mp",
            "too_large", [("png", bomb)])
     for o in range(1, 9):
