@@ -86,12 +86,14 @@ def import_official(checkpoint, task, output):
 
 
 def _or_fail(action):
-    """Run ``action``; our own errors (bad file, bad model, bad config) end the command with their message."""
+    """Run ``action``; our own errors (bad file, bad model, bad config, a store that refuses after its
+    retries) end the command with their message."""
     from pipeline.artifact import ArtifactError
+    from pipeline.storage import StorageError
 
     try:
         return action()
-    except (ArtifactError, ValueError, FileNotFoundError) as e:
+    except (ArtifactError, ValueError, FileNotFoundError, StorageError) as e:
         raise click.ClickException(str(e)) from None
 
 

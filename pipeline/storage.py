@@ -8,6 +8,11 @@ Anything not set is left to the storage client's own credential chain (instance 
 
 Secrets travel only inside these options. ``redact`` and ``redact_text`` keep them out of logs,
 summaries and error messages.
+
+Retries are the storage client's: botocore's standard mode (``max_attempts`` per request, exponential
+back-off with jitter) retries throttling (503 SlowDown), 5xx answers and dropped connections, and
+s3fs retries throttling and dropped connections a few times more on top. What still fails after
+that is an outage, not a hiccup, and surfaces as ``StorageError``.
 """
 
 from __future__ import annotations
@@ -30,12 +35,20 @@ class StorageConfig:
     secret: str | None = None
     token: str | None = None
     anon: bool = False                  # public buckets: send no credentials at all
+    max_attempts: int = 8               # tries per request, the first included (botocore standard retries)
 
     def __post_init__(self):
         if self.endpoint_url is not None and "://" not in self.endpoint_url:
             raise ValueError(f"storage.endpoint_url must be a URL such as http://host:9000, not {self.endpoint_url!r}")
         if (self.key is None) != (self.secret is None):
             raise ValueError("storage.key and storage.secret must be given together")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError(f"storage.max_attempts: must be an integer >= 1, got {self.max_attempts!r}")
+
+
+class StorageError(OSError):
+    """The store refused or failed an operation after the client's own retries; the message says
+    where and why, with secrets masked."""
 
 
 def protocol(url: str) -> str:
@@ -50,7 +63,7 @@ def storage_options(cfg: StorageConfig | None = None) -> dict[str, dict]:
 
 def _s3_options(cfg: StorageConfig) -> dict:
     env = os.environ.get
-    opts: dict = {}
+    opts: dict = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": cfg.max_attempts}}}
     endpoint = cfg.endpoint_url or env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL")
     if endpoint:
         opts["endpoint_url"] = endpoint
@@ -104,6 +117,11 @@ def secret_values(options: dict) -> list[str]:
         elif name.lower() in SECRET_OPTION_NAMES and isinstance(value, str) and value:
             found.append(value)
     return found
+
+
+def storage_error(doing: str, url: str, error: BaseException, options: dict) -> StorageError:
+    """A ``StorageError`` saying what could not be done where, and the client's reason, secrets masked."""
+    return StorageError(redact_text(f"{url}: cannot {doing}: {type(error).__name__}: {error}", options))
 
 
 def redact_text(text: str, options: dict) -> str:
