@@ -36,7 +36,8 @@ from pipeline import __version__
 from pipeline.artifact import ArtifactMeta, describe, read_meta
 from pipeline.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessConfig, decode_image, preprocess
 from pipeline.shards import ShardError, expand_shards, image_member, read_shard, sample_info, shard_name
-from pipeline.storage import StorageConfig, filesystem, join, redact, redact_text, storage_options
+from pipeline.storage import (StorageConfig, StorageError, filesystem, join, protocol, redact, redact_text,
+                              storage_error, storage_options)
 
 log = logging.getLogger(__name__)
 
@@ -453,26 +454,49 @@ class ScoreWriter:
         data = buf.getvalue()
         output = join(self.root, f"{name}.parquet")
         marker = join(self.root, MARKERS_DIR, f"{name}.json")
-        if self.overwrite and self.fs.exists(marker):
-            self.fs.rm_file(marker)     # the shard is not done while its Parquet is being replaced
-        self.fs.pipe_file(output, data)
         statuses = Counter(table["status"].to_pylist())
         errors = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e is not None)
         result = ShardResult(shard=shard, rows=table.num_rows, ok=statuses["ok"], errors=errors,
                              output=join(self.dest, f"{name}.parquet"))
-        self.fs.pipe_file(marker, json.dumps({
-            "shard": shard, "output": result.output, "rows": result.rows, "ok": result.ok,
-            "errors": sum(errors.values()), "errors_by_reason": dict(errors),
-            "models": [{"name": m.name, "ref": m.given or m.ref, "weights_sha256": m.meta.weights_sha256}
-                       for m in self.models],
-            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "run_id": self.run_id,
-            "committed_at": _now(),
-        }, indent=2).encode())
+        try:
+            if self.overwrite and self.fs.exists(marker):
+                self.fs.rm_file(marker)     # the shard is not done while its Parquet is being replaced
+            self.fs.pipe_file(output, data)
+            # only once the whole table is stored (one put: a failed put leaves no part of it visible)
+            self.fs.pipe_file(marker, json.dumps({
+                "shard": shard, "output": result.output, "rows": result.rows, "ok": result.ok,
+                "errors": sum(errors.values()), "errors_by_reason": dict(errors),
+                "models": [{"name": m.name, "ref": m.given or m.ref, "weights_sha256": m.meta.weights_sha256}
+                           for m in self.models],
+                "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "run_id": self.run_id,
+                "committed_at": _now(),
+            }, indent=2).encode())
+        except Exception as e:  # after the client's own retries: an outage or a revoked permission
+            raise storage_error(f"commit {name}", self.dest, e, self.options) from None
         return result
 
     def pending(self) -> list[str]:
         """Shards that sent rows but never completed: must be empty at the end of a run."""
         return sorted((set(self.parts) | set(self.expected) | set(self.failed)) - self.finished)
+
+
+def check_destination(dest: str, options: dict) -> None:
+    """Fail before any model is loaded or shard read when nothing can be written under ``dest`` (a
+    read-only mount, a missing bucket, a role without write access), rather than after the first
+    shard is scored. Writes an empty object under ``_runs/`` and removes it."""
+    probe = join(dest, RUNS_DIR, f".write-check-{uuid.uuid4().hex}")
+    try:
+        fs, path = filesystem(probe, options)
+        if protocol(dest) == "file":
+            # only local folders: object stores have none, and s3fs's makedirs would create a missing bucket
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, b"")
+    except Exception as e:
+        raise StorageError(redact_text(f"output: cannot write under {dest}: {type(e).__name__}: {e}", options)) from None
+    try:
+        fs.rm_file(path)
+    except Exception as e:  # a store may grant writes but not deletes; scoring only writes
+        log.warning("%s", redact_text(f"could not remove {probe}: {type(e).__name__}: {e}", options))
 
 
 def _now() -> str:
@@ -528,9 +552,13 @@ class RunSummary:
 
 def write_summary(summary: RunSummary, options: dict) -> str:
     path = join(summary.output, RUNS_DIR, f"{summary.run_id}.json")
-    fs, p = filesystem(path, options)
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(p, json.dumps(summary.to_dict(), indent=2).encode())
+    try:
+        fs, p = filesystem(path, options)
+        if protocol(path) == "file":
+            fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(p, json.dumps(summary.to_dict(), indent=2).encode())
+    except Exception as e:
+        raise storage_error("write the run summary", path, e, options) from None
     return path
 
 
@@ -541,6 +569,7 @@ def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> R
     cfg.validate()
     started = time.perf_counter()
     options = storage_options(cfg.storage)
+    check_destination(cfg.output, options)
     models = [ModelSpec.resolve(m, options) for m in cfg.models]
     check_columns(models)
     plan = plan_shards(cfg, options)
@@ -558,10 +587,17 @@ def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> R
     except BaseException as e:
         # what was committed stays committed (a rerun resumes); the summary says where the run stopped
         summary.aborted = redact_text(f"{type(e).__name__}: {e}", options)
-        raise
-    finally:
         summary.duration_s = time.perf_counter() - started
-        write_summary(summary, options)
+        progress(f"stopped with {len(summary.done)} of {len(plan.todo)} shards committed by this run and "
+                 f"{len(summary.failed)} failed; a rerun scores the rest")
+        try:
+            write_summary(summary, options)
+        except StorageError as lost:
+            # the summary often lives on the store that just failed: the run's own error is the one to raise
+            progress(str(lost))
+        raise
+    summary.duration_s = time.perf_counter() - started
+    write_summary(summary, options)
     return summary
 
 
