@@ -1,0 +1,557 @@
+"""Faults in the scoring job, each injected into a real run: a model actor killed, a node removed, the
+driver killed and the same command run again, an object store that throttles, refuses or goes away,
+a destination that cannot be written. After each, every input sample is exactly one row of its shard's
+committed table (errors included): none lost, none duplicated.
+
+The object store is the moto server behind ``StoreProxy``, a small HTTP proxy on loopback that injects
+the store's faults and can hold one request until the test lets it through: a shard still being fetched
+or a table still being stored keeps the run going while the test breaks something, whatever the timing
+of the machine."""
+
+import hashlib
+import http.client
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from pipeline.score import ScoreConfig, run_score
+from pipeline.shards import write_shard
+from pipeline.storage import StorageError
+from pipeline.testing import image_bytes, make_image
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "testing-secret"                     # the fake secret key the s3_server fixture sets
+SHARDS = 8
+PER_SHARD = 4
+
+
+# ------------------------------------------------------------------------------------- the store proxy
+
+class StoreProxy:
+    """An S3 endpoint on loopback that forwards to moto and injects faults.
+
+    ``mode``: ``ok`` forwards; ``flaky`` answers every other request with 503 SlowDown (throttling);
+    ``down`` drops every connection without an answer (the store is gone). ``deny`` maps a path
+    substring to a method whose requests get 403 AccessDenied. ``hold(method, part)`` keeps the next
+    matching requests waiting until ``release()``; ``arrived`` is set when one is waiting."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.removeprefix("http://")
+        self.mode = "ok"
+        self.deny: dict[str, str] = {}
+        self.log: list[tuple[str, str, int | None]] = []    # method, path, status (None: dropped)
+        self._hold: tuple[str, str] | None = None
+        self._gate = threading.Event()
+        self.arrived = threading.Event()
+        self._lock = threading.Lock()
+        self._count = 0
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None   # clients that gave up hang up on us
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def hold(self, method: str, part: str) -> None:
+        self._gate.clear()
+        self.arrived.clear()
+        self._hold = (method, part)
+
+    def release(self) -> None:
+        self._hold = None
+        self._gate.set()
+
+    def stop(self) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def statuses(self, method: str | None = None, part: str = "") -> list[int | None]:
+        return [s for m, p, s in list(self.log) if (method is None or m == method) and part in p]
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self._forward()
+
+            do_PUT = do_POST = do_HEAD = do_DELETE = do_GET
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy._hold and self.command == proxy._hold[0] and proxy._hold[1] in self.path:
+                    proxy.arrived.set()
+                    proxy._gate.wait(timeout=120)
+                with proxy._lock:
+                    proxy._count += 1
+                    throttled = proxy.mode == "flaky" and proxy._count % 2 == 0
+                denied = any(part in self.path and method == self.command for part, method in proxy.deny.items())
+                if proxy.mode == "down":
+                    proxy.log.append((self.command, self.path, None))
+                    self.close_connection = True
+                    return
+                if throttled:
+                    return self._error(503, "SlowDown", "Please reduce your request rate.")
+                if denied:
+                    return self._error(403, "AccessDenied", "Access Denied")
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                conn.close()
+                self._reply(reply.status, [(k, v) for k, v in reply.getheaders()
+                                           if k.lower() not in ("connection", "transfer-encoding", "content-length")
+                                           or (k.lower() == "content-length" and self.command == "HEAD")], data)
+
+            def _error(self, status: int, code: str, message: str):
+                xml = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+                self._reply(status, [("Content-Type", "application/xml")], xml.encode())
+
+            def _reply(self, status: int, headers: list, data: bytes):
+                proxy.log.append((self.command, self.path, status))
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+        return Handler
+
+
+@pytest.fixture
+def proxy(s3_server, monkeypatch):
+    """The moto server behind a ``StoreProxy``; the job's storage settings (the AWS environment) name the proxy."""
+    store = StoreProxy(s3_server.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", store.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", store.url)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield store
+    store.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+# ------------------------------------------------------------------------------------------ the data
+
+def shard_contents() -> dict[str, list[dict]]:
+    """SHARDS shards of PER_SHARD small JPEGs, keys unique across shards, one image corrupt."""
+    contents = {}
+    for s in range(SHARDS):
+        contents[f"shard-{s:06d}"] = [
+            {"__key__": f"{s:03d}{i:02d}", "jpg": image_bytes(make_image(s * 10 + i, size=(24, 24)))}
+            for i in range(PER_SHARD)]
+    # an image that cannot be decoded: an error row, counted among the rows written, never lost
+    contents["shard-000001"][2]["jpg"] = b"\xff\xd8\xff\xe0 not really a JPEG"
+    return contents
+
+
+def upload(s3_server, iqa_artifact: str) -> tuple[str, dict, str]:
+    """Shards and the model on a fresh bucket (written straight to moto): (bucket, contents, model URI)."""
+    bucket = s3_server.bucket()
+    options = {"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": SECRET}}
+    contents = shard_contents()
+    for name, samples in contents.items():
+        write_shard(f"{bucket}/shards/{name}.tar", samples, options)
+    s3_server.filesystem().put(iqa_artifact, f"{bucket[5:]}/models/iqa", recursive=True)
+    return bucket, contents, f"{bucket}/models/iqa"
+
+
+def score_config(bucket: str, model: str, output: str, **extra) -> ScoreConfig:
+    """Small blocks and half-CPU readers: the two-CPU test cluster reads two shards (one may be held)
+    while the model actor scores."""
+    return ScoreConfig(input=[f"{bucket}/shards/*.tar"], output=output, models=[model], block_rows=2,
+                       batch_size=2, cpus_per_reader=0.5, reader_memory_mb=64, **extra)
+
+
+def reconcile(fs, out: str, contents: dict[str, list[dict]]) -> dict:
+    """Every input sample is exactly one row of its shard's committed table; every marker's checksum is
+    the table's. Returns the counts the docs quote."""
+    fs.invalidate_cache()
+    rows, errors = [], 0
+    for name, samples in contents.items():
+        marker = json.loads(fs.cat_file(f"{out}/_markers/{name}.json"))
+        data = fs.cat_file(f"{out}/{name}.parquet")
+        assert marker["sha256"] == hashlib.sha256(data).hexdigest(), name
+        table = pq.read_table(io.BytesIO(data))
+        assert table["key"].to_pylist() == [s["__key__"] for s in samples], name
+        assert marker["rows"] == table.num_rows
+        rows += table["key"].to_pylist()
+        errors += table["status"].to_pylist().count("error")
+    keys = [s["__key__"] for samples in contents.values() for s in samples]
+    counts = {"input_samples": len(keys), "rows_written": len(rows), "error_rows": errors,
+              "duplicates": len(rows) - len(set(rows)), "lost": len(set(keys) - set(rows))}
+    assert counts == {"input_samples": SHARDS * PER_SHARD, "rows_written": SHARDS * PER_SHARD, "error_rows": 1,
+                      "duplicates": 0, "lost": 0}
+    return counts
+
+
+def markers(fs, out: str) -> set[str]:
+    fs.invalidate_cache()
+    return {p.rsplit("/", 1)[-1].removesuffix(".json") for p in fs.glob(f"{out}/_markers/*.json")}
+
+
+# ------------------------------------------------------------------------------------------ compute
+
+def _model_actor_pids(raylet_pid: int) -> list[int]:
+    """The scoring job's model actors among the worker processes of one raylet (one node)."""
+    import psutil
+
+    pids = []
+    for p in psutil.Process(raylet_pid).children(recursive=True):
+        try:
+            if "ModelActor" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def test_a_killed_model_actor_is_restarted_and_every_shard_commits_once(proxy, s3_server, iqa_artifact,
+                                                                        ray_local, tmp_path):
+    """SIGKILL of the model actor's process after the first commit, while the last shard is still being
+    fetched (held at the proxy): Ray restarts the actor and retries its tasks, the run completes, and
+    every table holds its shard's samples exactly once (the writer raises on any extra row)."""
+    bucket, contents, _ = upload(s3_server, iqa_artifact)
+    out = tmp_path / "scores"
+    proxy.hold("GET", "/shards/shard-000007.tar")
+    cfg = score_config(bucket, iqa_artifact, str(out))
+    result = {}
+    thread = threading.Thread(target=_run_into, args=(result, cfg))
+    thread.start()
+    _wait_for(lambda: list(out.glob("_markers/*.json")), 240, "the first commit")
+    raylet = ray_local._private.worker._global_node.all_processes["raylet"][0].process.pid
+    [actor] = _wait_for(lambda: _model_actor_pids(raylet), 30, "the model actor")
+    os.kill(actor, signal.SIGKILL)
+    _wait_for(lambda: set(_model_actor_pids(raylet)) - {actor}, 120, "the restarted model actor")
+    proxy.release()
+    thread.join(timeout=240)
+
+    assert "error" not in result, result.get("lines")
+    assert result["summary"]["shards"] == {"planned": SHARDS, "done": SHARDS, "skipped": 0, "failed": 0}
+    reconcile(fsspec.filesystem("file"), str(out), contents)
+
+
+# A driver process of its own: the test process already holds the shared local cluster, and a second
+# ray.init beside it will not work. It starts a head (no CPUs: nothing runs beside the driver) and two
+# 2-CPU worker nodes, scores, removes the node of the model actor after the first commit, and prints
+# a line "removed {...}" then and a line "outcome {...}" at the end (Ray may print lines of its own).
+# Its output goes to files: a pipe nobody reads would fill up and stop it.
+NODE_LOSS = r"""
+import json, os, sys, threading, time
+import psutil
+from ray.cluster_utils import Cluster
+from pipeline.score import ScoreConfig, run_score
+
+cfg = ScoreConfig(**json.loads(sys.argv[1]))
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+cluster.wait_for_nodes()
+cfg.address = cluster.address
+result = {}
+def run():
+    try:
+        result["summary"] = run_score(cfg).to_dict()
+    except Exception as e:
+        result["error"] = repr(e)
+thread = threading.Thread(target=run)
+thread.start()
+markers = os.path.join(cfg.output, "_markers")
+while thread.is_alive() and not (os.path.isdir(markers) and os.listdir(markers)):
+    time.sleep(0.02)
+def runs_the_model(node):
+    for p in psutil.Process(node.all_processes["raylet"][0].process.pid).children(recursive=True):
+        try:
+            if "ModelActor" in " ".join(p.cmdline()):
+                return True
+        except psutil.NoSuchProcess:
+            pass
+    return False
+if thread.is_alive():
+    victim = next(n for n in workers if runs_the_model(n))
+    cluster.remove_node(victim, allow_graceful=False)
+    print("removed", json.dumps({"nodes_left": len(cluster.list_all_nodes())}), flush=True)
+thread.join()
+print("outcome", json.dumps(result), flush=True)
+cluster.shutdown()
+"""
+
+
+def test_a_node_removed_mid_run_and_the_run_completes_on_the_rest(proxy, s3_server, iqa_artifact, tmp_path):
+    """Three nodes on this machine (``ray.cluster_utils.Cluster``); the worker node running the model
+    actor is removed without warning after the first commit, while the last shard is held at the
+    proxy: the actor comes back on the other node, lost blocks are recomputed, the run completes and
+    reconciles."""
+    bucket, contents, _ = upload(s3_server, iqa_artifact)
+    out = tmp_path / "scores"
+    proxy.hold("GET", "/shards/shard-000007.tar")
+    cfg = score_config(bucket, iqa_artifact, str(out))
+    fields = {k: getattr(cfg, k) for k in ("input", "output", "models", "block_rows", "batch_size",
+                                           "cpus_per_reader", "reader_memory_mb")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    stdout, stderr = tmp_path / "driver.out", tmp_path / "driver.err"
+
+    def said(word: str) -> dict | None:
+        lines = [line for line in stdout.read_text().splitlines() if line.startswith(word + " ")]
+        return json.loads(lines[0].split(" ", 1)[1]) if lines else None
+
+    with open(stdout, "w") as out_file, open(stderr, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-c", NODE_LOSS, json.dumps(fields)], cwd=REPO, env=env,
+                                stdout=out_file, stderr=err_file, start_new_session=True)
+    try:
+        removal = _wait_for(lambda: said("removed") or said("outcome") or proc.poll() is not None, 300,
+                            "the node's removal")
+        proxy.release()
+        proc.wait(timeout=300)
+    finally:
+        _kill_session(proc)
+    assert removal == {"nodes_left": 2}, stderr.read_text()[-3000:]     # the head and one worker node
+    outcome = said("outcome")
+    assert outcome["summary"]["shards"] == {"planned": SHARDS, "done": SHARDS, "skipped": 0, "failed": 0}, outcome
+    reconcile(fsspec.filesystem("file"), str(out), contents)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """End what the test started: the process and every process still in its session (Ray's)."""
+    for _ in range(3):      # a process may start another while the first ones are being killed
+        for pid in _session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    proc.wait()
+
+
+def _session_pids(session: int) -> dict[int, str]:
+    """The live processes of a process session, with their command lines."""
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if os.getsid(p.pid) == session and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found[p.pid] = " ".join(p.info["cmdline"] or [])
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return found
+
+
+# ------------------------------------------------------------------------------------------ the store
+
+def test_a_throttling_store_is_retried_and_a_refused_shard_fails_alone_until_a_rerun(
+        proxy, s3_server, iqa_artifact, ray_local):
+    """Every other request to the store is answered 503 SlowDown for the whole run (reads of shards
+    and model, writes of tables and markers) and one shard's reads are refused (403): the client's
+    back-off carries the run through the throttling; the refused shard is reported failed, with no
+    marker, and the next run scores exactly that shard."""
+    bucket, contents, model = upload(s3_server, iqa_artifact)
+    proxy.mode = "flaky"
+    proxy.deny = {"shard-000003.tar": "GET"}
+    cfg = score_config(bucket, model, f"{bucket}/scores")
+    summary = run_score(cfg).to_dict()
+
+    assert proxy.statuses("GET", "/shards/").count(503) >= 3 and proxy.statuses("PUT", "/scores/").count(503) >= 3
+    assert summary["shards"] == {"planned": SHARDS, "done": SHARDS - 1, "skipped": 0, "failed": 1}
+    [failed] = summary["failed_shards"]
+    assert failed["shard"].endswith("shard-000003.tar") and failed["reason"] == "unreadable"
+    assert "AccessDenied" in failed["message"] or "Access Denied" in failed["message"]
+    fs = s3_server.filesystem()
+    out = f"{bucket[5:]}/scores"
+    assert "shard-000003" not in markers(fs, out) and not fs.exists(f"{out}/shard-000003.parquet")
+
+    proxy.mode, proxy.deny = "ok", {}
+    again = run_score(cfg).to_dict()
+    assert again["shards"] == {"planned": SHARDS, "done": 1, "skipped": SHARDS - 1, "failed": 0}
+    reconcile(fs, out, contents)
+
+
+def test_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_completes(
+        proxy, s3_server, iqa_artifact, ray_local):
+    """The store goes away while a table is being stored (its put held at the proxy, then every
+    connection dropped): the run stops with an error naming the store and the shard, keeps every
+    committed shard, leaves no marker without its whole table, and still says why when even its
+    summary cannot be written. The store comes back but refuses that table (403): the run stops again,
+    and this time its summary says where. Then, with nothing refused, a run scores exactly the rest."""
+    bucket, contents, model = upload(s3_server, iqa_artifact)
+    out, fs = f"{bucket}/scores", s3_server.filesystem()
+    proxy.hold("PUT", "/scores/shard-000007.parquet")
+    # one try a request (s3fs adds a few of its own): the outage surfaces in seconds, not minutes
+    cfg = score_config(bucket, model, out, storage={"max_attempts": 1})
+    result = {}
+    thread = threading.Thread(target=_run_into, args=(result, cfg))
+    thread.start()
+    assert proxy.arrived.wait(timeout=240), result
+    committed = markers(fs, out[5:])
+    proxy.mode = "down"
+    proxy.release()
+    thread.join(timeout=240)
+
+    error = result["error"]
+    assert isinstance(error, StorageError)
+    assert str(error).startswith(f"{out}: cannot commit shard-000007: ") and proxy.url in str(error)
+    assert SECRET not in str(error)
+    lines = result["lines"]
+    assert any("cannot write the run summary" in line for line in lines)    # said, not raised over the error
+    assert any(line.startswith(f"stopped with {len(committed)} of {SHARDS} shards committed") for line in lines)
+    assert committed                        # some shards were committed before the table that was held
+    assert markers(fs, out[5:]) == committed and not fs.exists(f"{out[5:]}/shard-000007.parquet")
+    assert not fs.exists(f"{out[5:]}/_runs")
+
+    proxy.mode, proxy.deny = "ok", {"/scores/shard-000007.parquet": "PUT"}
+    with pytest.raises(StorageError, match="cannot commit shard-000007: PermissionError"):
+        run_score(cfg)
+    [path] = fs.glob(f"{out[5:]}/_runs/*.json")
+    stopped = json.loads(fs.cat_file(path))
+    assert stopped["aborted"].startswith(f"StorageError: {out}: cannot commit shard-000007: PermissionError")
+    assert stopped["shards"]["skipped"] == len(committed)
+    assert {Path(o).stem for o in stopped["outputs"]} == markers(fs, out[5:]) - committed
+    assert "shard-000007" not in markers(fs, out[5:])
+
+    proxy.deny = {}
+    again = run_score(cfg).to_dict()
+    done = markers(fs, out[5:]) - {Path(o).stem for o in again["outputs"]}
+    assert again["shards"] == {"planned": SHARDS, "done": SHARDS - len(done), "skipped": len(done), "failed": 0}
+    reconcile(fs, out[5:], contents)
+
+
+def _run_into(result: dict, cfg: ScoreConfig) -> None:
+    """``run_score`` for a thread: its summary or its error, and its progress lines, into ``result``."""
+    result["lines"] = []
+    try:
+        result["summary"] = run_score(cfg, progress=result["lines"].append).to_dict()
+    except Exception as e:
+        result["error"] = e
+
+
+# ------------------------------------------------------------------------------------------ the destination
+
+def _sys_path(tmp_path):
+    return "/sys/perceptclip-out"           # sysfs refuses new entries even to root (tests may run as root)
+
+
+def _under_a_file(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    return str(tmp_path / "a-file" / "scores")
+
+
+@pytest.mark.parametrize("where, reason", [(_sys_path, "PermissionError"), (_under_a_file, "NotADirectoryError")])
+def test_an_unwritable_local_destination_fails_before_any_work(where, reason, proxy, s3_server, iqa_artifact,
+                                                              tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    bucket, _, model = upload(s3_server, iqa_artifact)
+    dest = where(tmp_path)
+    result = CliRunner().invoke(main, ["score", "--input", f"{bucket}/shards/*.tar", "--output", dest,
+                                       "--model", model])
+    assert result.exit_code == 1
+    assert f"Error: output: cannot write under {dest}: {reason}" in result.output
+    assert proxy.log == []                  # not a model fetched, not a shard listed or read
+
+
+@pytest.mark.parametrize("case", ["write denied", "no such bucket"])
+def test_an_unwritable_bucket_fails_before_any_work(case, proxy, s3_server, iqa_artifact):
+    bucket, _, model = upload(s3_server, iqa_artifact)
+    if case == "write denied":
+        proxy.deny = {"/scores/": "PUT"}
+        dest, reason = f"{bucket}/scores", "PermissionError"
+    else:
+        dest, reason = "s3://perceptclip-no-such-bucket/scores", "FileNotFoundError"
+    cfg = score_config(bucket, model, dest)
+    with pytest.raises(StorageError, match=f"^output: cannot write under {dest}: {reason}") as e:
+        run_score(cfg)
+    assert SECRET not in str(e.value)
+    assert [(m, s) for m, p, s in proxy.log if "/scores/" in p] == [("PUT", 403 if case == "write denied" else 404)]
+    assert not any("/shards/" in p or "/models/" in p for _, p, _ in proxy.log)
+    assert not s3_server.filesystem().exists("perceptclip-no-such-bucket")    # nor was the bucket created
+
+
+# ------------------------------------------------------------------------------------------ the driver
+
+# Ray's per-node agents: after their cluster's driver is SIGKILLed they outlive it (measured here: over
+# 30 s), holding nothing that a new cluster needs
+AGENTS = {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+
+
+def _titles(session: int) -> set[str]:
+    """What the processes of a session are (Ray names its processes ``ray::ROLE``)."""
+    return {command.split()[0] if command.split() else str(pid) for pid, command in _session_pids(session).items()}
+
+
+def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shards(proxy, s3_server, iqa_artifact,
+                                                                                   tmp_path):
+    """``perceptclip score`` with its own local cluster is SIGKILLed after two commits, while the last
+    shard is still being fetched; the same command run again skips what was committed, overwrites an
+    orphan table left without a marker, scores the rest, and the outputs of both runs together hold
+    every sample once."""
+    import yaml
+
+    bucket, contents, _ = upload(s3_server, iqa_artifact)
+    out = tmp_path / "scores"
+    cfg = score_config(bucket, iqa_artifact, str(out), num_cpus=2)
+    path = tmp_path / "score.yaml"
+    path.write_text(yaml.safe_dump({k: getattr(cfg, k) for k in (
+        "input", "output", "models", "block_rows", "batch_size", "cpus_per_reader", "reader_memory_mb", "num_cpus")}))
+    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "score", "--config", str(path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proxy.hold("GET", "/shards/shard-000007.tar")
+
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        _wait_for(lambda: len(list(out.glob("_markers/*.json"))) >= 2 or first.poll() is not None, 240,
+                  "two commits")
+        assert first.poll() is None
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        # Ray's reaper takes the driver's cluster down with it: the GCS, the raylet and the workers go
+        # within seconds, and the rerun starts while the agents still linger
+        _wait_for(lambda: _titles(first.pid) <= AGENTS, 60, "the killed driver's cluster to stop")
+        committed = {p.stem for p in out.glob("_markers/*.json")}
+        before = {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in committed}
+        (out / "shard-000007.parquet").write_bytes(b"half-written orphan")     # as if killed between the two writes
+
+        proxy.release()
+        second = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+        try:
+            stdout, stderr = second.communicate(timeout=300)
+        finally:
+            _kill_session(second)
+    finally:
+        _kill_session(first)
+    assert second.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
+    assert summary["shards"] == {"planned": SHARDS, "done": SHARDS - len(committed), "skipped": len(committed),
+                                 "failed": 0}
+    assert {Path(o).stem for o in summary["outputs"]} == set(contents) - committed
+    assert {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in committed} == before
+    reconcile(fsspec.filesystem("file"), str(out), contents)
