@@ -25,9 +25,20 @@ def write_workload(root: Path, images: int, shards: int, size: int) -> list[str]
 
 def workload_model(model: str, root: Path) -> str:
     """``tiny``: a tiny memorability model (32 px input) written under ``root``, whose cost per image is
-    below decoding's; anything else is a model reference as ``perceptclip score --model`` takes it."""
-    if model != "tiny":
-        return model
-    from pipeline.testing import make_tiny_artifact
+    below decoding's. ``random:BACKBONE``: an IQA-shaped model on that open_clip backbone with random
+    weights (``random:ViT-L-14-quickgelu`` costs what the released models cost; nothing is downloaded).
+    Anything else is a model reference as ``perceptclip score --model`` takes it."""
+    if model == "tiny":
+        from pipeline.testing import make_tiny_artifact
 
-    return make_tiny_artifact(str(root / "model"), task="memorability", seed=0)
+        return make_tiny_artifact(str(root / "model"), task="memorability", seed=0)
+    if model.startswith("random:"):
+        from pipeline.artifact import ArtifactMeta, save_artifact
+        from pipeline.model import BackboneConfig, ClipLoraModel, ModelConfig
+
+        cfg = ModelConfig(backbone=BackboneConfig.from_open_clip(model.removeprefix("random:"), pretrained=None))
+        meta = ArtifactMeta.for_task("iqa", cfg)
+        meta.preprocess.kind = "resize_center_crop"        # one crop per image: the per-image model cost
+        save_artifact(ClipLoraModel(cfg), meta, str(root / "model"))
+        return str(root / "model")
+    return model

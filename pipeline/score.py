@@ -46,6 +46,7 @@ RUNS_DIR = "_runs"
 METADATA_KEY = b"perceptclip"
 BASE_COLUMNS = ("key", "shard", "status", "error", "width", "height", "url", "caption")
 SHARD_ROW = "shard"          # status of a shard's control row; never written to a table
+DECODE_MODES = ("cpu", "device")
 
 
 # --- configuration -----------------------------------------------------------------------------------
@@ -61,6 +62,8 @@ class ScoreConfig:
     overwrite: bool = False
     batch_size: int = 64                  # images per model call
     block_rows: int = 64                  # decoded images per block sent to the model actors
+    batches_in_flight: int = 4            # blocks sent to each model actor at a time
+    decode: str = "cpu"                   # "cpu": PIL in the read tasks; "device": on the model actors' device
     actors: int | None = None             # model actor pool size; None: one per GPU, else 1
     gpus_per_actor: float | None = None   # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
@@ -89,7 +92,7 @@ class ScoreConfig:
             raise ValueError("output: give a destination folder or object-store prefix")
         if not self.models:
             raise ValueError("models: give at least one model")
-        for name in ("batch_size", "block_rows", "max_pixels", "reader_memory_mb"):
+        for name in ("batch_size", "block_rows", "batches_in_flight", "max_pixels", "reader_memory_mb"):
             _check(name, getattr(self, name), int, minimum=1)
         for name in ("actors", "torch_threads", "num_cpus"):
             if getattr(self, name) is not None:
@@ -103,6 +106,8 @@ class ScoreConfig:
             if not 0 < self.sample_fraction <= 1:
                 raise ValueError(f"sample_fraction: must be in (0, 1], got {self.sample_fraction!r}")
         _check("sample_seed", self.sample_seed, int, minimum=0)
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode: must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         if self.address is not None and self.num_cpus is not None:
             raise ValueError("num_cpus: only for a local cluster; an existing cluster (address) has its own")
         return self
@@ -252,20 +257,16 @@ def decode_samples(shard: str, samples: list[dict], start: int, preprocessing: l
     """One block of rows: sample metadata, status and, per preprocessing ``i``, uint8 crops ``crops_i``
     (n, crops, 3, S, S). A sample that cannot be decoded, or that the reader refused (``__error__``:
     a link, a duplicated key), is an error row with zero crops: one row per sample, whatever it holds."""
+    block, images = sample_block(shard, samples, start)
     n = len(samples)
     crops = [np.zeros((n, p.crops if p.kind == "multi_crop" else 1, 3, p.size, p.size), np.uint8)
              for p in preprocessing]
-    status, error = np.full(n, "ok", dtype=object), np.full(n, None, dtype=object)
-    width, height = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
-    for i, sample in enumerate(samples):
-        if "__error__" in sample:
-            status[i], error[i] = "error", sample["__error__"]
+    status, error, width, height = block["status"], block["error"], block["width"], block["height"]
+    for i, data in enumerate(images):
+        if data is None:
             continue
-        ext = image_member(sample)
         try:
-            if ext is None:
-                raise ImageError("no_image", f"no image file among {sorted(k for k in sample if k != '__key__')}")
-            img = decode_image(sample[ext], max_pixels=max_pixels)
+            img = decode_image(data, max_pixels=max_pixels)
             width[i], height[i] = img.info.get("source_size", img.size)
             for out, p in zip(crops, preprocessing):
                 out[i] = preprocess(img, p).numpy()
@@ -273,44 +274,80 @@ def decode_samples(shard: str, samples: list[dict], start: int, preprocessing: l
             status[i], error[i] = "error", str(e)
         except Exception as e:  # a preprocessing bug on one odd image must not fail the whole run
             status[i], error[i] = "error", f"preprocess_failed: {type(e).__name__}: {e}"
+    block.update({f"crops_{i}": c for i, c in enumerate(crops)})
+    return block
+
+
+def encoded_samples(shard: str, samples: list[dict], start: int) -> dict[str, np.ndarray]:
+    """One block of rows for ``decode: device``: sample metadata and each image's encoded bytes in
+    ``data`` (empty in error rows); the model actor decodes them on its device."""
+    block, images = sample_block(shard, samples, start)
+    # never None: a block whose column holds no bytes at all would reach Arrow as another type
+    data = np.empty(len(images), dtype=object)
+    data[:] = [b"" if d is None else d for d in images]
+    block["data"] = data
+    return block
+
+
+def sample_block(shard: str, samples: list[dict], start: int) -> tuple[dict[str, np.ndarray], list[bytes | None]]:
+    """The columns every row has, and each sample's image bytes. A sample that the reader refused
+    (``__error__``: a link, a duplicated key) or that holds no image is already an error row (None)."""
+    n = len(samples)
+    status, error = np.full(n, "ok", dtype=object), np.full(n, None, dtype=object)
+    images: list[bytes | None] = []
+    for i, sample in enumerate(samples):
+        ext = image_member(sample)
+        if "__error__" in sample:
+            status[i], error[i] = "error", sample["__error__"]
+        elif ext is None:
+            status[i], error[i] = "error", str(ImageError(
+                "no_image", f"no image file among {sorted(k for k in sample if k != '__key__')}"))
+        images.append(sample[ext] if status[i] == "ok" else None)
     info = [sample_info(s) for s in samples]
     block = {
         "shard": np.full(n, shard, dtype=object),
         "ordinal": np.arange(start, start + n, dtype=np.int64),
         "key": np.array([s["__key__"] for s in samples], dtype=object),
-        "status": status, "error": error, "width": width, "height": height,
+        "status": status, "error": error,
+        "width": np.full(n, -1, np.int32), "height": np.full(n, -1, np.int32),
         "url": np.array([x["url"] for x in info], dtype=object),
         "caption": np.array([x["caption"] for x in info], dtype=object),
         "shard_rows": np.full(n, -1, np.int64),
     }
-    block.update({f"crops_{i}": c for i, c in enumerate(crops)})
-    return block
+    return block, images
 
 
-def shard_row(shard: str, rows: int, error: ShardError | None, preprocessing: list[PreprocessConfig]) -> dict:
+def shard_row(shard: str, rows: int, error: ShardError | None, preprocessing: list[PreprocessConfig],
+              decode: str = "cpu") -> dict:
     """The control row: how many samples the shard holds, or why it could not be read."""
-    empty = decode_samples(shard, [], 0, preprocessing)          # the block schema, zero rows
+    # the block schema, zero rows: Ray Data batches blocks together, so every block has the same columns
+    empty = decode_samples(shard, [], 0, preprocessing) if decode == "cpu" else encoded_samples(shard, [], 0)
     row = {name: np.zeros((1, *col.shape[1:]), col.dtype) for name, col in empty.items()}
     row.update(shard=np.array([shard], dtype=object), ordinal=np.array([-1]), key=np.array([None], dtype=object),
                status=np.array([SHARD_ROW], dtype=object), error=np.array([str(error) if error else None], dtype=object),
                width=np.array([-1], np.int32), height=np.array([-1], np.int32), url=np.array([None], dtype=object),
                caption=np.array([None], dtype=object), shard_rows=np.array([rows]))
+    if "data" in row:
+        row["data"] = np.array([b""], dtype=object)
     return row
 
 
 def read_and_decode(batch: dict[str, np.ndarray], preprocessing: list[PreprocessConfig], options: dict,
-                    block_rows: int, max_pixels: int) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data stage: a batch naming shards -> decoded blocks of each shard's samples, then its control row."""
+                    block_rows: int, max_pixels: int, decode: str = "cpu") -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data stage: a batch naming shards -> blocks of each shard's samples, then its control row.
+    ``decode: cpu`` decodes and crops here; ``device`` sends the encoded images to the model actors."""
     for shard in batch["shard"]:
         shard = str(shard)
         try:
             samples = read_shard(shard, options)
         except ShardError as e:
-            yield shard_row(shard, 0, e, preprocessing)
+            yield shard_row(shard, 0, e, preprocessing, decode)
             continue
         for start in range(0, len(samples), block_rows):
-            yield decode_samples(shard, samples[start:start + block_rows], start, preprocessing, max_pixels)
-        yield shard_row(shard, len(samples), None, preprocessing)
+            part = samples[start:start + block_rows]
+            yield decode_samples(shard, part, start, preprocessing, max_pixels) if decode == "cpu" \
+                else encoded_samples(shard, part, start)
+        yield shard_row(shard, len(samples), None, preprocessing, decode)
 
 
 # --- score (actor pool) --------------------------------------------------------------------------------
@@ -319,7 +356,8 @@ class ModelActor:
     """Ray Data stage: decoded blocks -> score rows. Loads every model once, when the actor starts."""
 
     def __init__(self, models: list[tuple[str, str]], crops_index: list[int], torch_threads: int | None,
-                 options: dict | None = None):
+                 options: dict | None = None, preprocessing: list[PreprocessConfig] | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         import torch
 
         from pipeline.scorer import Scorer
@@ -329,9 +367,32 @@ class ModelActor:
         # the run's storage options travel with the job: workers may hold no credentials of their own
         self.scorers = [Scorer.load(ref, name=name, storage_options=options) for name, ref in models]
         self.crops_index = crops_index
+        self.preprocessing, self.max_pixels = preprocessing, max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if "data" in batch:                                  # decode: device
+            batch = decode_block(batch, self.preprocessing, self.scorers[0].device, self.max_pixels)
         return score_block(batch, self.scorers, self.crops_index)
+
+
+def decode_block(batch: dict[str, np.ndarray], preprocessing: list[PreprocessConfig], device,
+                 max_pixels: int) -> dict:
+    """An ``encoded_samples`` block -> the same rows with their crops on ``device`` (``crops_i`` tensors),
+    as ``decode_samples`` gives them on the CPU; an image that cannot be decoded becomes an error row."""
+    import torch
+
+    from pipeline.device_decode import decode_on_device
+
+    todo = np.flatnonzero(batch["status"] == "ok")
+    out = decode_on_device([bytes(batch["data"][i]) for i in todo], preprocessing, device, max_pixels)
+    block = {name: col.copy() for name, col in batch.items() if name != "data"}
+    for name in ("status", "error", "width", "height"):
+        block[name][todo] = getattr(out, name)
+    for i, crops in enumerate(out.crops):
+        full = torch.zeros((len(block["status"]), *crops.shape[1:]), dtype=torch.uint8, device=crops.device)
+        full[torch.as_tensor(todo, device=crops.device)] = crops
+        block[f"crops_{i}"] = full
+    return block
 
 
 def score_block(batch: dict[str, np.ndarray], scorers, crops_index: list[int]) -> pa.Table:
@@ -352,8 +413,8 @@ def score_block(batch: dict[str, np.ndarray], scorers, crops_index: list[int]) -
     missing = np.ones(n, dtype=bool)
     missing[ok] = False
     for scorer, i in zip(scorers, crops_index):
-        crops = batch[f"crops_{i}"][ok]
-        outputs = scorer.score([torch.from_numpy(c) for c in crops])
+        crops = torch.as_tensor(batch[f"crops_{i}"])      # numpy from the read tasks, a tensor if decoded here
+        outputs = scorer.score(list(crops[torch.as_tensor(ok, device=crops.device)]))
         for name, values in scorer.columns(outputs).items():
             full = np.empty(n, dtype=object if isinstance(values, list) else np.float32)
             full[ok] = values
@@ -601,6 +662,38 @@ def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> R
     return summary
 
 
+def score_dataset(cfg: ScoreConfig, shards: list[str], models: list[ModelSpec], options: dict):
+    """The Ray Data pipeline from shard URLs to score rows (one pyarrow block per decoded block, plus each
+    shard's control row). Needs a connected Ray; consuming it is the caller's business (``_execute``
+    commits the rows; the stage benchmark discards them)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if gpus else 0)
+    actors = cfg.actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
+    preprocessing, crops_index = distinct_preprocessing(models)
+    threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
+
+    ds = ray.data.from_items([{"shard": u} for u in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"preprocessing": preprocessing, "options": options,
+                                   "block_rows": cfg.block_rows, "max_pixels": cfg.max_pixels,
+                                   "decode": cfg.decode},
+                        num_cpus=cfg.cpus_per_reader,
+                        # A read task holds a whole shard. Reserving memory for it also keeps Ray
+                        # Data from fusing this stage into the model actors (it fuses stages with
+                        # equal resources), where decoding would run on a few actors instead of
+                        # on every CPU of the cluster.
+                        memory=cfg.reader_memory_mb * 2**20)
+    ds = ds.map_batches(ModelActor, batch_size=cfg.batch_size, batch_format="numpy",
+                        fn_constructor_args=([(m.name, m.ref) for m in models], crops_index, threads, options,
+                                             preprocessing, cfg.max_pixels),
+                        compute=ray.data.ActorPoolStrategy(size=actors,
+                                                           max_tasks_in_flight_per_actor=cfg.batches_in_flight),
+                        num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor)
+    return ds
+
+
 def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dict, summary: RunSummary,
              started: float, progress: Callable[[str], None]) -> None:
     import ray
@@ -610,26 +703,7 @@ def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dic
         # no address and no RAY_ADDRESS: ray.init starts a local cluster, the embedded default
         ray.init(address=cfg.address, num_cpus=cfg.num_cpus, include_dashboard=False)
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if gpus else 0)
-        actors = cfg.actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
-        preprocessing, crops_index = distinct_preprocessing(models)
-        threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
-
-        ds = ray.data.from_items([{"shard": u} for u in plan.todo], override_num_blocks=len(plan.todo))
-        ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"preprocessing": preprocessing, "options": options,
-                                       "block_rows": cfg.block_rows, "max_pixels": cfg.max_pixels},
-                            num_cpus=cfg.cpus_per_reader,
-                            # A read task holds a whole shard. Reserving memory for it also keeps Ray
-                            # Data from fusing this stage into the model actors (it fuses stages with
-                            # equal resources), where decoding would run on a few actors instead of
-                            # on every CPU of the cluster.
-                            memory=cfg.reader_memory_mb * 2**20)
-        ds = ds.map_batches(ModelActor, batch_size=cfg.batch_size, batch_format="numpy",
-                            fn_constructor_args=([(m.name, m.ref) for m in models], crops_index, threads, options),
-                            compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor)
+        ds = score_dataset(cfg, plan.todo, models, options)
 
         writer = ScoreWriter(cfg.output, options, models, summary.run_id, cfg.overwrite)
         first_at, first_rows, rows = None, 0, 0

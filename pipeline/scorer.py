@@ -80,7 +80,7 @@ class Scorer:
             return np.zeros((0, self.meta.model.head.outputs), dtype=np.float32)
         counts = [c.shape[0] for c in crops]
         batch = torch.cat(crops)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()          # lets the copy below overlap with work already queued
         x = normalize(batch.to(self.device, non_blocking=True), self.meta.preprocess.mean, self.meta.preprocess.std)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,

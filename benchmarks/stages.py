@@ -1,0 +1,163 @@
+"""Where the time goes: each stage of the scoring job timed on its own, then the whole job end to end.
+
+    python benchmarks/stages.py                                  # tiny model, 1,600 JPEGs of 512 px, CPU
+    python benchmarks/stages.py --model perceptclip-iqa --images 20000 --shards 40 --cpus 16   # GPU machine
+    python benchmarks/stages.py --no-write                      # the same, writing nothing anywhere
+    python benchmarks/stages.py --images 64 --shards 1 --skip-stages   # start-up cost for one small shard
+
+Stages (one process, the job's own functions, every image of the workload):
+
+    read        pipeline.shards.read_shard: a whole tar into memory
+    decode      pipeline.preprocess.decode_image: bytes -> RGB image
+    preprocess  pipeline.preprocess.preprocess: image -> uint8 crops
+    model       pipeline.score.score_block: every model on the crops (device synchronised: scores come back)
+    write       pipeline.score.ScoreWriter: Parquet + marker per shard (skipped with --no-write)
+
+Each line gives the stage's seconds, milliseconds per image and images/s on one core (or one device).
+Then the job end to end on a local Ray cluster with ``--cpus`` CPUs (``run_score``; with --no-write the
+same Ray Data pipeline, ``score_dataset``, consumed and discarded): start-up (from ``ray.init`` to the
+first committed shard, or the first scored block with --no-write), total images/s and steady-state images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+from workload import workload_model, write_workload
+
+STAGES = ("read", "decode", "preprocess", "model", "write")
+
+
+@contextmanager
+def timed(totals: dict, stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        totals[stage] += time.perf_counter() - start
+
+
+def stage_times(urls: list[str], model: str, batch_size: int, write_to: Path | None) -> tuple[int, dict]:
+    """Seconds per stage over every image of ``urls``, running the job's own stage functions in order."""
+    import pipeline.score as score
+    from pipeline.scorer import Scorer
+    from pipeline.shards import read_shard
+
+    totals: dict[str, float] = defaultdict(float)
+    decode_image, preprocess = score.decode_image, score.preprocess
+
+    def timed_decode(*args, **kwargs):
+        with timed(totals, "decode"):
+            return decode_image(*args, **kwargs)
+
+    def timed_preprocess(*args, **kwargs):
+        with timed(totals, "preprocess"):
+            return preprocess(*args, **kwargs)
+
+    spec = score.ModelSpec.resolve(model)
+    scorers = [Scorer.load(spec.ref, name=spec.name)]
+    preprocessing, crops_index = score.distinct_preprocessing([spec])
+    writer = score.ScoreWriter(str(write_to), {}, [spec], "bench", overwrite=True) if write_to else None
+    # decode_samples looks these names up in its module: wrapping them there times exactly its calls
+    score.decode_image, score.preprocess = timed_decode, timed_preprocess
+    images = 0
+    try:
+        for url in urls:
+            with timed(totals, "read"):
+                samples = read_shard(url)
+            images += len(samples)
+            for start in range(0, len(samples), batch_size):
+                block = score.decode_samples(url, samples[start:start + batch_size], start, preprocessing)
+                with timed(totals, "model"):
+                    table = score.score_block(block, scorers, crops_index)
+                if writer:
+                    with timed(totals, "write"):
+                        writer.add(table)
+            if writer:
+                with timed(totals, "write"):
+                    writer.add(score.score_block(score.shard_row(url, len(samples), None, preprocessing),
+                                                 scorers, crops_index))
+    finally:
+        score.decode_image, score.preprocess = decode_image, preprocess
+    return images, dict(totals)
+
+
+def end_to_end(urls: list[str], model: str, cpus: int | None, batch_size: int, write_to: Path | None,
+               decode: str) -> dict:
+    import ray
+
+    from pipeline.score import SHARD_ROW, ModelSpec, ScoreConfig, run_score, score_dataset
+
+    started = time.perf_counter()
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    cluster_s = time.perf_counter() - started
+    gpus = ray.cluster_resources().get("GPU", 0)
+    # Without GPUs the model actor shares the cores with decoding: it reserves none, so every core can
+    # run a decode task, and it uses one torch thread. With GPUs: the job's defaults.
+    cpu_only = {} if gpus else {"cpus_per_actor": 0, "torch_threads": 1}
+    cfg = ScoreConfig(input=urls, output=str(write_to or "unused"), models=[model], batch_size=batch_size,
+                      block_rows=batch_size, decode=decode, **cpu_only)
+    try:
+        if write_to:
+            result = run_score(cfg, progress=lambda line: None).to_dict()
+            assert result["shards"]["failed"] == 0 and result["samples"]["error"] == 0, result
+            images, startup_s, steady = result["samples"]["total"], result["startup_s"], result["steady_images_per_s"]
+        else:
+            ds = score_dataset(cfg, urls, [ModelSpec.resolve(model)], {})
+            images, first_at, first_n = 0, None, 0
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                images += sum(1 for s in block["status"].to_pylist() if s != SHARD_ROW)
+                if first_at is None and images:
+                    first_at, first_n = time.perf_counter(), images
+            startup_s = first_at - started - cluster_s
+            steady = (images - first_n) / max(time.perf_counter() - first_at, 1e-9)
+    finally:
+        ray.shutdown()
+    total = time.perf_counter() - started
+    return {"images": images, "total_s": total, "cluster_s": cluster_s, "startup_s": cluster_s + startup_s,
+            "steady_images_per_s": steady, "gpus": gpus}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", help="tiny (generated), a model directory/URI or a built-in name")
+    parser.add_argument("--images", type=int, default=1600)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-write", action="store_true", help="write no Parquet and no markers")
+    parser.add_argument("--skip-stages", action="store_true", help="only the end-to-end run")
+    parser.add_argument("--decode", choices=("cpu", "device"), default="cpu",
+                        help="the end-to-end run's decode option (the stage times are the CPU path's)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = workload_model(args.model, root)
+        urls = write_workload(root / "shards", args.images, args.shards, args.size)
+        print(f"workload: {args.images} JPEGs of {args.size}x{args.size} px in {args.shards} shards; model {args.model}; "
+              f"{'no writes' if args.no_write else 'Parquet written to a local folder'}", flush=True)
+        if not args.skip_stages:
+            images, totals = stage_times(urls, model, args.batch_size, None if args.no_write else root / "stages")
+            print(f"{'stage':11s} {'seconds':>8s} {'ms/image':>9s} {'images/s':>9s}")
+            for stage in STAGES:
+                if stage in totals:
+                    s = totals[stage]
+                    print(f"{stage:11s} {s:8.2f} {1000 * s / images:9.3f} {images / s:9.0f}")
+            print(f"{'all':11s} {sum(totals.values()):8.2f} {1000 * sum(totals.values()) / images:9.3f} "
+                  f"{images / sum(totals.values()):9.0f}", flush=True)
+        r = end_to_end(urls, model, args.cpus, args.batch_size, None if args.no_write else root / "scores",
+                       args.decode)
+    print(f"end to end: {r['images']} images in {r['total_s']:.1f} s = {r['images'] / r['total_s']:.0f} images/s; "
+          f"start-up {r['startup_s']:.1f} s (Ray cluster {r['cluster_s']:.1f} s); "
+          f"steady state {r['steady_images_per_s']:.0f} images/s; GPUs {r['gpus']:g}; decode {args.decode}")
+
+
+if __name__ == "__main__":
+    main()
