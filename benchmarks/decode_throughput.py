@@ -75,7 +75,7 @@ def main() -> None:
     device_batch = decode_on_device(datas, [cfg], device)
     if device_batch.decoded_on != ["device"] * len(datas):
         raise SystemExit(f"only {device_batch.decoded_on.count('device')} of {len(datas)} JPEGs decoded on the device")
-    reference = torch.stack([preprocess(decode_image(data), cfg) for data in datas])
+    reference = torch.stack([torch.from_numpy(preprocess(decode_image(data), cfg)) for data in datas])
     diff = (device_batch.crops[0].cpu().int() - reference.int()).abs()
     print(f"crops against the cpu path: max {int(diff.max())}, mean {float(diff.float().mean()):.3f} "
           f"absolute difference in uint8 levels", flush=True)

@@ -94,7 +94,7 @@ def decode_on_device(datas: list[bytes], preprocessing: list[PreprocessConfig], 
             img = decode_image(datas[i], max_pixels=max_pixels)
             width[i], height[i] = img.info.get("source_size", img.size)
             for out, p in zip(crops, preprocessing):
-                out[i] = preprocess(img, p).to(device)
+                out[i] = torch.from_numpy(preprocess(img, p)).to(device)
         except ImageError as e:
             status[i], error[i] = "error", str(e)
         except Exception as e:  # a preprocessing bug on one odd image must not fail the whole run
@@ -172,4 +172,4 @@ def crops_on_device(image: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     # The rest are rare: multi_crop images scaled before cropping (PIL's resampling, which tensors do not
     # reproduce exactly) and strips. These run the CPU code itself on the decoded pixels.
     img = Image.fromarray(image.permute(1, 2, 0).cpu().numpy(), "RGB")
-    return preprocess(img, cfg).to(image.device)
+    return torch.from_numpy(preprocess(img, cfg)).to(image.device)

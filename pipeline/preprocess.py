@@ -7,8 +7,9 @@ file is named: the bytes are untrusted, and PIL's other decoders (EPS hands the 
 have no business seeing them. An image with more than ``max_pixels`` pixels is refused from its header,
 before any pixel is decoded.
 
-Preprocessing turns an RGB image into uint8 crops, shape (n, 3, S, S): normalisation happens on the
-model's device (``Scorer``), so what travels between processes is a quarter of float32's size.
+Preprocessing turns an RGB image into uint8 crops, a numpy array of shape (n, 3, S, S): normalisation
+happens on the model's device (``Scorer``), so what travels between processes is a quarter of float32's
+size, and the decode tasks never import torch (seconds of start-up per worker process).
 
 - ``resize_center_crop`` (memorability, emotion): torchvision ``Resize(S)`` on the shorter side with
   its default bilinear filter, then ``CenterCrop(S)``, as the released code does.
@@ -27,7 +28,6 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -132,20 +132,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _to_uint8_chw(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+def _to_uint8_chw(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))  # (3, H, W)
 
 
-def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
-    from torchvision.transforms import functional as TF
-
+def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     width, height = img.size
     if max(width, height) > MAX_RESIZE_ASPECT * min(width, height):
         img = _resized_center_square(img, size)
     else:
-        img = TF.resize(img, size)                   # shorter side -> size, bilinear (PIL, antialiased)
-        img = TF.center_crop(img, [size, size])
-    return _to_uint8_chw(img).unsqueeze(0)           # (1, 3, S, S)
+        # torchvision's Resize(size) + CenterCrop(size) on a PIL image, done with PIL directly: the
+        # same sizes, offsets and filter (bilinear, antialiased), without importing torch in decode tasks
+        new_w, new_h, left, top = _resize_crop_geometry(width, height, size)
+        img = img.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + size, top + size))
+    return _to_uint8_chw(img)[None]                  # (1, 3, S, S)
+
+
+def _resize_crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """The resized size and the crop's top-left corner, as torchvision computes them."""
+    new_w, new_h = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
 
 
 def _resized_center_square(img: Image.Image, size: int) -> Image.Image:
@@ -153,9 +159,7 @@ def _resized_center_square(img: Image.Image, size: int) -> Image.Image:
     crop covers. The same sampling positions as the two steps; pixels may differ by one level where
     PIL rounds between its passes, so this path is kept for strips, where the two steps cost most."""
     width, height = img.size
-    # the sizes and offsets torchvision computes
-    new_w, new_h = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    new_w, new_h, left, top = _resize_crop_geometry(width, height, size)
     sx, sy = width / new_w, height / new_h
     box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
     return img.resize((size, size), Image.BILINEAR, box=box)
@@ -168,7 +172,7 @@ def crop_positions(width: int, height: int, size: int, count: int, seed: int) ->
     return [(int(x), int(y)) for x, y in zip(xs, ys)]
 
 
-def multi_crop(img: Image.Image, size: int, crops: int, max_side: int, seed: int) -> torch.Tensor:
+def multi_crop(img: Image.Image, size: int, crops: int, max_side: int, seed: int) -> np.ndarray:
     width, height = img.size
     if max(width, height) > max_side:
         scale = max_side / max(width, height)
@@ -181,10 +185,10 @@ def multi_crop(img: Image.Image, size: int, crops: int, max_side: int, seed: int
     arr = np.asarray(img, dtype=np.uint8)            # (H, W, 3)
     height, width = arr.shape[:2]
     out = np.stack([arr[y:y + size, x:x + size] for x, y in crop_positions(width, height, size, crops, seed)])
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (crops, 3, S, S)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # (crops, 3, S, S)
 
 
-def preprocess(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB image -> uint8 crops (n, 3, S, S): n = 1 for resize_center_crop, ``cfg.crops`` for multi_crop."""
     if cfg.kind == "multi_crop":
         return multi_crop(img, cfg.size, cfg.crops, cfg.max_side, cfg.seed)
@@ -193,6 +197,8 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
 
 def normalize(crops: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (n, 3, S, S) -> float normalised with CLIP's statistics, on ``crops``' device."""
+    import torch
+
     mean_t = torch.tensor(mean, device=crops.device, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=crops.device, dtype=torch.float32).view(1, 3, 1, 1)
     return (crops.float() / 255.0 - mean_t) / std_t

@@ -28,16 +28,19 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.artifact import ArtifactMeta, describe, read_meta
 from pipeline.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessConfig, decode_image, preprocess
 from pipeline.shards import ShardError, expand_shards, image_member, read_shard, sample_info, shard_name
 from pipeline.storage import (StorageConfig, StorageError, filesystem, join, protocol, redact, redact_text,
                               storage_error, storage_options)
+
+if TYPE_CHECKING:   # the decode tasks import this module: they need neither torch nor the model code
+    from pipeline.artifact import ArtifactMeta
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +166,8 @@ class ModelSpec:
 
         name, base, head = parse_model_ref(text)
         resolved = resolve_model(base)             # the actors load exactly what the driver resolved
+        from pipeline.artifact import read_meta
+
         meta = read_meta(resolved, options)
         return cls(name=name or meta.task, ref=resolved + (f"#{head}" if head else ""), meta=meta,
                    given=base + (f"#{head}" if head else ""))
@@ -174,6 +179,8 @@ class ModelSpec:
         return [self.name] + [f"{self.name}_{label}" for label in self.meta.labels]
 
     def describe(self) -> dict:
+        from pipeline.artifact import describe
+
         head = self.ref.rsplit("#", 1)[1] if "#" in self.ref else None
         return {"name": self.name, "ref": self.given or self.ref, "resolved": self.ref, "head": head,
                 "columns": self.columns, **describe(self.meta)}
@@ -269,7 +276,7 @@ def decode_samples(shard: str, samples: list[dict], start: int, preprocessing: l
             img = decode_image(data, max_pixels=max_pixels)
             width[i], height[i] = img.info.get("source_size", img.size)
             for out, p in zip(crops, preprocessing):
-                out[i] = preprocess(img, p).numpy()
+                out[i] = preprocess(img, p)
         except ImageError as e:
             status[i], error[i] = "error", str(e)
         except Exception as e:  # a preprocessing bug on one odd image must not fail the whole run

@@ -68,18 +68,18 @@ class Scorer:
     def describe(self) -> dict:
         return {"name": self.name, "head": self.head, **describe(self.meta)}
 
-    def preprocess(self, image) -> torch.Tensor:
+    def preprocess(self, image) -> np.ndarray:
         return preprocess(image, self.meta.preprocess)
 
     @torch.inference_mode()
-    def score(self, crops: list[torch.Tensor]) -> np.ndarray:
-        """Per-image uint8 crops -> float32 (N, K) outputs, each image's crops averaged.
+    def score(self, crops: list[torch.Tensor | np.ndarray]) -> np.ndarray:
+        """Per-image uint8 crops (n, 3, S, S) -> float32 (N, K) outputs, each image's crops averaged.
 
         Classification models average logits over crops; ``columns`` applies the softmax."""
         if not crops:
             return np.zeros((0, self.meta.model.head.outputs), dtype=np.float32)
         counts = [c.shape[0] for c in crops]
-        batch = torch.cat(crops)
+        batch = torch.cat([torch.as_tensor(c) for c in crops])
         if self.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()          # lets the copy below overlap with work already queued
         x = normalize(batch.to(self.device, non_blocking=True), self.meta.preprocess.mean, self.meta.preprocess.std)

@@ -251,7 +251,7 @@ def shard_rows(row: dict, task_name: str, pre: PreprocessConfig, aug: AugmentCon
                     raise ValueError("no image in the sample")
                 img = decode_image(sample[ext])
                 pixels = random_crop(img, pre, aug, rng) if aug is not None else preprocess(img, pre)
-                out.append({"key": key, "pixels": pixels.numpy(), "target": target, "error": ""})
+                out.append({"key": key, "pixels": np.asarray(pixels), "target": target, "error": ""})
             except (ImageError, ValueError) as e:
                 out.append({"key": key, "pixels": blank, "target": 0.0, "error": f"{url} {key}: {e}"})
     except ShardError as e:

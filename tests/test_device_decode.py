@@ -34,7 +34,7 @@ MULTI = PreprocessConfig(kind="multi_crop", size=32, crops=3, max_side=128)
 
 
 def cpu_path(data: bytes, cfg: PreprocessConfig) -> torch.Tensor:
-    return preprocess(decode_image(data), cfg)
+    return torch.from_numpy(preprocess(decode_image(data), cfg))
 
 
 def cpu_error(data: bytes, **kwargs) -> str:
@@ -124,7 +124,7 @@ def test_exif_orientation_matches_pil(device):
     for i, data in enumerate(datas):
         upright = decode_image(data)
         assert (batch.width[i], batch.height[i]) == upright.size == ((64, 40) if i < 4 else (40, 64))
-        difference = pixel_difference(batch.crops[0][i], preprocess(upright, crop))
+        difference = pixel_difference(batch.crops[0][i], torch.from_numpy(preprocess(upright, crop)))
         assert within(difference, DECODE_TOLERANCE[device]), f"orientation {i + 1}: {difference}"
 
 

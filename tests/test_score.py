@@ -338,3 +338,10 @@ def test_sample_fraction_scores_a_seeded_share_then_the_full_run_completes(tmp_p
     assert full["sample"] is None and full["shards"]["skipped"] == 3 and full["shards"]["done"] == 7
     with pytest.raises(ValueError, match="sample_fraction: must be in"):
         load_score_config(None, input=[spec], output=out, models=[iqa_artifact], sample_fraction=1.5)
+
+
+def test_the_decode_tasks_import_no_torch():
+    """Every decode task process imports this module; torch would add seconds to each one's start."""
+    code = "import sys, pipeline.score; print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -30,7 +30,7 @@ def test_merged_sdpa_path_equals_unmerged_reference_in_fp32(iqa_artifact, crops)
     from pipeline.preprocess import normalize
 
     with torch.no_grad():
-        reference = np.stack([model(normalize(c, meta.preprocess.mean, meta.preprocess.std)).mean(0).numpy()
+        reference = np.stack([model(normalize(torch.from_numpy(c), meta.preprocess.mean, meta.preprocess.std)).mean(0).numpy()
                               for c in crops])
     np.testing.assert_allclose(scorer.score(crops), reference, rtol=1e-4, atol=1e-6)
 
