@@ -1,6 +1,6 @@
 """Fine-tuning PerceptCLIP on Ray Train: config, data rows, losses, the per-worker loop and the wiring.
 
-    --train [NAME=]SHARDS ...   one Ray Dataset per training set, split among the workers
+    --train [NAME=]SHARDS ...   each epoch, one Ray Dataset per training set, split among the workers
       -> shard_rows: read a shard, decode, random crop + flip     Ray Data CPU tasks
       -> worker: AdamW on LoRA + heads, one head per training set  TorchTrainer (DDP, gloo or nccl)
       -> validate: every worker scores its part of each val set, the predictions are gathered,
@@ -11,7 +11,13 @@
 Rerunning the same command finds Ray Train's checkpoint state under DEST/checkpoints and resumes
 after the latest finished epoch; a failed worker group restarts from it (``max_failures``).
 
-All Ray wiring sits in ``train``; ``shard_rows``, the losses and ``TrainConfig`` are plain code.
+An epoch is a function of (seed, epoch): the shards' order, every crop and flip, the rows' order
+within each worker and the dropout masks are all drawn from generators seeded with it, and the rows
+reach the workers in the shards' order. A run resumed after epoch k therefore trains epochs k+1...
+exactly as the uninterrupted run would, and exports the same model.
+
+The Ray wiring sits in ``train`` (the trainer) and in ``epoch_rows``, ``TrainingParts`` and ``validate``
+(the datasets a worker reads each epoch); ``shard_rows``, the losses and ``TrainConfig`` are plain code.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import tempfile
 import time
@@ -84,7 +91,7 @@ class TrainConfig:
     learning_rate: float | None = None  # None: the task's (5e-5 iqa and memorability, 1e-4 emotion)
     weight_decay: float = 0.01         # torch AdamW's default
     precision: str = "auto"            # auto: bf16 autocast on GPU, fp32 on CPU; or bf16 | fp32
-    seed: int = 0
+    seed: int = 0                      # the initial heads and LoRA, the shards' order, crops, dropout
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval_crops: int = 5                # multi_crop tasks: crops per image at validation and in the export
     max_side: int = 2048               # multi_crop tasks: longer images are scaled down to this first
@@ -231,14 +238,16 @@ def shard_rows(row: dict, task_name: str, pre: PreprocessConfig, aug: AugmentCon
 
     ``aug`` None gives the inference preprocessing (validation); otherwise one random crop per sample.
     A sample that cannot be used (bad image, no label) becomes a row with ``error`` set and zero
-    pixels, so it is counted, not silently lost; a shard that cannot be read becomes one such row."""
+    pixels, so it is counted, not silently lost; a shard that cannot be read becomes one such row.
+    Training rows carry ``seed``: the crops are drawn from it, so a shard read again in the same epoch
+    (a resumed run) gives the same pixels."""
     from pipeline.shards import ShardError, image_member, iter_shard
 
     task = get_task(task_name)
     url = row["url"]
     crops = 1 if aug is not None or pre.kind != "multi_crop" else pre.crops
     blank = np.zeros((crops, 3, pre.size, pre.size), dtype=np.uint8)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(row.get("seed"))
     out = []
     try:
         for sample in iter_shard(url, storage_options):
@@ -349,14 +358,77 @@ def _write_json(url: str, obj, storage_options: dict) -> None:
         json.dump(obj, f, indent=1)
 
 
-def _batches(iterator, batch_size: int, shuffle: bool):
-    return iterator.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                 local_shuffle_buffer_size=batch_size * 4 if shuffle else None)
+def derive_seed(*parts: int) -> int:
+    """One 32-bit seed from several integers (run seed, epoch, rank or shard), for APIs that take one."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def seed_globals(seed: int) -> None:
+    """Seed the global generators: torch's (dropout), and Python's and NumPy's for any library that
+    draws from them. Done at the start of every epoch from (seed, epoch, rank), not once per run: a
+    resumed epoch then draws what it drew the first time."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_rows(urls: list[str], epoch: int, seed: int, task_name: str, pre: PreprocessConfig,
+               aug: AugmentConfig, storage_options: dict):
+    """One training set's rows for one epoch: its shards in an order drawn from (seed, epoch), each
+    cropped with a generator seeded by (seed, epoch, shard). Read twice, an epoch gives the same rows,
+    in the same order when the DataContext preserves it (``train_loop`` does)."""
+    import ray.data
+
+    order = np.random.default_rng([seed, epoch]).permutation(len(urls))
+    items = [{"url": urls[i], "seed": derive_seed(seed, epoch, int(i))} for i in order]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.flat_map(partial(shard_rows, task_name=task_name, pre=pre, aug=aug, storage_options=storage_options))
+
+
+class TrainingParts:
+    """This worker's part of each training set, epoch by epoch. With one worker that is the epoch's
+    dataset. With several, rank 0 splits each dataset into equal parts (``streaming_split``: every
+    worker takes as many steps, as DDP needs) and hands each worker its own; with the order preserved
+    the split is deterministic too, Ray Data's splitter giving the blocks in order to the part with the
+    fewest rows so far. A split starts a coordinator actor, which takes seconds, so rank 0 makes the
+    next epoch's split while this one trains."""
+
+    def __init__(self, plan: dict, pre: PreprocessConfig, rank: int, world: int):
+        self.plan, self.pre, self.rank, self.world = plan, pre, rank, world
+        self.ahead: tuple[int, dict] | None = None       # rank 0: (epoch, its splits), made early
+
+    def datasets(self, epoch: int) -> dict:
+        plan = self.plan
+        aug = AugmentConfig(**plan["augment"])
+        return {name: epoch_rows(urls, epoch, plan["seed"], plan["task"], self.pre, aug, plan["storage_options"])
+                for name, urls in plan["train"].items()}
+
+    def split(self, epoch: int) -> dict:
+        return {name: ds.streaming_split(self.world, equal=True) for name, ds in self.datasets(epoch).items()}
+
+    def epoch(self, epoch: int) -> dict:
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return self.datasets(epoch)
+        splits = None
+        if self.rank == 0:
+            splits = self.ahead[1] if self.ahead and self.ahead[0] == epoch else self.split(epoch)
+            self.ahead = (epoch + 1, self.split(epoch + 1)) if epoch + 1 < self.plan["epochs"] else None
+        box = [splits]
+        dist.broadcast_object_list(box, src=0)
+        return {name: parts[self.rank] for name, parts in box[0].items()}
+
+
+def _batches(part, batch_size: int, shuffle_seed: int):
+    """Batches of a dataset or of a worker's part of one, shuffled within a window of a few batches."""
+    return part.iter_batches(batch_size=batch_size, batch_format="numpy",
+                             local_shuffle_buffer_size=batch_size * 4, local_shuffle_seed=shuffle_seed)
 
 
 def _interleave(iterators: dict):
     """Round-robin over the training sets' batches, (name, batch) until every set is exhausted. Every
-    worker gets equally many rows of each set (``streaming_split(equal=True)``), hence the same order."""
+    worker gets equally many rows of each set (``TrainingParts``), hence the same order."""
     live = dict(iterators)
     while live:
         for name in list(live):
@@ -392,6 +464,7 @@ def primary_metric(task: Task) -> str:
 def train_loop(plan: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray
+    import ray.data
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -401,6 +474,9 @@ def train_loop(plan: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # rows reach the worker in the order of their shards, not in the order the data tasks finish: with
+    # seeded shard orders and crops, an epoch then gives the same batches however often it runs
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     device = ray.train.torch.get_device()
     task = get_task(plan["task"])
     pre = PreprocessConfig(**plan["preprocess"])
@@ -427,12 +503,14 @@ def train_loop(plan: dict) -> None:
     net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": multi})
     per_worker = plan["batch_size"] // world
     val_parts = {name: urls[rank::world] for name, urls in plan["val"].items()}
+    train_parts = TrainingParts(plan, pre, rank, world)
 
     for epoch in range(state["epoch"] + 1, plan["epochs"]):
         started = time.monotonic()
         net.train()
-        iterators = {name: iter(_batches(ray.train.get_dataset_shard(f"train:{name}"), per_worker, True))
-                     for name in plan["train"]}
+        seed_globals(derive_seed(plan["seed"], epoch, rank))
+        iterators = {name: iter(_batches(part, per_worker, derive_seed(plan["seed"], epoch, rank)))
+                     for name, part in train_parts.epoch(epoch).items()}
         loss_sum, steps, seen, errors = 0.0, 0, 0, 0
         for name, batch in _interleave(iterators):
             valid = torch.from_numpy(batch["error"] == "")
@@ -589,7 +667,6 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
     """Fine-tune on ``train_sets`` ({head name: shard spec}), validate on ``val_sets`` every epoch,
     checkpoint to ``dest`` and export the best epoch to ``dest/model``. Returns the run's summary."""
     import ray
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -612,16 +689,12 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
         ray.init()
         if not os.environ.get("RAY_ADDRESS"):
             check_local_resources(cfg.scaling, ray.cluster_resources())
-    datasets = {}
-    for name, urls in train_urls.items():
-        ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
-        datasets[f"train:{name}"] = ds.randomize_block_order().flat_map(
-            partial(shard_rows, task_name=task.name, pre=pre, aug=cfg.augment, storage_options=options))
     plan = {
         "task": task.name, "model": model_cfg.to_dict(), "init": cfg.init, "seed": cfg.seed,
         "lr": cfg.lr, "weight_decay": cfg.weight_decay, "precision": cfg.precision,
         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "preprocess": pre.to_dict(),
-        "export_preprocess": export_pre, "train": list(train_urls), "val": val_urls,
+        "augment": dataclasses.asdict(cfg.augment),
+        "export_preprocess": export_pre, "train": train_urls, "val": val_urls,
         "train_specs": train_sets, "val_specs": val_sets, "dest": dest, "storage_options": options,
     }
     trainer = TorchTrainer(
@@ -635,7 +708,6 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets=datasets,
     )
     trainer.fit()
     fs, path = filesystem(join(dest, METRICS_FILE), options)

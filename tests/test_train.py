@@ -27,6 +27,10 @@ from pipeline.train import TrainConfig, parse_datasets, plcc_loss, shard_rows, t
 # start (and import torch in) a fresh process: 10-20 s an epoch instead of 1. Set at collection, before
 # any test starts the shared cluster.
 os.environ.setdefault("RAY_num_workers_soft_limit", "16")
+# Ray Train's controller learns of a reported checkpoint, and of a finished or failed worker, when it
+# polls the workers: every 2 s by default. Polling more often ends each run sooner, and lets a test kill
+# a worker soon after a checkpoint is registered, well inside the next epoch.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "train" / "smoke.yaml"
@@ -203,6 +207,17 @@ def test_shard_rows_turn_every_sample_into_a_row(tmp_path):
     assert len(missing) == 1 and missing[0]["error"].startswith("missing")
 
 
+def test_training_crops_are_drawn_from_the_rows_seed(tmp_path):
+    (path,) = write_shards(tmp_path / "crops", list(range(6)))
+    pre = PreprocessConfig(kind="multi_crop", size=32, crops=3, max_side=256)
+
+    def pixels(seed: int) -> np.ndarray:
+        return np.stack([r["pixels"] for r in shard_rows({"url": path, "seed": seed}, "iqa", pre, AugmentConfig())])
+
+    assert np.array_equal(pixels(7), pixels(7))          # the same shard in the same epoch: the same crops
+    assert not np.array_equal(pixels(7), pixels(8))
+
+
 def test_iqa_rows_crop_the_unresized_image():
     img = make_image(5, (120, 90))
     pre = PreprocessConfig(kind="multi_crop", size=32, crops=3, max_side=256)
@@ -256,13 +271,37 @@ def test_it_learns_the_synthetic_task_and_the_export_scores(ray_local, synthetic
 
 
 def _train_worker_pids() -> list[int]:
-    """The Ray Train worker processes of this test's own cluster (other Ray clusters may share the machine)."""
+    """The live Ray Train worker processes of this test's own cluster (other Ray clusters may share the
+    machine): the raylet's own children, since a process that a worker forks carries the worker's title
+    for a while. A killed worker stays a zombie until the raylet reaps it: not counted."""
     import psutil
     import ray
 
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    return [p.pid for p in psutil.Process(raylet).children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline())]
+    pids = []
+    for p in psutil.Process(raylet).children():
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass
+    return pids
+
+
+def _latest_checkpoint(dest: Path) -> str | None:
+    """The latest checkpoint Ray Train has registered for the run in ``dest`` (what a restart resumes from)."""
+    try:
+        latest = json.loads((dest / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    latest = latest.get("latest_checkpoint_result")
+    return latest["checkpoint_dir_name"] if latest else None
+
+
+def _wait_for(condition, seconds: float = 240):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_epochs(ray_local, synthetic, tmp_path):
@@ -282,15 +321,6 @@ def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_e
     dest = tmp_path / "run"
     args = (cfg, {"first": spec(synthetic["train"]), "second": spec(second)},
             {"first": spec(synthetic["val"]), "second": spec(second_val)}, str(dest))
-    snapshot = dest / "checkpoints" / "checkpoint_manager_snapshot.json"
-
-    def latest_checkpoint() -> str | None:
-        try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return latest["checkpoint_dir_name"] if latest else None
-
     failure = {}
 
     def first_run():
@@ -301,28 +331,24 @@ def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_e
 
     thread = threading.Thread(target=first_run)
     thread.start()
-    deadline = time.monotonic() + 240
-    while latest_checkpoint() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    _wait_for(lambda: _latest_checkpoint(dest) is not None)
     workers = _train_worker_pids()
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
     thread.join(timeout=240)
     assert "error" in failure, "the interrupted run should have failed"
     # what the interrupted run finished: the history kept in its latest registered checkpoint
-    done_before = json.loads((dest / "checkpoints" / latest_checkpoint() / "state.json").read_text())["history"]
+    done_before = json.loads((dest / "checkpoints" / _latest_checkpoint(dest) / "state.json").read_text())["history"]
     assert 1 <= len(done_before) < 12
 
     # the same command again; this time a lost worker is retried (FailureConfig) rather than fatal
     cfg.max_failures = 1
-    resumed_from = latest_checkpoint()
+    resumed_from = _latest_checkpoint(dest)
     second_run = {}
     thread = threading.Thread(target=lambda: second_run.update(summary=train(*args)))
     thread.start()
-    deadline = time.monotonic() + 240
-    while latest_checkpoint() == resumed_from and time.monotonic() < deadline:
-        time.sleep(0.2)
-    done_mid = json.loads((dest / "checkpoints" / latest_checkpoint() / "state.json").read_text())["history"]
+    _wait_for(lambda: _latest_checkpoint(dest) != resumed_from)
+    done_mid = json.loads((dest / "checkpoints" / _latest_checkpoint(dest) / "state.json").read_text())["history"]
     workers = _train_worker_pids()
     assert len(workers) == 2 and len(done_mid) < 12
     os.kill(workers[1], signal.SIGKILL)
@@ -345,3 +371,74 @@ def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_e
     other = evaluate(str(dest / "model"), synthetic["test"], head="second", resamples=0)
     assert first["head"] == "first" and other["head"] == "second"
     assert first["srcc"] > 0.3 and other["srcc"] < -0.3, (first["srcc"], other["srcc"])
+
+
+def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_exports_the_uninterrupted_model(ray_local, synthetic,
+                                                                                           tmp_path):
+    """The same seed trained twice, side by side: once uninterrupted, once with its worker SIGKILLed
+    during epoch 1, after epoch 0's checkpoint. Ray Train restarts the worker (max_failures), it
+    resumes from that checkpoint and trains epoch 1 again from the start; both runs must export the
+    same model."""
+    from safetensors.torch import load_file
+
+    from pipeline.scorer import Scorer
+
+    cfg = TrainConfig.load(str(SMOKE))
+    cfg.epochs = 3
+    cfg.max_failures = 1
+    cfg.keep_checkpoints = 3
+    cfg.scaling.cpus_per_worker = 0.5          # two runs on the shared 2-CPU cluster, with room for the data
+    sets = ({"default": spec(synthetic["train"][:3])}, {"default": spec(synthetic["val"][:1])})
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    summaries = {}
+
+    def start(dest: Path) -> threading.Thread:
+        thread = threading.Thread(target=lambda: summaries.update({dest.name: train(cfg, *sets, str(dest))}))
+        thread.start()
+        return thread
+
+    # the runs start one after the other, so that each one's worker is known by its pid
+    threads = [start(reference)]
+    _wait_for(lambda: len(_train_worker_pids()) == 1)
+    others = set(_train_worker_pids())
+    threads.append(start(interrupted))
+    _wait_for(lambda: set(_train_worker_pids()) - others)
+    (victim,) = set(_train_worker_pids()) - others
+    _wait_for(lambda: _latest_checkpoint(interrupted) == "epoch-0000")
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: set(_train_worker_pids()) - others - {victim})
+    restarted = set(_train_worker_pids()) - others - {victim}
+    # the new worker starts while epoch 0 is still the latest checkpoint: the kill came before epoch 1
+    # finished, so epoch 1 is trained again from epoch 0's weights and optimiser state
+    assert _latest_checkpoint(interrupted) == "epoch-0000"
+    for thread in threads:
+        thread.join(timeout=300)
+    assert restarted and summaries["interrupted"] == {**summaries["reference"], "model": str(interrupted / "model")}
+
+    history = json.loads((interrupted / "metrics.json").read_text())
+    before = json.loads((interrupted / "checkpoints" / "epoch-0000" / "state.json").read_text())["history"]
+    assert history[0] == before[0], "epoch 0 must not run again"
+    timing = ("train_seconds", "seconds")
+    untimed = [[{k: v for k, v in r.items() if k not in timing} for r in json.loads((d / "metrics.json").read_text())]
+               for d in (reference, interrupted)]
+    assert untimed[0] == untimed[1]                 # the same losses and validation metrics, epoch by epoch
+
+    def max_difference(a: dict, b: dict) -> float:
+        assert a.keys() == b.keys()
+        return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    models = [load_file(str(d / "model" / "model.safetensors")) for d in (reference, interrupted)]
+    assert max_difference(*models) <= 1e-5
+    last = [load_file(str(d / "checkpoints" / "epoch-0002" / "trainable.safetensors"))
+            for d in (reference, interrupted)]
+    assert max_difference(*last) <= 1e-5
+    # ... and the epochs after the kill did change the model, so the comparison above is not vacuous
+    first = load_file(str(interrupted / "checkpoints" / "epoch-0000" / "trainable.safetensors"))
+    assert max_difference(first, last[1]) > 1e-3
+
+    images = [noisy_image(seed) for seed in range(2000, 2012)]
+    scores = []
+    for d in (reference, interrupted):
+        scorer = Scorer.load(str(d / "model"))
+        scores.append(scorer.score([scorer.preprocess(img) for img in images]))
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-5)
