@@ -77,8 +77,9 @@ class StoreProxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def statuses(self, method: str | None = None, part: str = "") -> list[int | None]:
-        return [s for m, p, s in list(self.log) if (method is None or m == method) and part in p]
+    def statuses(self, method: str, part: str) -> list[int | None]:
+        """What the proxy answered to ``method`` requests whose path holds ``part``."""
+        return [s for m, p, s in list(self.log) if m == method and part in p]
 
     def _handler(self):
         proxy = self
@@ -272,7 +273,7 @@ from pipeline.score import ScoreConfig, run_score
 
 cfg = ScoreConfig(**json.loads(sys.argv[1]))
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+workers = [cluster.add_node(num_cpus=2, wait=False) for _ in range(2)]     # both start at once
 cluster.wait_for_nodes()
 cfg.address = cluster.address
 result = {}
