@@ -622,7 +622,7 @@ def write_summary(summary: RunSummary, options: dict) -> str:
     path = join(summary.output, RUNS_DIR, f"{summary.run_id}.json")
     try:
         fs, p = filesystem(path, options)
-        if protocol(path) == "file":
+        if protocol(path) == "file":        # as in check_destination: object stores have no folders
             fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(p, json.dumps(summary.to_dict(), indent=2).encode())
     except Exception as e:
