@@ -154,9 +154,11 @@ def main() -> None:
                   f"{images / sum(totals.values()):9.0f}", flush=True)
         r = end_to_end(urls, model, args.cpus, args.batch_size, None if args.no_write else root / "scores",
                        args.decode)
+    # one shard: every image is in the first commit, so there is no steady state to speak of
+    steady = "n/a" if r["steady_images_per_s"] is None else f"{r['steady_images_per_s']:.0f} images/s"
     print(f"end to end: {r['images']} images in {r['total_s']:.1f} s = {r['images'] / r['total_s']:.0f} images/s; "
           f"start-up {r['startup_s']:.1f} s (Ray cluster {r['cluster_s']:.1f} s); "
-          f"steady state {r['steady_images_per_s']:.0f} images/s; GPUs {r['gpus']:g}; decode {args.decode}")
+          f"steady state {steady}; GPUs {r['gpus']:g}; decode {args.decode}")
 
 
 if __name__ == "__main__":
