@@ -18,7 +18,7 @@ that is an outage, not a hiccup, and surfaces as ``StorageError``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 REDACTED = "***"
 SECRET_OPTION_NAMES = frozenset({"key", "secret", "token", "password", "aws_access_key_id",
@@ -32,8 +32,8 @@ class StorageConfig:
     endpoint_url: str | None = None     # S3-compatible stores (MinIO, Ceph, R2, moto)
     region: str | None = None
     key: str | None = None              # prefer the environment or an instance role to a config file
-    secret: str | None = None
-    token: str | None = None
+    secret: str | None = field(default=None, repr=False)    # never in a repr: configs end up in logs
+    token: str | None = field(default=None, repr=False)
     anon: bool = False                  # public buckets: send no credentials at all
     max_attempts: int = 8               # tries per request, the first included (botocore standard retries)
 

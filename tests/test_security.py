@@ -113,3 +113,11 @@ def test_the_canary_appears_in_no_exception_when_the_model_cannot_load(canary, i
     summary = canary["fs"].cat_file(run)
     assert b"sha256" in json.loads(summary)["aborted"].encode()
     assert_clean(summary, "the summary")
+
+
+def test_a_storage_config_never_shows_its_secret_in_a_repr():
+    from pipeline.storage import StorageConfig
+
+    cfg = StorageConfig(key="AKIDEXAMPLE", secret="canary-secret-in-a-repr", token="canary-token-in-a-repr")
+    assert "canary" not in repr(cfg) and "canary" not in str(cfg)
+    assert cfg.secret == "canary-secret-in-a-repr"
