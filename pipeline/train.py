@@ -1,6 +1,6 @@
 """Fine-tuning PerceptCLIP on Ray Train: config, data rows, losses, the per-worker loop and the wiring.
 
-    --train [NAME=]SHARDS ...   each epoch, one Ray Dataset per training set, split among the workers
+    --train [NAME=]SHARDS ...   each epoch, every worker reads its share of each set's shards
       -> shard_rows: read a shard, decode, random crop + flip     Ray Data CPU tasks
       -> worker: AdamW on LoRA + heads, one head per training set  TorchTrainer (DDP, gloo or nccl)
       -> validate: every worker scores its part of each val set, the predictions are gathered,
@@ -11,13 +11,13 @@
 Rerunning the same command finds Ray Train's checkpoint state under DEST/checkpoints and resumes
 after the latest finished epoch; a failed worker group restarts from it (``max_failures``).
 
-An epoch is a function of (seed, epoch): the shards' order, every crop and flip, the rows' order
-within each worker and the dropout masks are all drawn from generators seeded with it, and the rows
-reach the workers in the shards' order. A run resumed after epoch k therefore trains epochs k+1...
-exactly as the uninterrupted run would, and exports the same model.
+An epoch is a function of (seed, epoch): which worker reads which shards, the shards' order, every
+crop and flip, the rows' order within each worker and the dropout masks are all drawn from generators
+seeded with it, and the rows reach a worker in its shards' order. A run resumed after epoch k therefore
+trains epochs k+1... exactly as the uninterrupted run would, and exports the same model.
 
-The Ray wiring sits in ``train`` (the trainer) and in ``epoch_rows``, ``TrainingParts`` and ``validate``
-(the datasets a worker reads each epoch); ``shard_rows``, the losses and ``TrainConfig`` are plain code.
+The Ray wiring sits in ``train`` (the trainer) and in ``epoch_rows`` and ``validate`` (the datasets a
+worker reads each epoch); ``shard_rows``, the losses and ``TrainConfig`` are plain code.
 """
 
 from __future__ import annotations
@@ -372,71 +372,50 @@ def seed_globals(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_rows(urls: list[str], epoch: int, seed: int, task_name: str, pre: PreprocessConfig,
-               aug: AugmentConfig, storage_options: dict):
-    """One training set's rows for one epoch: its shards in an order drawn from (seed, epoch), each
-    cropped with a generator seeded by (seed, epoch, shard). Read twice, an epoch gives the same rows,
-    in the same order when the DataContext preserves it (``train_loop`` does)."""
+def epoch_rows(urls: list[str], epoch: int, seed: int, rank: int, world: int, task_name: str,
+               pre: PreprocessConfig, aug: AugmentConfig, storage_options: dict):
+    """This worker's rows of one training set for one epoch. The set's shards are put in an order
+    drawn from (seed, epoch) and dealt to the workers in turn; each shard is cropped with a generator
+    seeded by (seed, epoch, shard). Read twice, an epoch gives every worker the same rows, in the same
+    order when the DataContext preserves it (``train_loop`` does)."""
     import ray.data
 
-    order = np.random.default_rng([seed, epoch]).permutation(len(urls))
+    order = np.random.default_rng([seed, epoch]).permutation(len(urls))[rank::world]
     items = [{"url": urls[i], "seed": derive_seed(seed, epoch, int(i))} for i in order]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     return ds.flat_map(partial(shard_rows, task_name=task_name, pre=pre, aug=aug, storage_options=storage_options))
 
 
-class TrainingParts:
-    """This worker's part of each training set, epoch by epoch. With one worker that is the epoch's
-    dataset. With several, rank 0 splits each dataset into equal parts (``streaming_split``: every
-    worker takes as many steps, as DDP needs) and hands each worker its own; with the order preserved
-    the split is deterministic too, Ray Data's splitter giving the blocks in order to the part with the
-    fewest rows so far. A split starts a coordinator actor, which takes seconds, so rank 0 makes the
-    next epoch's split while this one trains."""
-
-    def __init__(self, plan: dict, pre: PreprocessConfig, rank: int, world: int):
-        self.plan, self.pre, self.rank, self.world = plan, pre, rank, world
-        self.ahead: tuple[int, dict] | None = None       # rank 0: (epoch, its splits), made early
-
-    def datasets(self, epoch: int) -> dict:
-        plan = self.plan
-        aug = AugmentConfig(**plan["augment"])
-        return {name: epoch_rows(urls, epoch, plan["seed"], plan["task"], self.pre, aug, plan["storage_options"])
-                for name, urls in plan["train"].items()}
-
-    def split(self, epoch: int) -> dict:
-        return {name: ds.streaming_split(self.world, equal=True) for name, ds in self.datasets(epoch).items()}
-
-    def epoch(self, epoch: int) -> dict:
-        import torch.distributed as dist
-
-        if self.world == 1:
-            return self.datasets(epoch)
-        splits = None
-        if self.rank == 0:
-            splits = self.ahead[1] if self.ahead and self.ahead[0] == epoch else self.split(epoch)
-            self.ahead = (epoch + 1, self.split(epoch + 1)) if epoch + 1 < self.plan["epochs"] else None
-        box = [splits]
-        dist.broadcast_object_list(box, src=0)
-        return {name: parts[self.rank] for name, parts in box[0].items()}
-
-
-def _batches(part, batch_size: int, shuffle_seed: int):
-    """Batches of a dataset or of a worker's part of one, shuffled within a window of a few batches."""
-    return part.iter_batches(batch_size=batch_size, batch_format="numpy",
+def _batches(rows, batch_size: int, shuffle_seed: int):
+    """A dataset's batches, shuffled within a window of a few batches, the same way for the same seed."""
+    return rows.iter_batches(batch_size=batch_size, batch_format="numpy",
                              local_shuffle_buffer_size=batch_size * 4, local_shuffle_seed=shuffle_seed)
 
 
-def _interleave(iterators: dict):
-    """Round-robin over the training sets' batches, (name, batch) until every set is exhausted. Every
-    worker gets equally many rows of each set (``TrainingParts``), hence the same order."""
-    live = dict(iterators)
+def _interleave(iterators: dict, blank: dict, device: torch.device):
+    """Round-robin over the training sets' batches, (name, batch), the same sequence on every worker.
+    Workers read different shards, so one may run out of a set's batches before another: until no
+    worker has one left, it steps on ``blank`` (rows without a label: a zero loss that still runs the
+    backward pass, which DDP needs from every worker)."""
+    live = list(iterators)
     while live:
         for name in list(live):
-            batch = next(live[name], None)
-            if batch is None:
-                del live[name]
+            batch = next(iterators[name], None)
+            if _on_any_worker(batch is not None, device):
+                yield name, blank if batch is None else batch
             else:
-                yield name, batch
+                live.remove(name)
+
+
+def _on_any_worker(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any worker; every worker must ask at the same point."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    flags = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())
 
 
 def _gather(obj):
@@ -487,6 +466,7 @@ def train_loop(plan: dict) -> None:
     optimizer = torch.optim.AdamW(params, lr=plan["lr"], weight_decay=plan["weight_decay"])
     state = {"epoch": -1, "best_score": None, "best_epoch": None, "history": []}
     best = model.trainable_state_dict()
+    resumed_after = None           # the epoch of the checkpoint this worker started from, if any
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -496,6 +476,7 @@ def train_loop(plan: dict) -> None:
             optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
             with open(os.path.join(d, "state.json")) as f:
                 state = json.load(f)
+        resumed_after = state["epoch"]
         if rank == 0:
             print(f"resuming after epoch {state['epoch']} from {checkpoint.path}", flush=True)
 
@@ -503,20 +484,21 @@ def train_loop(plan: dict) -> None:
     net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": multi})
     per_worker = plan["batch_size"] // world
     val_parts = {name: urls[rank::world] for name, urls in plan["val"].items()}
-    train_parts = TrainingParts(plan, pre, rank, world)
+    aug = AugmentConfig(**plan["augment"])
+    blank = {"pixels": np.zeros((1, 1, 3, pre.size, pre.size), dtype=np.uint8),
+             "target": np.zeros(1, dtype=np.float32), "error": np.array(["no batch left on this worker"])}
 
     for epoch in range(state["epoch"] + 1, plan["epochs"]):
         started = time.monotonic()
         net.train()
         seed_globals(derive_seed(plan["seed"], epoch, rank))
-        iterators = {name: iter(_batches(part, per_worker, derive_seed(plan["seed"], epoch, rank)))
-                     for name, part in train_parts.epoch(epoch).items()}
+        iterators = {name: iter(_batches(epoch_rows(urls, epoch, plan["seed"], rank, world, task.name, pre, aug,
+                                                    plan["storage_options"]),
+                                         per_worker, derive_seed(plan["seed"], epoch, rank)))
+                     for name, urls in plan["train"].items()}
         loss_sum, steps, seen, errors = 0.0, 0, 0, 0
-        for name, batch in _interleave(iterators):
+        for name, batch in _interleave(iterators, blank, device):
             valid = torch.from_numpy(batch["error"] == "")
-            errors += int((~valid).sum())
-            for message in batch["error"][~valid.numpy()][:3]:
-                log.warning("skipped: %s", message)
             pixels = torch.from_numpy(batch["pixels"]).to(device).flatten(0, 1)   # (B, 3, S, S)
             x = normalize(pixels, pre.mean, pre.std)
             target = torch.from_numpy(batch["target"]).to(device)
@@ -526,6 +508,11 @@ def train_loop(plan: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if batch is blank:          # a step this worker only took part in: nothing of its own to count
+                continue
+            errors += int((~valid).sum())
+            for message in batch["error"][~valid.numpy()][:3]:
+                log.warning("skipped: %s", message)
             loss_sum += float(loss.detach())
             steps += 1
             seen += int(valid.sum())
@@ -552,6 +539,8 @@ def train_loop(plan: dict) -> None:
             best = {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()}
         state["epoch"] = epoch
         record["best_epoch"] = state["best_epoch"]
+        if resumed_after is not None:   # the history shows where a rerun or a restarted worker group began
+            record["resumed_after_epoch"], resumed_after = resumed_after, None
         state["history"].append(record)
         flat = {"epoch": epoch, "score": record["score"], "train_loss": record["train_loss"],
                 "train_errors": record["train_errors"], "best_epoch": state["best_epoch"]}
@@ -681,6 +670,10 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
     storage_path, storage_fs, options, dest = _storage(dest)
     train_urls = {name: expand_shards(spec, options) for name, spec in train_sets.items()}
     val_urls = {name: expand_shards(spec, options) for name, spec in val_sets.items()}
+    for name, urls in train_urls.items():
+        if len(urls) < cfg.scaling.num_workers:
+            log.warning("training set %s has %d shard(s) for %d workers: a worker reads whole shards, so some "
+                        "read none and only keep step with the others", name, len(urls), cfg.scaling.num_workers)
     model_cfg = init_model_config(cfg, tuple(train_sets))
     export_pre = {"crops": cfg.eval_crops, "max_side": cfg.max_side} if task.preprocess == "multi_crop" else {}
     pre = ArtifactMeta.for_task(task.name, model_cfg, **export_pre).preprocess
