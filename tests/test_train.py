@@ -289,7 +289,8 @@ def _train_worker_pids() -> list[int]:
 
 
 def _latest_checkpoint(dest: Path) -> str | None:
-    """The latest checkpoint Ray Train has registered for the run in ``dest`` (what a restart resumes from)."""
+    """The latest checkpoint Ray Train has registered for the run in ``dest`` (what a restart resumes
+    from); None also while Ray Train rewrites its snapshot, which it does in place."""
     try:
         latest = json.loads((dest / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -299,9 +300,11 @@ def _latest_checkpoint(dest: Path) -> str | None:
 
 
 def _wait_for(condition, seconds: float = 240):
+    """Polls ``condition`` until it gives something true or time is up; returns what it gave last."""
     deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
+    while not (value := condition()) and time.monotonic() < deadline:
         time.sleep(0.2)
+    return value
 
 
 def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_epochs(ray_local, synthetic, tmp_path):
@@ -347,8 +350,8 @@ def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_e
     second_run = {}
     thread = threading.Thread(target=lambda: second_run.update(summary=train(*args)))
     thread.start()
-    _wait_for(lambda: _latest_checkpoint(dest) != resumed_from)
-    done_mid = json.loads((dest / "checkpoints" / _latest_checkpoint(dest) / "state.json").read_text())["history"]
+    latest = _wait_for(lambda: (name := _latest_checkpoint(dest)) != resumed_from and name)
+    done_mid = json.loads((dest / "checkpoints" / latest / "state.json").read_text())["history"]
     workers = _train_worker_pids()
     assert len(workers) == 2 and len(done_mid) < 12
     os.kill(workers[1], signal.SIGKILL)
@@ -425,10 +428,11 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_exports_the_uninterr
         thread.start()
         return thread
 
-    # the reference starts once the other run's worker is up, so that worker is the only one there is
+    # the reference starts once the other run's worker is up, so that worker is the only new one
+    earlier = set(_train_worker_pids())            # an earlier test's workers may still be stopping
     threads = [start(interrupted)]
-    _wait_for(lambda: len(_train_worker_pids()) == 1)
-    (victim,) = _train_worker_pids()
+    _wait_for(lambda: set(_train_worker_pids()) - earlier)
+    (victim,) = set(_train_worker_pids()) - earlier
     threads.append(start(reference))
     _wait_for(lambda: _latest_checkpoint(interrupted) == "epoch-0000")
     os.kill(victim, signal.SIGKILL)
