@@ -13,6 +13,7 @@ has a default one. Architecture lives in ``ModelConfig``; weights live apart, in
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -107,6 +108,27 @@ class MLPHead(nn.Sequential):
             width = hidden
         layers.append(nn.Linear(width, cfg.outputs))
         super().__init__(*layers)
+
+
+def import_open_clip_for_scoring() -> None:
+    """Import open_clip as if Hugging Face ``transformers`` were not installed.
+
+    open_clip's ``__init__`` imports ``transformers`` whenever it is installed, for the Hugging Face text
+    towers of some CLIP variants. A PerceptCLIP model is a vision tower only, so scoring never uses it,
+    and the import costs about 1.5 s of CPU in every process that loads a model: on a small machine it
+    is part of the start-up of every scoring run (``docs/benchmarks.md``). The scoring actors call this
+    first thing; they are processes that only score. Elsewhere (the driver, training, tests) open_clip
+    imports as usual. Does nothing once open_clip or transformers is imported, and ``transformers``
+    stays importable afterwards for code that imports it itself (open_clip's own Hugging Face text
+    towers are then unavailable in this process).
+    """
+    if "open_clip" in sys.modules or "transformers" in sys.modules:
+        return
+    sys.modules["transformers"] = None          # `import transformers` raises ImportError, as if absent
+    try:
+        import open_clip  # noqa: F401
+    finally:
+        del sys.modules["transformers"]
 
 
 def build_vision_tower(cfg: BackboneConfig) -> nn.Module:

@@ -365,6 +365,9 @@ class ModelActor:
     def __init__(self, models: list[tuple[str, str]], crops_index: list[int], torch_threads: int | None,
                  options: dict | None = None, preprocessing: list[PreprocessConfig] | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
+        from pipeline.model import import_open_clip_for_scoring
+
+        import_open_clip_for_scoring()          # before anything imports open_clip: skips its transformers
         import torch
 
         from pipeline.scorer import Scorer

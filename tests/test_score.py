@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -345,3 +346,28 @@ def test_the_decode_tasks_import_no_torch():
     code = "import sys, pipeline.score; print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_model_actor_skips_importing_transformers(iqa_artifact):
+    """open_clip imports transformers whenever it is installed (seconds of a scoring run's start-up); the
+    actor loads its models without it, scores as a process that imported everything does, and leaves
+    transformers importable."""
+    from pipeline.scorer import Scorer
+
+    code = (
+        "import sys, json, numpy as np\n"
+        "from pipeline.score import ModelActor\n"
+        f"actor = ModelActor([('iqa', {iqa_artifact!r})], [0], 1)\n"
+        "crops = np.random.default_rng(0).integers(0, 256, (3, 1, 3, 32, 32), dtype=np.uint8)\n"
+        "scores = actor.scorers[0].score(list(crops)).tolist()\n"
+        "skipped = 'transformers' not in sys.modules and 'open_clip' in sys.modules\n"
+        "import transformers\n"
+        "print(json.dumps({'skipped': skipped, 'scores': scores}))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["skipped"] is True
+    import open_clip  # noqa: F401  (this process imports it with transformers, as the driver does)
+
+    crops = np.random.default_rng(0).integers(0, 256, (3, 1, 3, 32, 32), dtype=np.uint8)
+    expected = Scorer.load(iqa_artifact).score(list(crops))
+    np.testing.assert_allclose(np.array(out["scores"]), expected, rtol=1e-6, atol=1e-6)
