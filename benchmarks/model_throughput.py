@@ -31,7 +31,8 @@ def build_scorer(backbone: str, device: str, precision: str | None, compile: boo
 
 def measure(scorer: Scorer, batch_size: int, seconds: float) -> float:
     size = scorer.meta.preprocess.size
-    crops = [torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8) for _ in range(batch_size)]
+    # one (images, crops, 3, S, S) array, as the scoring job's blocks reach the model
+    crops = torch.randint(0, 256, (batch_size, 1, 3, size, size), dtype=torch.uint8)
     sync = torch.cuda.synchronize if scorer.device.type == "cuda" else (lambda: None)
     for _ in range(3):                                  # warm-up: kernels, autotuning, compilation
         scorer.score(crops)

@@ -424,7 +424,9 @@ def score_block(batch: dict[str, np.ndarray], scorers, crops_index: list[int]) -
     missing[ok] = False
     for scorer, i in zip(scorers, crops_index):
         crops = torch.as_tensor(batch[f"crops_{i}"])      # numpy from the read tasks, a tensor if decoded here
-        outputs = scorer.score(list(crops[torch.as_tensor(ok, device=crops.device)]))
+        if len(ok) < n:                                   # error and control rows have no image
+            crops = crops[torch.as_tensor(ok, device=crops.device)]
+        outputs = scorer.score(crops)                     # (rows, crops, 3, S, S) as one array: no copy
         for name, values in scorer.columns(outputs).items():
             full = np.empty(n, dtype=object if isinstance(values, list) else np.float32)
             full[ok] = values

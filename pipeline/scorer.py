@@ -3,6 +3,7 @@
     scorer = Scorer.load("perceptclip-iqa")           # or a local path / s3:// artifact
     crops = scorer.preprocess(decode_image(data))     # uint8 (n, 3, S, S), on the CPU
     out = scorer.score([crops, ...])                  # float32 (N, K): crop outputs averaged per image
+                                                      # (or one (N, n, 3, S, S) array: no gathering copy)
     scorer.columns(out)                               # {"iqa": array}  or  {"emotion": [...], "emotion_awe": array, ...}
 
 LoRA is merged at load (no adapter cost at inference); attention runs through PyTorch's
@@ -72,14 +73,23 @@ class Scorer:
         return preprocess(image, self.meta.preprocess)
 
     @torch.inference_mode()
-    def score(self, crops: list[torch.Tensor | np.ndarray]) -> np.ndarray:
-        """Per-image uint8 crops (n, 3, S, S) -> float32 (N, K) outputs, each image's crops averaged.
+    def score(self, crops: list[torch.Tensor | np.ndarray] | torch.Tensor | np.ndarray) -> np.ndarray:
+        """Per-image uint8 crops -> float32 (N, K) outputs, each image's crops averaged.
 
-        Classification models average logits over crops; ``columns`` applies the softmax."""
-        if not crops:
+        ``crops`` is a list of (n_i, 3, S, S) arrays or tensors, one per image, or one (N, n, 3, S, S)
+        array or tensor when every image has n crops (the scoring job's blocks: nothing is copied to
+        gather them). Classification models average logits over crops; ``columns`` applies the softmax."""
+        if isinstance(crops, (list, tuple)):
+            counts = [c.shape[0] for c in crops]
+            batch = torch.cat([torch.as_tensor(c) for c in crops]) if crops else None
+        else:
+            crops = torch.as_tensor(crops)
+            if crops.ndim != 5:
+                raise ValueError(f"crops: expected (images, crops, 3, S, S), got shape {tuple(crops.shape)}")
+            counts = [crops.shape[1]] * crops.shape[0]
+            batch = crops.flatten(0, 1)
+        if not counts:
             return np.zeros((0, self.meta.model.head.outputs), dtype=np.float32)
-        counts = [c.shape[0] for c in crops]
-        batch = torch.cat([torch.as_tensor(c) for c in crops])
         if self.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()          # lets the copy below overlap with work already queued
         x = normalize(batch.to(self.device, non_blocking=True), self.meta.preprocess.mean, self.meta.preprocess.std)
@@ -87,7 +97,10 @@ class Scorer:
                             enabled=self.autocast_dtype is not None):
             out = self._forward(x, head=self.head)
         out = out.float()
-        per_image = torch.stack([chunk.mean(0) for chunk in out.split(counts)])
+        if len(set(counts)) == 1:               # one reduction, not one small kernel per image
+            per_image = out.view(len(counts), counts[0], -1).mean(1)
+        else:
+            per_image = torch.stack([chunk.mean(0) for chunk in out.split(counts)])
         return per_image.cpu().numpy()
 
     def columns(self, outputs: np.ndarray) -> dict[str, object]:

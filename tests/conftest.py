@@ -96,6 +96,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+        # address="local": always a cluster of its own, never one another process left registered in
+        # /tmp/ray (a `ray start`, a ray.cluster_utils.Cluster, another test session on this machine)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()

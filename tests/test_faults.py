@@ -273,20 +273,6 @@ from pipeline.score import ScoreConfig, run_score
 
 cfg = ScoreConfig(**json.loads(sys.argv[1]))
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-workers = [cluster.add_node(num_cpus=2, wait=False) for _ in range(2)]     # both start at once
-cluster.wait_for_nodes()
-cfg.address = cluster.address
-result = {}
-def run():
-    try:
-        result["summary"] = run_score(cfg).to_dict()
-    except Exception as e:
-        result["error"] = repr(e)
-thread = threading.Thread(target=run)
-thread.start()
-markers = os.path.join(cfg.output, "_markers")
-while thread.is_alive() and not (os.path.isdir(markers) and os.listdir(markers)):
-    time.sleep(0.02)
 def runs_the_model(node):
     for p in psutil.Process(node.all_processes["raylet"][0].process.pid).children(recursive=True):
         try:
@@ -295,13 +281,29 @@ def runs_the_model(node):
         except psutil.NoSuchProcess:
             pass
     return False
-if thread.is_alive():
-    victim = next(n for n in workers if runs_the_model(n))
-    cluster.remove_node(victim, allow_graceful=False)
-    print("removed", json.dumps({"nodes_left": len(cluster.list_all_nodes())}), flush=True)
-thread.join()
-print("outcome", json.dumps(result), flush=True)
-cluster.shutdown()
+try:        # shutdown also removes the address file the Cluster wrote for plain ray.init() to find
+    workers = [cluster.add_node(num_cpus=2, wait=False) for _ in range(2)]     # both start at once
+    cluster.wait_for_nodes()
+    cfg.address = cluster.address
+    result = {}
+    def run():
+        try:
+            result["summary"] = run_score(cfg).to_dict()
+        except Exception as e:
+            result["error"] = repr(e)
+    thread = threading.Thread(target=run)
+    thread.start()
+    markers = os.path.join(cfg.output, "_markers")
+    while thread.is_alive() and not (os.path.isdir(markers) and os.listdir(markers)):
+        time.sleep(0.02)
+    if thread.is_alive():
+        victim = next(n for n in workers if runs_the_model(n))
+        cluster.remove_node(victim, allow_graceful=False)
+        print("removed", json.dumps({"nodes_left": len(cluster.list_all_nodes())}), flush=True)
+    thread.join()
+    print("outcome", json.dumps(result), flush=True)
+finally:
+    cluster.shutdown()
 """
 
 

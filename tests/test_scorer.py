@@ -48,6 +48,22 @@ def test_batch_composition_does_not_change_a_score(iqa_artifact, crops):
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
 
 
+def test_one_stacked_array_scores_as_the_list_of_its_images(iqa_artifact, crops):
+    """The scoring job hands over its block's crops as one (images, crops, 3, S, S) array; images with
+    different numbers of crops still go as a list."""
+    scorer = Scorer.load(iqa_artifact, device="cpu", precision="fp32")
+    as_list = scorer.score(crops[:12])
+    np.testing.assert_allclose(scorer.score(np.stack(crops[:12])), as_list, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scorer.score(torch.from_numpy(np.stack(crops[:12]))), as_list, rtol=1e-6, atol=1e-7)
+    assert crops[0].shape[0] > 1                                    # the IQA preset averages several crops
+    uneven = [crops[0], crops[1][:1], crops[2]]
+    alone = np.concatenate([scorer.score([c]) for c in uneven])
+    np.testing.assert_allclose(scorer.score(uneven), alone, rtol=1e-5, atol=1e-6)
+    assert scorer.score(np.zeros((0, *crops[0].shape), np.uint8)).shape == (0, 1)
+    with pytest.raises(ValueError, match="expected \\(images, crops, 3, S, S\\)"):
+        scorer.score(np.stack(crops[:2])[:, 0])
+
+
 def test_unknown_precision_is_refused(iqa_artifact):
     with pytest.raises(ValueError, match="precision must be one of"):
         Scorer.load(iqa_artifact, device="cpu", precision="int4")
