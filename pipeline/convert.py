@@ -216,6 +216,8 @@ def emoset_records(source: str, split: str) -> tuple[list[Record], list[Problem]
         entries = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not an EmoSet split file (JSON nested too deeply)") from None
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a JSON list of [emotion, image_path, annotation_path]")
     # JSON lists are usually one entry per line; find each entry's line so errors point at it

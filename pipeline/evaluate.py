@@ -11,7 +11,6 @@ metrics; a shard that cannot be read is counted as one error of its reason.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import numpy as np
@@ -25,7 +24,7 @@ def evaluate(model: str, shards: str | list[str], head: str | None = None, resam
              batch_size: int = 32, device: str | None = None, storage_options: dict | None = None) -> dict:
     """Metrics of ``model`` (built-in name, artifact path or URI) on the labelled ``shards``."""
     from pipeline.scorer import Scorer
-    from pipeline.shards import ShardError, expand_shards, image_member, iter_shard
+    from pipeline.shards import ShardError, expand_shards, image_member, iter_shard, parse_json
     from pipeline.train import target_of
 
     scorer = Scorer.load(f"{model}#{head}" if head else model, device=device)
@@ -44,7 +43,7 @@ def evaluate(model: str, shards: str | list[str], head: str | None = None, resam
         try:
             for sample in iter_shard(url, storage_options):
                 try:
-                    meta = json.loads(sample.get("json", b"{}"))
+                    meta = parse_json(sample.get("json", b"{}"))
                     target = target_of(meta if isinstance(meta, dict) else {}, task)
                 except ValueError:
                     errors["bad_label"] += 1

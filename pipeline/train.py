@@ -241,7 +241,7 @@ def shard_rows(row: dict, task_name: str, pre: PreprocessConfig, aug: AugmentCon
     pixels, so it is counted, not silently lost; a shard that cannot be read becomes one such row.
     Training rows carry ``seed``: the crops are drawn from it, so a shard read again in the same epoch
     (a resumed run) gives the same pixels."""
-    from pipeline.shards import ShardError, image_member, iter_shard
+    from pipeline.shards import ShardError, image_member, iter_shard, parse_json
 
     task = get_task(task_name)
     url = row["url"]
@@ -253,7 +253,7 @@ def shard_rows(row: dict, task_name: str, pre: PreprocessConfig, aug: AugmentCon
         for sample in iter_shard(url, storage_options):
             key = sample["__key__"]
             try:
-                meta = json.loads(sample.get("json", b"{}"))
+                meta = parse_json(sample.get("json", b"{}"))
                 target = target_of(meta if isinstance(meta, dict) else {}, task)
                 ext = image_member(sample)
                 if ext is None:

@@ -139,6 +139,15 @@ def test_emoset_labels_are_class_names_and_bad_entries_name_their_line(tmp_path)
     assert problems[2] == f"{val}:7: image not found: {root / 'image/awe/gone.jpg'}"
 
 
+@pytest.mark.parametrize("text, reason", [("[1, 2", "not valid JSON"), ("[" * 100_000, "nested too deeply")])
+def test_an_emoset_split_file_that_is_not_json_is_a_clear_error(tmp_path, text, reason):
+    root = tmp_path / "emoset"
+    root.mkdir()
+    (root / "val.json").write_text(text)
+    with pytest.raises(ValueError, match=reason):
+        convert("emoset", str(root), str(tmp_path / "out"), split="val")
+
+
 def test_manifest_csv_and_parquet_with_numbers_class_names_and_urls(tmp_path):
     images = tmp_path / "pics"
     a = write_image(images / "a.jpg", 1)

@@ -20,7 +20,7 @@ def write_shard(path, samples):
     with open(path, "wb") as f:
         writer = TarWriter(f, encoder=False)
         for key, image, meta in samples:
-            sample = {"__key__": key, "json": json.dumps(meta).encode()}
+            sample = {"__key__": key, "json": meta if isinstance(meta, bytes) else json.dumps(meta).encode()}
             if image is not None:
                 sample["jpg"] = image
             writer.write(sample)
@@ -36,7 +36,8 @@ def regression_shards(tmp_path):
     a = write_shard(tmp_path / "eval-000000.tar", [(k, images[k], {"label": labels[k]}) for k in good[:12]]
                     + [("corrupt", b"\xff\xd8\xff garbage", {"label": 0.5})])
     b = write_shard(tmp_path / "eval-000001.tar", [(k, images[k], {"label": labels[k]}) for k in good[12:]]
-                    + [("nolabel", images["k000"], {"other": 1}), ("noimage", None, {"label": 0.1})])
+                    + [("nolabel", images["k000"], {"other": 1}), ("noimage", None, {"label": 0.1}),
+                       ("deep", images["k001"], b"[" * 100_000)])
     return [a, b], images, labels
 
 
@@ -54,8 +55,8 @@ def test_regression_metrics_equal_the_scorers_own_outputs(iqa_artifact, regressi
     assert result["srcc_ci"][0] <= result["srcc"] <= result["srcc_ci"][1]
     assert result["plcc_ci"][0] <= result["plcc"] <= result["plcc_ci"][1]
     # nothing is dropped silently: the bad samples and the missing shard are counted by reason
-    assert result["errors"] == 4
-    assert result["error_reasons"] == {"not_an_image": 1, "bad_label": 1, "no_image": 1, "shard_missing": 1}
+    assert result["errors"] == 5
+    assert result["error_reasons"] == {"not_an_image": 1, "bad_label": 2, "no_image": 1, "shard_missing": 1}
 
 
 def test_classification_metrics_over_class_names_and_indices(emotion_artifact, tmp_path):

@@ -195,14 +195,16 @@ def test_shard_rows_turn_every_sample_into_a_row(tmp_path):
         w.write({"__key__": "broken", "jpg": b"\xff\xd8 not really", "json": b'{"label": "awe"}'})
         w.write({"__key__": "nolabel", "jpg": image_bytes(make_image(3)), "json": b'{"score": 1}'})
         w.write({"__key__": "unknown", "jpg": image_bytes(make_image(4)), "json": b'{"label": "boredom"}'})
+        w.write({"__key__": "deep", "jpg": image_bytes(make_image(5)), "json": b"[" * 100_000})
         w.close()
     pre = PreprocessConfig(kind="resize_center_crop", size=32)
     rows = {r["key"]: r for r in shard_rows({"url": str(path)}, "emotion", pre, AugmentConfig())}
-    assert list(rows) == ["good", "index", "broken", "nolabel", "unknown"]
+    assert list(rows) == ["good", "index", "broken", "nolabel", "unknown", "deep"]
     assert rows["good"]["error"] == "" and rows["good"]["target"] == 6.0      # fear is class 6
     assert rows["index"]["target"] == 3.0 and rows["good"]["pixels"].shape == (1, 3, 32, 32)
     assert "not_an_image" in rows["broken"]["error"] and "no label" in rows["nolabel"]["error"]
     assert "boredom" in rows["unknown"]["error"] and rows["unknown"]["pixels"].shape == (1, 3, 32, 32)
+    assert "nested too deeply" in rows["deep"]["error"]
     missing = shard_rows({"url": str(tmp_path / "nope.tar")}, "emotion", pre, None)
     assert len(missing) == 1 and missing[0]["error"].startswith("missing")
 
