@@ -15,8 +15,9 @@ committed), and the sustained throughput: the second half of the images over the
 Why the second half: while the model actor starts (imports, model load: most of the pipeline's
 start-up), the decode tasks already run and queue decoded blocks, which the actor then scores in a
 burst. Counting from the first committed shard would credit that backlog to the steady state. The
-second half starts after it is drained as long as the run is long enough; the rates of the third and
-the fourth quarter are printed to show it, with a warning when they differ by more than 25%.
+second half starts after it is drained as long as the run is long enough: the script warns when the
+images that could have been decoded before the first commit (that time at the measured rate) exceed
+half the workload. The rates of the third and fourth quarter are printed too.
 
 The loop runs before and after the pipeline; its better run is the reference. The last line is the
 ratio of sustained throughputs.
@@ -25,25 +26,11 @@ ratio of sustained throughputs.
 from __future__ import annotations
 
 import argparse
-import re
 import tempfile
 import time
 from pathlib import Path
 
-from workload import workload_model, write_workload
-
-
-def rates(timeline: list[tuple[float, int]]) -> dict:
-    """Images/s over the second half of the images, the third quarter and the fourth, from a timeline of
-    (time, images done so far)."""
-    total = timeline[-1][1]
-
-    def rate(start: float, end: float) -> float:
-        (t0, n0), (t1, n1) = (next(p for p in timeline if p[1] >= f * total) for f in (start, end))
-        return (n1 - n0) / max(t1 - t0, 1e-9)
-
-    return {"sustained_images_per_s": rate(0.5, 1.0), "q3_images_per_s": rate(0.5, 0.75),
-            "q4_images_per_s": rate(0.75, 1.0)}
+from workload import commit_timeline, describe_rates, rates, workload_model, write_workload
 
 
 def plain_loop(urls: list[str], model: str, batch_size: int) -> dict:
@@ -73,7 +60,7 @@ def plain_loop(urls: list[str], model: str, batch_size: int) -> dict:
         if batch:
             flush(batch)
     total = time.perf_counter() - started
-    return {"images": len(scores), "total_s": total, "startup_s": timeline[0][0] - started, **rates(timeline)}
+    return {"images": len(scores), "total_s": total, "startup_s": timeline[0][0] - started, "rates": rates(timeline)}
 
 
 def pipeline(urls: list[str], model: str, out: Path, cpus: int, batch_size: int) -> dict:
@@ -88,20 +75,15 @@ def pipeline(urls: list[str], model: str, out: Path, cpus: int, batch_size: int)
     # every core can run a decode task, and it uses one torch thread.
     cfg = ScoreConfig(input=urls, output=str(out), models=[model], batch_size=batch_size,
                       cpus_per_actor=0, torch_threads=1)
-    timeline = []
-
-    def committed(line: str) -> None:                   # run_score reports each committed shard
-        shard = re.match(r"\[\d+/\d+\] .*: (\d+) rows", line)
-        if shard:
-            timeline.append((time.perf_counter(), (timeline[-1][1] if timeline else 0) + int(shard[1])))
-
+    timeline, committed = commit_timeline()
     summary = run_score(cfg, progress=committed)
     total = time.perf_counter() - started
     ray.shutdown()
     result = summary.to_dict()
     assert result["shards"]["failed"] == 0 and result["samples"]["error"] == 0, result
     return {"images": result["samples"]["total"], "total_s": total, "cluster_start_s": cluster_s,
-            "startup_s": cluster_s + result["startup_s"], **rates(timeline)}
+            "startup_s": cluster_s + result["startup_s"],
+            "rates": rates(timeline, result["startup_s"])}
 
 
 def main() -> None:
@@ -124,17 +106,16 @@ def main() -> None:
         before = plain_loop(urls, model, args.batch_size)
         pipe = pipeline(urls, model, root / "scores", args.cpus, args.batch_size)
         after = plain_loop(urls, model, args.batch_size)
-        loop = max(before, after, key=lambda r: r["sustained_images_per_s"])
+        if not all(r["rates"] for r in (before, pipe, after)):
+            raise SystemExit("too few shards to measure a sustained throughput: use --shards 8 or more")
+        loop = max(before, after, key=lambda r: r["rates"]["sustained_images_per_s"])
     for name, r in (("loop", before), ("pipeline", pipe), ("loop", after)):
         extra = f" (Ray cluster start {r['cluster_start_s']:.1f} s)" if "cluster_start_s" in r else ""
         print(f"{name:9s} {r['images']} images in {r['total_s']:.1f} s = {r['images'] / r['total_s']:.0f} images/s "
-              f"end to end; start-up {r['startup_s']:.1f} s{extra}; second half {r['sustained_images_per_s']:.0f} "
-              f"images/s (quarters 3 and 4: {r['q3_images_per_s']:.0f}, {r['q4_images_per_s']:.0f})")
-        if max(r["q3_images_per_s"], r["q4_images_per_s"]) > 1.25 * min(r["q3_images_per_s"], r["q4_images_per_s"]):
-            print(f"warning: the {name}'s third and fourth quarters differ by more than 25%: the start-up backlog "
-                  f"or other work on the machine may have skewed the second half; rerun, or with more --images")
+              f"end to end; start-up {r['startup_s']:.1f} s{extra}; {describe_rates(r['rates'])}")
     print(f"end-to-end ratio (start-up included): {loop['total_s'] / pipe['total_s']:.2f}")
-    print(f"pipeline/loop throughput ratio: {pipe['sustained_images_per_s'] / loop['sustained_images_per_s']:.2f}")
+    ratio = pipe["rates"]["sustained_images_per_s"] / loop["rates"]["sustained_images_per_s"]
+    print(f"pipeline/loop throughput ratio: {ratio:.2f}")
 
 
 if __name__ == "__main__":

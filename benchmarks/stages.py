@@ -16,7 +16,8 @@ Stages (one process, the job's own functions, every image of the workload):
 Each line gives the stage's seconds, milliseconds per image and images/s on one core (or one device).
 Then the job end to end on a local Ray cluster with ``--cpus`` CPUs (``run_score``; with --no-write the
 same Ray Data pipeline, ``score_dataset``, consumed and discarded): start-up (from ``ray.init`` to the
-first committed shard, or the first scored block with --no-write), total images/s and steady-state images/s.
+first committed shard, or the first scored block with --no-write), total images/s, and the sustained
+images/s: the second half of the images over the time they took (``workload.rates`` says why).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-from workload import workload_model, write_workload
+from workload import commit_timeline, describe_rates, rates, workload_model, write_workload
 
 STAGES = ("read", "decode", "preprocess", "model", "write")
 
@@ -104,23 +105,24 @@ def end_to_end(urls: list[str], model: str, cpus: int | None, batch_size: int, w
                       block_rows=batch_size, decode=decode, **cpu_only)
     try:
         if write_to:
-            result = run_score(cfg, progress=lambda line: None).to_dict()
+            timeline, progress = commit_timeline()
+            result = run_score(cfg, progress=progress).to_dict()
             assert result["shards"]["failed"] == 0 and result["samples"]["error"] == 0, result
-            images, startup_s, steady = result["samples"]["total"], result["startup_s"], result["steady_images_per_s"]
+            images, startup_s = result["samples"]["total"], result["startup_s"]
         else:
             ds = score_dataset(cfg, urls, [ModelSpec.resolve(model)], {})
-            images, first_at, first_n = 0, None, 0
+            images, timeline = 0, []
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                images += sum(1 for s in block["status"].to_pylist() if s != SHARD_ROW)
-                if first_at is None and images:
-                    first_at, first_n = time.perf_counter(), images
-            startup_s = first_at - started - cluster_s
-            steady = (images - first_n) / max(time.perf_counter() - first_at, 1e-9)
+                scored = sum(1 for s in block["status"].to_pylist() if s != SHARD_ROW)
+                if scored:
+                    images += scored
+                    timeline.append((time.perf_counter(), images))
+            startup_s = timeline[0][0] - started - cluster_s
     finally:
         ray.shutdown()
     total = time.perf_counter() - started
     return {"images": images, "total_s": total, "cluster_s": cluster_s, "startup_s": cluster_s + startup_s,
-            "steady_images_per_s": steady, "gpus": gpus}
+            "rates": rates(timeline, startup_s), "gpus": gpus}
 
 
 def main() -> None:
@@ -154,11 +156,9 @@ def main() -> None:
                   f"{images / sum(totals.values()):9.0f}", flush=True)
         r = end_to_end(urls, model, args.cpus, args.batch_size, None if args.no_write else root / "scores",
                        args.decode)
-    # one shard: every image is in the first commit, so there is no steady state to speak of
-    steady = "n/a" if r["steady_images_per_s"] is None else f"{r['steady_images_per_s']:.0f} images/s"
     print(f"end to end: {r['images']} images in {r['total_s']:.1f} s = {r['images'] / r['total_s']:.0f} images/s; "
-          f"start-up {r['startup_s']:.1f} s (Ray cluster {r['cluster_s']:.1f} s); "
-          f"steady state {steady}; GPUs {r['gpus']:g}; decode {args.decode}")
+          f"start-up {r['startup_s']:.1f} s (Ray cluster {r['cluster_s']:.1f} s); GPUs {r['gpus']:g}; "
+          f"decode {args.decode}; {describe_rates(r['rates'])}")
 
 
 if __name__ == "__main__":

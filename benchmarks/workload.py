@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 
@@ -42,3 +44,55 @@ def workload_model(model: str, root: Path) -> str:
         save_artifact(ClipLoraModel(cfg), meta, str(root / "model"))
         return str(root / "model")
     return model
+
+
+def rates(timeline: list[tuple[float, int]], decoding_before_first_s: float = 0.0) -> dict | None:
+    """Images/s over the second half of the images, the third quarter and the fourth, from a timeline of
+    (time, images done so far); None with fewer than four points (a run of one or two shards).
+
+    Why the second half: while the model actors start, the decode tasks already run and queue decoded
+    blocks, which the actors then score in a burst; counting from the first result would credit that
+    backlog to the steady state. The backlog is at most what could be decoded before the first result
+    (``decoding_before_first_s``: from when the cluster was up), at the sustained rate; when that bound
+    exceeds half the images, the second half may be backlog too and ``describe_rates`` says so."""
+    if len(timeline) < 4:
+        return None
+    total = timeline[-1][1]
+
+    def rate(start: float, end: float) -> float:
+        (t0, n0), (t1, n1) = (next(p for p in timeline if p[1] >= f * total) for f in (start, end))
+        return (n1 - n0) / max(t1 - t0, 1e-9)
+
+    sustained = rate(0.5, 1.0)
+    return {"sustained_images_per_s": sustained, "q3_images_per_s": rate(0.5, 0.75),
+            "q4_images_per_s": rate(0.75, 1.0), "images": total,
+            "backlog_bound": decoding_before_first_s * sustained}
+
+
+def describe_rates(r: dict | None) -> str:
+    if r is None:
+        return "second half n/a (too few shards to tell)"
+    line = (f"second half {r['sustained_images_per_s']:.0f} images/s "
+            f"(quarters 3 and 4: {r['q3_images_per_s']:.0f}, {r['q4_images_per_s']:.0f})")
+    low, high = sorted((r["q3_images_per_s"], r["q4_images_per_s"]))
+    if r["backlog_bound"] > r["images"] / 2:
+        line += (f"\nwarning: up to {r['backlog_bound']:.0f} images could have been decoded before the first result, "
+                 f"more than half of the {r['images']}: the second half may be that backlog, scored in a burst; "
+                 f"this figure is not a sustained rate: rerun with more --images")
+    elif high > 1.25 * low:
+        line += ("\nwarning: the third and fourth quarters differ by more than 25%: other work on the machine may "
+                 "have skewed the second half; rerun")
+    return line
+
+
+def commit_timeline() -> tuple[list[tuple[float, int]], callable]:
+    """A timeline of (time, rows committed so far) and the ``progress`` callback for ``run_score`` that
+    fills it (run_score reports each committed shard as "[k/N] shard: R rows, ...")."""
+    timeline: list[tuple[float, int]] = []
+
+    def progress(line: str) -> None:
+        shard = re.match(r"\[\d+/\d+\] .*: (\d+) rows", line)
+        if shard:
+            timeline.append((time.perf_counter(), (timeline[-1][1] if timeline else 0) + int(shard[1])))
+
+    return timeline, progress
