@@ -1,7 +1,7 @@
 """Where the time goes: each stage of the scoring job timed on its own, then the whole job end to end.
 
     python benchmarks/stages.py                                  # tiny model, 1,600 JPEGs of 512 px, CPU
-    python benchmarks/stages.py --model perceptclip-iqa --images 20000 --shards 40 --cpus 16   # GPU machine
+    python benchmarks/stages.py --model perceptclip-iqa --images 100000 --shards 200 --cpus 16 --skip-stages   # GPU machine
     python benchmarks/stages.py --no-write                      # the same, writing nothing anywhere
     python benchmarks/stages.py --images 64 --shards 1 --skip-stages   # start-up cost for one small shard
 
