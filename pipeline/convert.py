@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.shards import parse_json
 from pipeline.tasks import EMOSET_LABELS
 
 KONIQ_CSV = "koniq10k_scores_and_distributions.csv"
@@ -213,11 +214,11 @@ def emoset_records(source: str, split: str) -> tuple[list[Record], list[Problem]
     with _open_text(path) as f:
         text = f.read()
     try:
-        entries = json.loads(text)
+        entries = parse_json(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not an EmoSet split file (JSON nested too deeply)") from None
+    except ValueError as e:                         # parse_json: nested too deeply
+        raise ValueError(f"{path}: not an EmoSet split file ({e})") from None
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a JSON list of [emotion, image_path, annotation_path]")
     # JSON lists are usually one entry per line; find each entry's line so errors point at it
