@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from pipeline.device_decode import decode_on_device
-from pipeline.preprocess import PreprocessConfig, decode_image, preprocess
-from pipeline.testing import image_bytes, make_image
+from perceptclip.device_decode import decode_on_device
+from perceptclip.preprocess import PreprocessConfig, decode_image, preprocess
+from perceptclip.testing import image_bytes, make_image
 
 
 def generate(count: int) -> list[bytes]:

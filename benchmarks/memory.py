@@ -40,7 +40,7 @@ def run_once(urls: list[str], model: str, out: Path, cpus: int, interval: float)
     import psutil
     import ray
 
-    from pipeline.score import ScoreConfig, run_score
+    from perceptclip.score import ScoreConfig, run_score
 
     me = psutil.Process()
     peaks = {"driver": 0, "total": 0}

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from pipeline.artifact import ArtifactMeta
-from pipeline.model import BackboneConfig, ClipLoraModel, ModelConfig
-from pipeline.scorer import Scorer
+from perceptclip.artifact import ArtifactMeta
+from perceptclip.model import BackboneConfig, ClipLoraModel, ModelConfig
+from perceptclip.scorer import Scorer
 
 
 def build_scorer(backbone: str, device: str, precision: str | None, compile: bool) -> Scorer:

@@ -36,9 +36,9 @@ from workload import commit_timeline, describe_rates, rates, workload_model, wri
 def plain_loop(urls: list[str], model: str, batch_size: int) -> dict:
     """Read each tar, decode, preprocess, batch, score: one process, as a user would write it."""
     started = time.perf_counter()
-    from pipeline.preprocess import ImageError, decode_image
-    from pipeline.scorer import Scorer
-    from pipeline.shards import read_shard
+    from perceptclip.preprocess import ImageError, decode_image
+    from perceptclip.scorer import Scorer
+    from perceptclip.shards import read_shard
 
     scorer = Scorer.load(model)
     scores, timeline = [], []
@@ -66,7 +66,7 @@ def plain_loop(urls: list[str], model: str, batch_size: int) -> dict:
 def pipeline(urls: list[str], model: str, out: Path, cpus: int, batch_size: int) -> dict:
     import ray
 
-    from pipeline.score import ScoreConfig, run_score
+    from perceptclip.score import ScoreConfig, run_score
 
     started = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")

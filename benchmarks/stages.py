@@ -7,11 +7,11 @@
 
 Stages (one process, the job's own functions, every image of the workload):
 
-    read        pipeline.shards.read_shard: a whole tar into memory
-    decode      pipeline.preprocess.decode_image: bytes -> RGB image
-    preprocess  pipeline.preprocess.preprocess: image -> uint8 crops
-    model       pipeline.score.score_block: every model on the crops (device synchronised: scores come back)
-    write       pipeline.score.ScoreWriter: Parquet + marker per shard (skipped with --no-write)
+    read        perceptclip.shards.read_shard: a whole tar into memory
+    decode      perceptclip.preprocess.decode_image: bytes -> RGB image
+    preprocess  perceptclip.preprocess.preprocess: image -> uint8 crops
+    model       perceptclip.score.score_block: every model on the crops (device synchronised: scores come back)
+    write       perceptclip.score.ScoreWriter: Parquet + marker per shard (skipped with --no-write)
 
 Each line gives the stage's seconds, milliseconds per image and images/s on one core (or one device).
 Then the job end to end on a local Ray cluster with ``--cpus`` CPUs (``run_score``; with --no-write the
@@ -45,9 +45,9 @@ def timed(totals: dict, stage: str):
 
 def stage_times(urls: list[str], model: str, batch_size: int, write_to: Path | None) -> tuple[int, dict]:
     """Seconds per stage over every image of ``urls``, running the job's own stage functions in order."""
-    import pipeline.score as score
-    from pipeline.scorer import Scorer
-    from pipeline.shards import read_shard
+    import perceptclip.score as score
+    from perceptclip.scorer import Scorer
+    from perceptclip.shards import read_shard
 
     totals: dict[str, float] = defaultdict(float)
     decode_image, preprocess = score.decode_image, score.preprocess
@@ -92,7 +92,7 @@ def end_to_end(urls: list[str], model: str, cpus: int | None, batch_size: int, w
                decode: str) -> dict:
     import ray
 
-    from pipeline.score import SHARD_ROW, ModelSpec, ScoreConfig, run_score, score_dataset
+    from perceptclip.score import SHARD_ROW, ModelSpec, ScoreConfig, run_score, score_dataset
 
     started = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 def write_workload(root: Path, images: int, shards: int, size: int) -> list[str]:
     """``images`` JPEGs of ``size`` x ``size`` px (256 distinct, repeated) in ``shards`` shards under ``root``."""
-    from pipeline.shards import write_shard
-    from pipeline.testing import image_bytes, make_image
+    from perceptclip.shards import write_shard
+    from perceptclip.testing import image_bytes, make_image
 
     distinct = [image_bytes(make_image(seed, (size, size)), "JPEG", quality=90) for seed in range(min(images, 256))]
     per_shard = -(-images // shards)
@@ -31,12 +31,12 @@ def workload_model(model: str, root: Path) -> str:
     weights (``random:ViT-L-14-quickgelu`` costs what the released models cost; nothing is downloaded).
     Anything else is a model reference as ``perceptclip score --model`` takes it."""
     if model == "tiny":
-        from pipeline.testing import make_tiny_artifact
+        from perceptclip.testing import make_tiny_artifact
 
         return make_tiny_artifact(str(root / "model"), task="memorability", seed=0)
     if model.startswith("random:"):
-        from pipeline.artifact import ArtifactMeta, save_artifact
-        from pipeline.model import BackboneConfig, ClipLoraModel, ModelConfig
+        from perceptclip.artifact import ArtifactMeta, save_artifact
+        from perceptclip.model import BackboneConfig, ClipLoraModel, ModelConfig
 
         cfg = ModelConfig(backbone=BackboneConfig.from_open_clip(model.removeprefix("random:"), pretrained=None))
         meta = ArtifactMeta.for_task("iqa", cfg)

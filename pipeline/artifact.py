@@ -25,10 +25,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.model import ClipLoraModel, ModelConfig
-from pipeline.preprocess import PreprocessConfig
-from pipeline.storage import filesystem
-from pipeline.tasks import get_task
+from perceptclip.model import ClipLoraModel, ModelConfig
+from perceptclip.preprocess import PreprocessConfig
+from perceptclip.storage import filesystem
+from perceptclip.tasks import get_task
 
 FORMAT = "perceptclip-model"
 FORMAT_VERSION = 1
@@ -102,7 +102,7 @@ def _sha256_file(path: str | Path) -> str:
 
 def save_artifact(model: ClipLoraModel, meta: ArtifactMeta, dest: str, storage_options: dict | None = None) -> str:
     """Write ``model`` (unmerged) and ``meta`` to ``dest`` (local or fsspec URI). Returns the weights' sha256.
-    ``storage_options``: per protocol, as ``pipeline.storage.storage_options`` gives them."""
+    ``storage_options``: per protocol, as ``perceptclip.storage.storage_options`` gives them."""
     from safetensors.torch import save_file
 
     if model.cfg.lora.r and not any(".lora." in k for k in model.state_dict()):
@@ -123,7 +123,7 @@ def save_artifact(model: ClipLoraModel, meta: ArtifactMeta, dest: str, storage_o
 
 
 def read_meta(uri: str, storage_options: dict | None = None) -> ArtifactMeta:
-    """``storage_options``: per protocol, as ``pipeline.storage.storage_options`` gives them."""
+    """``storage_options``: per protocol, as ``perceptclip.storage.storage_options`` gives them."""
     path = f"{uri.rstrip('/')}/{CONFIG_FILE}"
     fs, fs_path = filesystem(path, storage_options)
     try:

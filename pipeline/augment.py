@@ -1,6 +1,6 @@
 """Training augmentation that keeps the label: random crops and horizontal flips.
 
-The crop follows each task's inference preprocessing (``pipeline.preprocess``) so training sees what
+The crop follows each task's inference preprocessing (``perceptclip.preprocess``) so training sees what
 scoring sees, only at random positions:
 
 - ``resize_center_crop`` tasks (memorability, emotion): the shorter side resized to ``resize_ratio``
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.preprocess import PreprocessConfig
+from perceptclip.preprocess import PreprocessConfig
 
 
 @dataclass

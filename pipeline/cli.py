@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from pipeline import __version__
+from perceptclip import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -53,7 +53,7 @@ def predict(images, models, device, batch_size):
     """
     import json
 
-    from pipeline.predict import load_scorers, predict as run_predict
+    from perceptclip.predict import load_scorers, predict as run_predict
 
     scorers = _or_fail(lambda: load_scorers(models, device=device))
     failed = 0
@@ -79,7 +79,7 @@ def import_official(checkpoint, task, output):
     The architecture is read from the tensor shapes; the file is loaded with weights_only=True, so a
     pickle that carries code is refused.
     """
-    from pipeline.official import import_official as convert
+    from perceptclip.official import import_official as convert
 
     meta = _or_fail(lambda: convert(checkpoint, task, output))
     click.echo(f"wrote {output} ({meta.task}, {meta.model.backbone.name}, sha256 {meta.weights_sha256[:12]})")
@@ -88,8 +88,8 @@ def import_official(checkpoint, task, output):
 def _or_fail(action):
     """Run ``action``; our own errors (bad file, bad model, bad config, a store that refuses after its
     retries) end the command with their message."""
-    from pipeline.artifact import ArtifactError
-    from pipeline.storage import StorageError
+    from perceptclip.artifact import ArtifactError
+    from perceptclip.storage import StorageError
 
     try:
         return action()
@@ -122,7 +122,7 @@ def convert(dataset, source, output, split, fractions, seed, shard_size):
     """
     import json
 
-    from pipeline.convert import convert as run_convert, parse_fractions
+    from perceptclip.convert import convert as run_convert, parse_fractions
 
     try:
         report = run_convert(dataset, source, output, split=split, shard_size=shard_size,
@@ -165,7 +165,7 @@ def score(inputs, output, models, config_path, address, overwrite, sample_fracti
     """
     import json
 
-    from pipeline.score import load_score_config, run_score
+    from perceptclip.score import load_score_config, run_score
 
     cfg = _or_fail(lambda: load_score_config(config_path, input=list(inputs) or None, output=output,
                                              models=list(models) or None, address=address, overwrite=overwrite,
@@ -221,8 +221,8 @@ def report(dest, output, shards, top_k):
     top and bottom samples, read from the shards; then the errors by reason and the run summaries. The
     page needs no network to open. A thumbnail that cannot be read shows why instead.
     """
-    from pipeline.report import write_report
-    from pipeline.storage import storage_options
+    from perceptclip.report import write_report
+    from perceptclip.storage import storage_options
 
     progress = _Progress()
     result = _or_fail(lambda: write_report(dest, output, shards=list(shards) or None, top_k=top_k,
@@ -251,8 +251,8 @@ def quantiles(dest, expression, as_json):
     """
     import json
 
-    from pipeline.quantiles import describe_scores, format_description, read_scores
-    from pipeline.storage import storage_options
+    from perceptclip.quantiles import describe_scores, format_description, read_scores
+    from perceptclip.storage import storage_options
 
     progress = _Progress()
     scores = _or_fail(lambda: read_scores(dest, storage_options(), progress))
@@ -289,7 +289,7 @@ def train(config_path, train_sets, val_sets, dest, init, address):
     import dataclasses
     import json
 
-    from pipeline.train import TrainConfig, parse_datasets, train as run_train
+    from perceptclip.train import TrainConfig, parse_datasets, train as run_train
 
     cfg = _or_fail(lambda: TrainConfig.load(config_path))
     if init:
@@ -325,8 +325,8 @@ def evaluate(model, data, output, bootstrap, device):
     """
     import json
 
-    from pipeline.evaluate import evaluate as run_evaluate
-    from pipeline.storage import filesystem, storage_options
+    from perceptclip.evaluate import evaluate as run_evaluate
+    from perceptclip.storage import filesystem, storage_options
 
     options = storage_options()
     metrics = _or_fail(lambda: run_evaluate(model, list(data), resamples=bootstrap, device=device,
@@ -361,8 +361,8 @@ def filter_command(scores, where, output, overwrite, workers):
     """
     import json
 
-    from pipeline.filter import run_filter
-    from pipeline.storage import storage_options
+    from perceptclip.filter import run_filter
+    from perceptclip.storage import storage_options
 
     summary = _or_fail(lambda: run_filter(scores, where, output, storage_options(), overwrite=overwrite,
                                           workers=workers, progress=lambda line: click.echo(line, err=True)))

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.shards import parse_json
-from pipeline.tasks import EMOSET_LABELS
+from perceptclip.shards import parse_json
+from perceptclip.tasks import EMOSET_LABELS
 
 KONIQ_CSV = "koniq10k_scores_and_distributions.csv"
 KONIQ_IMAGES = "1024x768"

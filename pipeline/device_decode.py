@@ -2,7 +2,7 @@
 
 On a GPU, nvjpeg (through ``torchvision.io.decode_jpeg``) decodes a batch of JPEGs and the resize and
 crops run there too, so the CPU only reads headers. Every image that the device path cannot take goes
-through the CPU path of ``pipeline.preprocess`` on its own, so one bad image never fails the batch:
+through the CPU path of ``perceptclip.preprocess`` on its own, so one bad image never fails the batch:
 
     probe each header on the CPU (PIL reads the header and EXIF, not the pixels)
       RGB or grey JPEG within max_pixels -> device path
@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from pipeline.preprocess import (DEFAULT_MAX_PIXELS, MAX_RESIZE_ASPECT, ImageError, PreprocessConfig, crop_positions,
+from perceptclip.preprocess import (DEFAULT_MAX_PIXELS, MAX_RESIZE_ASPECT, ImageError, PreprocessConfig, crop_positions,
                                  decode_image, preprocess)
 
 # EXIF orientation tag (0x0112) -> how to turn the stored (C, H, W) pixels upright: the same

@@ -2,7 +2,7 @@
 here is what ``perceptclip score`` would output.
 
     shards (``key.<image>`` + ``key.json`` with ``label``) -> decode -> Scorer.preprocess -> Scorer.score
-      -> metrics over the whole set (``pipeline.metrics``): srcc, plcc, mse with 95% bootstrap
+      -> metrics over the whole set (``perceptclip.metrics``): srcc, plcc, mse with 95% bootstrap
          intervals for regression; accuracy, macro_f1 and the confusion matrix for classification
 
 A sample without a usable image or label is counted under ``errors`` (by reason) and left out of the
@@ -15,17 +15,17 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline.metrics import classification_metrics, regression_metrics
-from pipeline.preprocess import ImageError, decode_image
-from pipeline.tasks import get_task
+from perceptclip.metrics import classification_metrics, regression_metrics
+from perceptclip.preprocess import ImageError, decode_image
+from perceptclip.tasks import get_task
 
 
 def evaluate(model: str, shards: str | list[str], head: str | None = None, resamples: int = 1000, seed: int = 0,
              batch_size: int = 32, device: str | None = None, storage_options: dict | None = None) -> dict:
     """Metrics of ``model`` (built-in name, artifact path or URI) on the labelled ``shards``."""
-    from pipeline.scorer import Scorer
-    from pipeline.shards import ShardError, expand_shards, image_member, iter_shard, parse_json
-    from pipeline.train import target_of
+    from perceptclip.scorer import Scorer
+    from perceptclip.shards import ShardError, expand_shards, image_member, iter_shard, parse_json
+    from perceptclip.train import target_of
 
     scorer = Scorer.load(f"{model}#{head}" if head else model, device=device)
     task = get_task(scorer.meta.task)

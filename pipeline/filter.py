@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline.shards import ShardError, parse_json, read_shard, shard_bytes, shard_name
-from pipeline.storage import filesystem, join, redact_text
+from perceptclip.shards import ShardError, parse_json, read_shard, shard_bytes, shard_name
+from perceptclip.storage import filesystem, join, redact_text
 
 MARKERS_DIR = "_markers"
 LITERAL_NAMES = {"true": True, "false": False, "True": True, "False": False}

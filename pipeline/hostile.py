@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pipeline.testing import image_bytes, make_image
+from perceptclip.testing import image_bytes, make_image
 
 SHARD = "hostile-000000.tar"
 GZIP_SHARD = "hostile-gzip.tar"            # a gzip-compressed tar under a plain .tar name
@@ -236,7 +236,7 @@ def observe(cases: list[Case], output: str, summary: dict) -> tuple[list[Outcome
     against the rows written, with the keys written twice and the keys lost."""
     import pyarrow.parquet as pq
 
-    from pipeline.shards import shard_name
+    from perceptclip.shards import shard_name
 
     failed = {posixpath.basename(f["shard"]): f["reason"] for f in summary["failed_shards"]}
     rows: dict[str, list[dict]] = {}

@@ -8,7 +8,7 @@
 
 Several heads may share one backbone (multi-dataset training); each head has a name and the model
 has a default one. Architecture lives in ``ModelConfig``; weights live apart, in artifacts
-(``pipeline.artifact``) or in the released checkpoints (``pipeline.official``).
+(``perceptclip.artifact``) or in the released checkpoints (``perceptclip.official``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from pipeline.lora import LoraPair, add_lora, merge_lora
+from perceptclip.lora import LoraPair, add_lora, merge_lora
 
 DEFAULT_BACKBONE = "ViT-L-14-quickgelu"
 DEFAULT_PRETRAINED = "openai"

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifact import CONFIG_FILE, ArtifactError, ArtifactMeta, cache_dir, publish_once, save_artifact
-from pipeline.model import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
-from pipeline.tasks import get_task
+from perceptclip.artifact import CONFIG_FILE, ArtifactError, ArtifactMeta, cache_dir, publish_once, save_artifact
+from perceptclip.model import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
+from perceptclip.tasks import get_task
 
 PREFIX = "model.base_model.model."
 OPENAI_HEAD_WIDTH = 64      # OpenAI's ViTs use 64-dimensional attention heads

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from pipeline.preprocess import ImageError, decode_image
-from pipeline.scorer import Scorer
+from perceptclip.preprocess import ImageError, decode_image
+from perceptclip.scorer import Scorer
 
 
 def read_bytes(path: str) -> bytes:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipeline.score import METADATA_KEY, RUNS_DIR, committed_names
-from pipeline.storage import filesystem, join
+from perceptclip.score import METADATA_KEY, RUNS_DIR, committed_names
+from perceptclip.storage import filesystem, join
 
 DEFAULT_LEVELS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 
@@ -152,7 +152,7 @@ def _level(q: float) -> str:
 def where_share(scores: ScoreSet, text: str) -> dict:
     """How many samples ``perceptclip filter --where text`` would keep: the filter's own parser and
     evaluator, so the share printed here is the share the filter keeps."""
-    from pipeline.filter import kept_rows, parse_expression
+    from perceptclip.filter import kept_rows, parse_expression
 
     expression = parse_expression(text)
     expression.check(scores.table.schema)

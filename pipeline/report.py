@@ -1,6 +1,6 @@
 """``perceptclip report``: one self-contained HTML page about a scored DEST.
 
-    read       the committed score tables and run summaries (pipeline.quantiles)
+    read       the committed score tables and run summaries (perceptclip.quantiles)
     measure    per model: histogram and quantiles of its score, or its class distribution
     rank       per model: the top and bottom k samples (a classifier: by the confidence of its label)
     fetch      thumbnails of only those samples, streamed from their shards and shrunk
@@ -23,11 +23,11 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from pipeline import __version__
-from pipeline.preprocess import ImageError, decode_image
-from pipeline.quantiles import DEFAULT_LEVELS, ScoreSet, class_shares, quantiles, read_scores, shard_of
-from pipeline.shards import ShardError, expand_shards, image_member, iter_shard, shard_name
-from pipeline.storage import filesystem
+from perceptclip import __version__
+from perceptclip.preprocess import ImageError, decode_image
+from perceptclip.quantiles import DEFAULT_LEVELS, ScoreSet, class_shares, quantiles, read_scores, shard_of
+from perceptclip.shards import ShardError, expand_shards, image_member, iter_shard, shard_name
+from perceptclip.storage import filesystem
 
 THUMB_SIZE = 128            # longest side of a thumbnail, in pixels
 HIST_BINS = 30

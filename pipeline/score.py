@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from pipeline import __version__
-from pipeline.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessConfig, decode_image, preprocess
-from pipeline.shards import ShardError, expand_shards, image_member, read_shard, sample_info, shard_name
-from pipeline.storage import (StorageConfig, StorageError, filesystem, join, protocol, redact, redact_text,
+from perceptclip import __version__
+from perceptclip.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessConfig, decode_image, preprocess
+from perceptclip.shards import ShardError, expand_shards, image_member, read_shard, sample_info, shard_name
+from perceptclip.storage import (StorageConfig, StorageError, filesystem, join, protocol, redact, redact_text,
                               storage_error, storage_options)
 
 if TYPE_CHECKING:   # the decode tasks import this module: they need neither torch nor the model code
-    from pipeline.artifact import ArtifactMeta
+    from perceptclip.artifact import ArtifactMeta
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +162,11 @@ class ModelSpec:
 
     @classmethod
     def resolve(cls, text: str, options: dict | None = None) -> "ModelSpec":
-        from pipeline.official import parse_model_ref, resolve_model
+        from perceptclip.official import parse_model_ref, resolve_model
 
         name, base, head = parse_model_ref(text)
         resolved = resolve_model(base)             # the actors load exactly what the driver resolved
-        from pipeline.artifact import read_meta
+        from perceptclip.artifact import read_meta
 
         meta = read_meta(resolved, options)
         return cls(name=name or meta.task, ref=resolved + (f"#{head}" if head else ""), meta=meta,
@@ -179,7 +179,7 @@ class ModelSpec:
         return [self.name] + [f"{self.name}_{label}" for label in self.meta.labels]
 
     def describe(self) -> dict:
-        from pipeline.artifact import describe
+        from perceptclip.artifact import describe
 
         head = self.ref.rsplit("#", 1)[1] if "#" in self.ref else None
         return {"name": self.name, "ref": self.given or self.ref, "resolved": self.ref, "head": head,
@@ -365,12 +365,12 @@ class ModelActor:
     def __init__(self, models: list[tuple[str, str]], crops_index: list[int], torch_threads: int | None,
                  options: dict | None = None, preprocessing: list[PreprocessConfig] | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        from pipeline.model import import_open_clip_for_scoring
+        from perceptclip.model import import_open_clip_for_scoring
 
         import_open_clip_for_scoring()          # before anything imports open_clip: skips its transformers
         import torch
 
-        from pipeline.scorer import Scorer
+        from perceptclip.scorer import Scorer
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -391,7 +391,7 @@ def decode_block(batch: dict[str, np.ndarray], preprocessing: list[PreprocessCon
     as ``decode_samples`` gives them on the CPU; an image that cannot be decoded becomes an error row."""
     import torch
 
-    from pipeline.device_decode import decode_on_device
+    from perceptclip.device_decode import decode_on_device
 
     todo = np.flatnonzero(batch["status"] == "ok")
     out = decode_on_device([bytes(batch["data"][i]) for i in todo], preprocessing, device, max_pixels)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.artifact import ArtifactMeta, describe, load_artifact
-from pipeline.model import ClipLoraModel
-from pipeline.preprocess import normalize, preprocess
+from perceptclip.artifact import ArtifactMeta, describe, load_artifact
+from perceptclip.model import ClipLoraModel
+from perceptclip.preprocess import normalize, preprocess
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,8 +53,8 @@ class Scorer:
         """``ref``: a built-in name (``perceptclip-iqa``), a local artifact directory or an fsspec URI.
         ``NAME=REF`` names the output columns (two models of one task need different names) and
         ``REF#HEAD`` picks a head of a multi-dataset model. ``storage_options``: per protocol, for
-        artifacts on object storage (``pipeline.storage.storage_options``)."""
-        from pipeline.official import parse_model_ref, resolve_model
+        artifacts on object storage (``perceptclip.storage.storage_options``)."""
+        from perceptclip.official import parse_model_ref, resolve_model
 
         given_name, ref, head = parse_model_ref(ref)
         name = name or given_name

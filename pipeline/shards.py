@@ -30,7 +30,7 @@ import re
 import tarfile
 from collections.abc import Iterator, Sequence
 
-from pipeline.storage import filesystem, protocol, redact_text
+from perceptclip.storage import filesystem, protocol, redact_text
 
 SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 URL_LIST_SUFFIXES = (".txt",)

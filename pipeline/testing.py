@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.artifact import ArtifactMeta, save_artifact
-from pipeline.model import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
-from pipeline.tasks import get_task
+from perceptclip.artifact import ArtifactMeta, save_artifact
+from perceptclip.model import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
+from perceptclip.tasks import get_task
 
 
 def tiny_model_config(task: str = "iqa", image_size: int = 32, heads: tuple[str, ...] = ("default",)) -> ModelConfig:
@@ -40,7 +40,7 @@ def tiny_model(task: str = "iqa", seed: int = 0, **kwargs) -> ClipLoraModel:
 def make_tiny_artifact(dest: str, task: str = "iqa", seed: int = 0, crops: int = 2, **kwargs) -> str:
     model = tiny_model(task, seed, **kwargs)
     extra = {"crops": crops, "max_side": 256} if get_task(task).preprocess == "multi_crop" else {}
-    meta = ArtifactMeta.for_task(task, model.cfg, provenance={"source": "pipeline.testing.tiny_model", "seed": seed},
+    meta = ArtifactMeta.for_task(task, model.cfg, provenance={"source": "perceptclip.testing.tiny_model", "seed": seed},
                                  **extra)
     save_artifact(model, meta, dest)
     return dest

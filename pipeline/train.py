@@ -40,10 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import AugmentConfig, random_crop
-from pipeline.model import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
-from pipeline.preprocess import ImageError, PreprocessConfig, decode_image, normalize, preprocess
-from pipeline.tasks import Task, get_task
+from perceptclip.augment import AugmentConfig, random_crop
+from perceptclip.model import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
+from perceptclip.preprocess import ImageError, PreprocessConfig, decode_image, normalize, preprocess
+from perceptclip.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def shard_rows(row: dict, task_name: str, pre: PreprocessConfig, aug: AugmentCon
     pixels, so it is counted, not silently lost; a shard that cannot be read becomes one such row.
     Training rows carry ``seed``: the crops are drawn from it, so a shard read again in the same epoch
     (a resumed run) gives the same pixels."""
-    from pipeline.shards import ShardError, image_member, iter_shard, parse_json
+    from perceptclip.shards import ShardError, image_member, iter_shard, parse_json
 
     task = get_task(task_name)
     url = row["url"]
@@ -299,12 +299,12 @@ def task_loss(loss: str, out: torch.Tensor, target: torch.Tensor, valid: torch.T
 def build_model(plan: dict) -> ClipLoraModel:
     """The model every worker starts from: the ``init`` artifact (its heads copied to each training
     set's head), the pretrained backbone, or (``pretrained: null``) a seeded random backbone."""
-    from pipeline.artifact import load_artifact
+    from perceptclip.artifact import load_artifact
 
     cfg = ModelConfig.from_dict(plan["model"])
     torch.manual_seed(plan["seed"])             # the same random heads and LoRA on every worker
     if plan["init"]:
-        from pipeline.official import resolve_model
+        from perceptclip.official import resolve_model
 
         source, _ = load_artifact(resolve_model(plan["init"]))
         model = ClipLoraModel(cfg)
@@ -324,8 +324,8 @@ def init_model_config(cfg: TrainConfig, heads: tuple[str, ...]) -> ModelConfig:
     """The architecture of the run: the init artifact's (with our heads) or the config's."""
     task = get_task(cfg.task)
     if cfg.init:
-        from pipeline.artifact import read_meta
-        from pipeline.official import resolve_model
+        from perceptclip.artifact import read_meta
+        from perceptclip.official import resolve_model
 
         meta = read_meta(resolve_model(cfg.init))
         if meta.task != cfg.task:
@@ -351,7 +351,7 @@ def _load_tensors(path: str) -> dict:
 
 
 def _write_json(url: str, obj, storage_options: dict) -> None:
-    from pipeline.storage import filesystem
+    from perceptclip.storage import filesystem
 
     fs, path = filesystem(url, storage_options)
     with fs.open(path, "w") as f:
@@ -429,7 +429,7 @@ def _gather(obj):
 
 
 def _val_metrics(task: Task, outputs: np.ndarray, targets: np.ndarray) -> dict:
-    from pipeline.metrics import classification_metrics, regression_metrics
+    from perceptclip.metrics import classification_metrics, regression_metrics
 
     if task.is_classification:
         return classification_metrics(outputs, targets.astype(np.int64), task.labels)
@@ -448,8 +448,8 @@ def train_loop(plan: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from pipeline.artifact import ArtifactMeta
-    from pipeline.storage import join
+    from perceptclip.artifact import ArtifactMeta
+    from perceptclip.storage import join
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -569,7 +569,7 @@ def train_loop(plan: dict) -> None:
 def export_artifact(model: ClipLoraModel, meta, dest: str, storage_options: dict) -> None:
     """``save_artifact`` to ``dest`` with the run's storage options (a worker's own environment may
     hold no credentials)."""
-    from pipeline.artifact import save_artifact
+    from perceptclip.artifact import save_artifact
 
     save_artifact(model, meta, dest, storage_options)
 
@@ -627,7 +627,7 @@ def validate(model: ClipLoraModel, parts: dict[str, list[str]], task: Task, pre:
 
 def _storage(dest: str):
     """Ray Train's ``storage_path`` and ``storage_filesystem`` for DEST, through our fsspec options."""
-    from pipeline.storage import filesystem, protocol, storage_options
+    from perceptclip.storage import filesystem, protocol, storage_options
 
     options = storage_options()
     if protocol(dest) == "file":
@@ -659,9 +659,9 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.artifact import ArtifactMeta
-    from pipeline.shards import expand_shards
-    from pipeline.storage import filesystem, join
+    from perceptclip.artifact import ArtifactMeta
+    from perceptclip.shards import expand_shards
+    from perceptclip.storage import filesystem, join
 
     unknown = sorted(set(val_sets) - set(train_sets))
     if unknown:

@@ -1,4 +1,4 @@
-"""Runs every hostile input of ``pipeline.hostile`` through a real scoring run (a local Ray cluster, tiny
+"""Runs every hostile input of ``perceptclip.hostile`` through a real scoring run (a local Ray cluster, tiny
 models, nothing downloaded) and prints, in Markdown, what became of each, then the reconciliation: the
 table in docs/reliability.md. Exits 1 if any outcome differs from the one the cases state.
 
@@ -9,9 +9,9 @@ import json
 import sys
 import tempfile
 
-from pipeline.hostile import IGNORED, MAX_PIXELS, observe, write_hostile_shards
-from pipeline.score import load_score_config, run_score
-from pipeline.testing import make_tiny_artifact
+from perceptclip.hostile import IGNORED, MAX_PIXELS, observe, write_hostile_shards
+from perceptclip.score import load_score_config, run_score
+from perceptclip.testing import make_tiny_artifact
 
 
 def outcome_text(outcome) -> str:

@@ -4,8 +4,8 @@ img2dataset layout (key.jpg, key.json with url and caption), for the README's fi
 import json
 import sys
 
-from pipeline.shards import write_shard
-from pipeline.testing import image_bytes, make_image
+from perceptclip.shards import write_shard
+from perceptclip.testing import image_bytes, make_image
 
 out = sys.argv[1] if len(sys.argv) > 1 else "demo-output/shards"
 for shard in range(2):

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
-from pipeline.convert import convert, make_key, parse_fractions
-from pipeline.testing import image_bytes, make_image
+from perceptclip.cli import main
+from perceptclip.convert import convert, make_key, parse_fractions
+from perceptclip.testing import image_bytes, make_image
 
 
 def read_shards(paths) -> dict[str, dict]:

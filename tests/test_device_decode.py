@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.artifact import ArtifactMeta
-from pipeline.device_decode import decode_on_device
-from pipeline.metrics import srcc
-from pipeline.preprocess import ImageError, PreprocessConfig, decode_image, preprocess
-from pipeline.scorer import Scorer
-from pipeline.testing import image_bytes, make_image, tiny_model
+from perceptclip.artifact import ArtifactMeta
+from perceptclip.device_decode import decode_on_device
+from perceptclip.metrics import srcc
+from perceptclip.preprocess import ImageError, PreprocessConfig, decode_image, preprocess
+from perceptclip.scorer import Scorer
+from perceptclip.testing import image_bytes, make_image, tiny_model
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

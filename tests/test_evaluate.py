@@ -7,13 +7,13 @@ import pytest
 from click.testing import CliRunner
 from webdataset import TarWriter
 
-from pipeline.cli import main
-from pipeline.evaluate import evaluate
-from pipeline.metrics import plcc, srcc
-from pipeline.preprocess import decode_image
-from pipeline.scorer import Scorer
-from pipeline.tasks import EMOSET_LABELS
-from pipeline.testing import image_bytes, make_image
+from perceptclip.cli import main
+from perceptclip.evaluate import evaluate
+from perceptclip.metrics import plcc, srcc
+from perceptclip.preprocess import decode_image
+from perceptclip.scorer import Scorer
+from perceptclip.tasks import EMOSET_LABELS
+from perceptclip.testing import image_bytes, make_image
 
 
 def write_shard(path, samples):

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from pipeline.score import ScoreConfig, run_score
-from pipeline.shards import write_shard
-from pipeline.storage import StorageError
-from pipeline.testing import image_bytes, make_image
+from perceptclip.score import ScoreConfig, run_score
+from perceptclip.shards import write_shard
+from perceptclip.storage import StorageError
+from perceptclip.testing import image_bytes, make_image
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "testing-secret"                     # the fake secret key the s3_server fixture sets
@@ -269,7 +269,7 @@ NODE_LOSS = r"""
 import json, os, sys, threading, time
 import psutil
 from ray.cluster_utils import Cluster
-from pipeline.score import ScoreConfig, run_score
+from perceptclip.score import ScoreConfig, run_score
 
 cfg = ScoreConfig(**json.loads(sys.argv[1]))
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -477,7 +477,7 @@ def test_an_unwritable_local_destination_fails_before_any_work(where, reason, pr
                                                               tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from perceptclip.cli import main
 
     bucket, _, model = upload(s3_server, iqa_artifact)
     dest = where(tmp_path)
@@ -531,7 +531,7 @@ def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shard
     path = tmp_path / "score.yaml"
     path.write_text(yaml.safe_dump({k: getattr(cfg, k) for k in (
         "input", "output", "models", "block_rows", "batch_size", "cpus_per_reader", "reader_memory_mb", "num_cpus")}))
-    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "score", "--config", str(path)]
+    cmd = [sys.executable, "-c", "from perceptclip.cli import main; main()", "score", "--config", str(path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proxy.hold("GET", "/shards/shard-000007.tar")
 

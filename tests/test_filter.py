@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
-from pipeline.filter import ExpressionError, kept_rows, parse_expression, safe_member_name
-from pipeline.score import ScoreConfig, run_score
-from pipeline.shards import read_shard, write_shard
-from pipeline.testing import image_bytes, make_image
+from perceptclip.cli import main
+from perceptclip.filter import ExpressionError, kept_rows, parse_expression, safe_member_name
+from perceptclip.score import ScoreConfig, run_score
+from perceptclip.shards import read_shard, write_shard
+from perceptclip.testing import image_bytes, make_image
 
 TABLE = pa.table({
     "key": ["a", "b", "c", "d", "e"],
@@ -237,8 +237,8 @@ def test_safe_member_names_stay_inside_for_python_tarfile_too(tmp_path):
     ("/data/..", None), ("s3://bucket/x/../", None), ("/data/a\\..\\b.tar", None), ("s3://b/C:x.tar", None),
 ])
 def test_curated_shards_are_named_only_after_a_plain_shard_file_name(shard, name):
-    from pipeline.filter import output_name
-    from pipeline.shards import ShardError
+    from perceptclip.filter import output_name
+    from perceptclip.shards import ShardError
 
     if name is not None:
         assert output_name(shard) == name

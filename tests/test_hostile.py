@@ -1,4 +1,4 @@
-"""Hostile input: every case of ``pipeline.hostile`` through one real scoring run (local Ray, tiny models),
+"""Hostile input: every case of ``perceptclip.hostile`` through one real scoring run (local Ray, tiny models),
 the counts reconciled, curation of the result kept inside its folder, and property tests that feed
 arbitrary bytes to the reader and the decode stage."""
 
@@ -13,12 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.filter import run_filter, safe_member_name
-from pipeline.hostile import IGNORED, MAX_PIXELS, observe, write_hostile_shards
-from pipeline.preprocess import PreprocessConfig
-from pipeline.score import decode_samples, load_score_config, run_score
-from pipeline.shards import IMAGE_EXTENSIONS, ShardError, read_shard, shard_bytes
-from pipeline.testing import image_bytes, make_image
+from perceptclip.filter import run_filter, safe_member_name
+from perceptclip.hostile import IGNORED, MAX_PIXELS, observe, write_hostile_shards
+from perceptclip.preprocess import PreprocessConfig
+from perceptclip.score import decode_samples, load_score_config, run_score
+from perceptclip.shards import IMAGE_EXTENSIONS, ShardError, read_shard, shard_bytes
+from perceptclip.testing import image_bytes, make_image
 
 
 @pytest.fixture(scope="module")

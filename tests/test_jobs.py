@@ -9,8 +9,8 @@ import click
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.score import load_score_config
+from perceptclip.cli import main
+from perceptclip.score import load_score_config
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"

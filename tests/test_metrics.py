@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import (bootstrap_ci, classification_metrics, confusion_matrix, macro_f1, plcc,
+from perceptclip.metrics import (bootstrap_ci, classification_metrics, confusion_matrix, macro_f1, plcc,
                               regression_metrics, srcc)
 
 

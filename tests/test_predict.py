@@ -3,10 +3,10 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from pipeline.artifact import load_artifact
-from pipeline.cli import main
-from pipeline.preprocess import decode_image, normalize
-from pipeline.testing import image_bytes, make_image
+from perceptclip.artifact import load_artifact
+from perceptclip.cli import main
+from perceptclip.preprocess import decode_image, normalize
+from perceptclip.testing import image_bytes, make_image
 
 
 def _images(tmp_path, n=3):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.preprocess import (ImageError, PreprocessConfig, crop_positions, decode_image, normalize,
+from perceptclip.preprocess import (ImageError, PreprocessConfig, crop_positions, decode_image, normalize,
                                  preprocess)
-from pipeline.testing import image_bytes, make_image
+from perceptclip.testing import image_bytes, make_image
 
 
 def test_resize_center_crop_matches_torchvision_reference():
@@ -145,7 +145,7 @@ def test_every_exif_orientation_gives_the_upright_picture(orientation):
     (14000, 14000, 10**12),            # over PIL's own limit, whatever max_pixels says
 ])
 def test_a_decompression_bomb_is_refused_before_any_pixel_is_decoded(width, height, max_pixels):
-    from pipeline.hostile import png_bomb
+    from perceptclip.hostile import png_bomb
 
     data = png_bomb(width, height)
     assert len(data) < width * height // 500                    # kilobytes that would decode to megapixels
@@ -172,8 +172,8 @@ def test_strips_are_cropped_without_building_a_huge_image(size):
 
 
 def test_only_the_listed_formats_are_opened():
-    from pipeline.preprocess import IMAGE_FORMATS
-    from pipeline.shards import IMAGE_EXTENSIONS
+    from perceptclip.preprocess import IMAGE_FORMATS
+    from perceptclip.shards import IMAGE_EXTENSIONS
 
     registered = Image.registered_extensions()
     assert {registered[f".{ext}"] for ext in IMAGE_EXTENSIONS} == set(IMAGE_FORMATS)

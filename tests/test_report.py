@@ -19,10 +19,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.score import ScoreConfig, run_score
-from pipeline.shards import write_shard
-from pipeline.testing import image_bytes, make_image
+from perceptclip.cli import main
+from perceptclip.score import ScoreConfig, run_score
+from perceptclip.shards import write_shard
+from perceptclip.testing import image_bytes, make_image
 
 CHROMIUM = "/usr/bin/chromium"
 HOSTILE_KEY = "x<img src=q onerror=alert(1)>&amp"

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
-from pipeline.score import ScoreConfig, load_score_config, run_score
-from pipeline.shards import read_shard, shard_bytes, write_shard
-from pipeline.storage import storage_options
-from pipeline.testing import image_bytes, make_image
+from perceptclip.cli import main
+from perceptclip.score import ScoreConfig, load_score_config, run_score
+from perceptclip.shards import read_shard, shard_bytes, write_shard
+from perceptclip.storage import storage_options
+from perceptclip.testing import image_bytes, make_image
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = [("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")]
@@ -57,7 +57,7 @@ def first_run(dataset, iqa_artifact, emotion_artifact, ray_local, tmp_path_facto
     """``perceptclip score`` as a user runs it, joining the test's Ray cluster through --address."""
     out = tmp_path_factory.mktemp("scores")
     address = ray_local.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "score",
+    cmd = [sys.executable, "-c", "from perceptclip.cli import main; main()", "score",
            "--input", dataset["good"], *sum((["--input", b] for b in dataset["broken"]), []),
            "--output", str(out), "--model", iqa_artifact, "--model", emotion_artifact, "--address", address]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -247,7 +247,7 @@ def test_s3_end_to_end(s3_server, iqa_artifact, ray_local):
     assert summary["shards"] == {"planned": 4, "done": 1, "skipped": 3, "failed": 0}
     assert len(read_shard(f"{bucket}/shards/part-003.tar", options)) == 2
     # curation from and to the object store
-    from pipeline.filter import run_filter
+    from perceptclip.filter import run_filter
 
     curated = run_filter(f"{bucket}/scores", "quality > -1000", f"{bucket}/curated", options).to_dict()
     assert curated["shards"]["done"] == 4 and curated["samples"] == {"seen": 17, "kept": 16}
@@ -287,7 +287,7 @@ def test_score_config_file_documents_every_option():
 
     import yaml
 
-    from pipeline.storage import StorageConfig
+    from perceptclip.storage import StorageConfig
 
     text = (REPO / "configs" / "score.yaml").read_text()
     documented = yaml.safe_load(text)
@@ -331,7 +331,7 @@ def test_sample_fraction_scores_a_seeded_share_then_the_full_run_completes(tmp_p
     sampled = sorted(p.name for p in (tmp_path / "out" / "_markers").glob("*.json"))
     again = load_score_config(None, input=[spec], output=str(tmp_path / "other"), models=[iqa_artifact],
                               sample_fraction=0.3)
-    from pipeline.score import plan_shards
+    from perceptclip.score import plan_shards
 
     # the same listing and seed plan the same sample, wherever it is written
     assert sorted(f"{Path(u).stem}.json" for u in plan_shards(again, storage_options(again.storage)).todo) == sampled
@@ -343,7 +343,7 @@ def test_sample_fraction_scores_a_seeded_share_then_the_full_run_completes(tmp_p
 
 def test_the_decode_tasks_import_no_torch():
     """Every decode task process imports this module; torch would add seconds to each one's start."""
-    code = "import sys, pipeline.score; print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))"
+    code = "import sys, perceptclip.score; print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -352,11 +352,11 @@ def test_the_model_actor_skips_importing_transformers(iqa_artifact):
     """open_clip imports transformers whenever it is installed (seconds of a scoring run's start-up); the
     actor loads its models without it, scores as a process that imported everything does, and leaves
     transformers importable."""
-    from pipeline.scorer import Scorer
+    from perceptclip.scorer import Scorer
 
     code = (
         "import sys, json, numpy as np\n"
-        "from pipeline.score import ModelActor\n"
+        "from perceptclip.score import ModelActor\n"
         f"actor = ModelActor([('iqa', {iqa_artifact!r})], [0], 1)\n"
         "crops = np.random.default_rng(0).integers(0, 256, (3, 1, 3, 32, 32), dtype=np.uint8)\n"
         "scores = actor.scorers[0].score(list(crops)).tolist()\n"

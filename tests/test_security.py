@@ -16,11 +16,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cli import main
-from pipeline.score import load_score_config, run_score
-from pipeline.shards import write_shard
-from pipeline.storage import storage_options
-from pipeline.testing import image_bytes, make_image
+from perceptclip.cli import main
+from perceptclip.score import load_score_config, run_score
+from perceptclip.shards import write_shard
+from perceptclip.storage import storage_options
+from perceptclip.testing import image_bytes, make_image
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "CANARY-SECRET-4f1d9c2e7b"
@@ -58,7 +58,7 @@ def test_the_canary_appears_in_no_output_log_table_marker_or_summary(canary, iqa
     bucket, fs = canary["bucket"], canary["fs"]
     address = ray_local.get_runtime_context().gcs_address
     # the CLI at its most verbose (-vv: debug logging), as a user runs it, joining the test's cluster
-    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "-vv", "score", "--config", canary["config"],
+    cmd = [sys.executable, "-c", "from perceptclip.cli import main; main()", "-vv", "score", "--config", canary["config"],
            "--input", f"{bucket}/shards/part-000.tar", "--input", f"{bucket}/shards/missing.tar",
            "--output", f"{bucket}/scores", "--model", iqa_artifact, "--address", address]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=os.environ)
@@ -116,7 +116,7 @@ def test_the_canary_appears_in_no_exception_when_the_model_cannot_load(canary, i
 
 
 def test_a_storage_config_never_shows_its_secret_in_a_repr():
-    from pipeline.storage import StorageConfig
+    from perceptclip.storage import StorageConfig
 
     cfg = StorageConfig(key="AKIDEXAMPLE", secret="canary-secret-in-a-repr", token="canary-token-in-a-repr")
     assert "canary" not in repr(cfg) and "canary" not in str(cfg)

@@ -8,9 +8,9 @@ import tarfile
 import pyarrow as pa
 import pytest
 
-from pipeline.shards import (MAX_META_BYTES, ShardError, expand_shards, image_member, iter_shard, read_shard,
+from perceptclip.shards import (MAX_META_BYTES, ShardError, expand_shards, image_member, iter_shard, read_shard,
                              sample_info, shard_bytes, shard_name, write_shard)
-from pipeline.storage import StorageConfig, redact, redact_text, storage_options
+from perceptclip.storage import StorageConfig, redact, redact_text, storage_options
 
 
 def samples(n, prefix="s"):

@@ -16,12 +16,12 @@ from click.testing import CliRunner
 from PIL import Image
 from webdataset import TarWriter
 
-from pipeline.augment import AugmentConfig, random_crop
-from pipeline.cli import main
-from pipeline.metrics import srcc
-from pipeline.preprocess import PreprocessConfig
-from pipeline.testing import image_bytes, make_image
-from pipeline.train import TrainConfig, parse_datasets, plcc_loss, shard_rows, task_loss, train
+from perceptclip.augment import AugmentConfig, random_crop
+from perceptclip.cli import main
+from perceptclip.metrics import srcc
+from perceptclip.preprocess import PreprocessConfig
+from perceptclip.testing import image_bytes, make_image
+from perceptclip.train import TrainConfig, parse_datasets, plcc_loss, shard_rows, task_loss, train
 
 # On a 2-CPU cluster Ray keeps only 2 idle worker processes, so every data task of every epoch would
 # start (and import torch in) a fresh process: 10-20 s an epoch instead of 1. Set at collection, before
@@ -132,7 +132,7 @@ def test_dataset_arguments_name_the_heads():
 
 
 def test_a_local_machine_that_cannot_place_the_workers_fails_at_start():
-    from pipeline.train import ScalingSpec, check_local_resources
+    from perceptclip.train import ScalingSpec, check_local_resources
 
     with pytest.raises(ValueError, match="scaling.use_gpu: 1 GPU worker"):
         check_local_resources(ScalingSpec(use_gpu=True), {"CPU": 16.0})
@@ -167,8 +167,8 @@ def test_task_loss_uses_only_valid_rows_and_keeps_the_graph_when_none_are():
 
 
 def test_init_from_a_model_keeps_its_backbone_and_lora_and_copies_its_head_to_every_head(iqa_artifact):
-    from pipeline.artifact import load_artifact
-    from pipeline.train import build_model, init_model_config
+    from perceptclip.artifact import load_artifact
+    from perceptclip.train import build_model, init_model_config
 
     cfg = TrainConfig(task="iqa", init=iqa_artifact)
     model_cfg = init_model_config(cfg, ("koniq", "spaq"))
@@ -312,7 +312,7 @@ def _wait_for(condition, seconds: float = 240):
 def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_epochs(ray_local, synthetic, tmp_path):
     """Two workers (gloo DDP), two training sets with a head each, killed after a checkpoint, rerun;
     the rerun loses a worker too and Ray Train restarts the group from the latest checkpoint."""
-    from pipeline.evaluate import evaluate
+    from perceptclip.evaluate import evaluate
 
     # the second set rates the same kind of images the opposite way: only its own head can fit it
     second = write_shards(tmp_path / "second" / "train", list(range(300, 500)), label=lambda s: -quality(s))
@@ -385,7 +385,7 @@ def test_the_rows_a_worker_reads_in_an_epoch_depend_only_on_the_seed_the_epoch_a
     rows in the same order (with the order preserved, as each worker sets it)."""
     import ray.data
 
-    from pipeline.train import epoch_rows
+    from perceptclip.train import epoch_rows
 
     monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)
     pre = PreprocessConfig(kind="multi_crop", size=32, crops=3, max_side=256)
@@ -414,7 +414,7 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_exports_the_uninterr
     workers reads are checked by the test above)."""
     from safetensors.torch import load_file
 
-    from pipeline.scorer import Scorer
+    from perceptclip.scorer import Scorer
 
     cfg = TrainConfig.load(str(SMOKE))
     cfg.epochs = 3
