@@ -31,7 +31,7 @@ def workload_model(model: str, root: Path) -> str:
     weights (``random:ViT-L-14-quickgelu`` costs what the released models cost; nothing is downloaded).
     Anything else is a model reference as ``perceptclip score --model`` takes it."""
     if model == "tiny":
-        from perceptclip.testing import make_tiny_artifact
+        from perceptclip.debug_model import make_tiny_artifact
 
         return make_tiny_artifact(str(root / "model"), task="memorability", seed=0)
     if model.startswith("random:"):

@@ -13,6 +13,7 @@ has a default one. Architecture lives in ``ModelConfig``; weights live apart, in
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -34,6 +35,15 @@ class BackboneConfig:
     embed_dim: int = 768                 # width of CLIP's visual projection output
     quick_gelu: bool = True              # OpenAI's CLIP was trained with QuickGELU
     vision: dict = field(default_factory=lambda: {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14})
+
+    @classmethod
+    def named(cls, name: str, pretrained: str | None = DEFAULT_PRETRAINED) -> "BackboneConfig":
+        """An open_clip vision transformer by name, or ``debug-vit`` (``perceptclip.debug_model``)."""
+        from perceptclip import debug_model
+
+        if name == debug_model.NAME:
+            return dataclasses.replace(debug_model.debug_backbone(), pretrained=pretrained)
+        return cls.from_open_clip(name, pretrained)
 
     @classmethod
     def from_open_clip(cls, name: str, pretrained: str | None = DEFAULT_PRETRAINED) -> "BackboneConfig":

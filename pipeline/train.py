@@ -58,7 +58,7 @@ MODEL_DIR = "model"
 class ModelSpec:
     """The architecture to fine-tune when not starting from an artifact (``init``)."""
 
-    backbone: str | dict = "ViT-L-14-quickgelu"   # an open_clip name, or BackboneConfig fields (tiny test models)
+    backbone: str | dict = "ViT-L-14-quickgelu"   # an open_clip name, debug-vit, or BackboneConfig fields
     pretrained: str | None = "openai"              # open_clip pretrained tag; null: random init (tests, smoke)
     lora: LoraConfig = field(default_factory=LoraConfig)
     head_hidden: list[int] = field(default_factory=lambda: [512, 256])
@@ -66,7 +66,7 @@ class ModelSpec:
 
     def model_config(self, task: Task, heads: tuple[str, ...]) -> ModelConfig:
         if isinstance(self.backbone, str):
-            backbone = BackboneConfig.from_open_clip(self.backbone, pretrained=self.pretrained)
+            backbone = BackboneConfig.named(self.backbone, pretrained=self.pretrained)
         else:
             backbone = BackboneConfig(**{**self.backbone, "pretrained": self.pretrained})
         return ModelConfig(backbone=backbone, lora=self.lora,

@@ -11,7 +11,7 @@ import tempfile
 
 from perceptclip.hostile import IGNORED, MAX_PIXELS, observe, write_hostile_shards
 from perceptclip.score import load_score_config, run_score
-from perceptclip.testing import make_tiny_artifact
+from perceptclip.debug_model import make_tiny_artifact
 
 
 def outcome_text(outcome) -> str:

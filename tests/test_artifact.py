@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from perceptclip.artifact import ArtifactError, ArtifactMeta, load_artifact, read_meta, save_artifact
-from perceptclip.testing import tiny_model
+from perceptclip.debug_model import tiny_model
 
 
 def test_save_and_load_round_trip_exactly(tmp_path):

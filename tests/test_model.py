@@ -5,7 +5,7 @@ from torch import nn
 from perceptclip.lora import LoraAttention, LoraPair
 from perceptclip.model import BackboneConfig, ClipLoraModel
 from perceptclip.tasks import TASKS, get_task
-from perceptclip.testing import tiny_model, tiny_model_config
+from perceptclip.debug_model import tiny_model, tiny_model_config
 
 
 def test_only_lora_and_head_parameters_are_trainable():

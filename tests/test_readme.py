@@ -29,7 +29,8 @@ def test_the_walkthrough_names_every_command():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from perceptclip.testing import image_bytes, make_image, make_tiny_artifact
+    from perceptclip.testing import image_bytes, make_image
+    from perceptclip.debug_model import make_tiny_artifact
 
     work = tmp_path_factory.mktemp("readme")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), str(work / "demo-output" / "shards")],
