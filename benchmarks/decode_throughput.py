@@ -15,13 +15,18 @@ stay on the CPU: their copy to a GPU is not counted. The last lines are
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from perceptclip.device_decode import decode_on_device
 from perceptclip.preprocess import PreprocessConfig, decode_image, preprocess
-from perceptclip.testing import image_bytes, make_image
+
+# the generated images are the tests' (tests/support/images.py): fixtures stay out of the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.images import image_bytes, make_image  # noqa: E402
 
 
 def generate(count: int) -> list[bytes]:

@@ -11,7 +11,7 @@ Stages (one process, the job's own functions, every image of the workload):
     decode      perceptclip.preprocess.decode_image: bytes -> RGB image
     preprocess  perceptclip.preprocess.preprocess: image -> uint8 crops
     model       perceptclip.score.score_block: every model on the crops (device synchronised: scores come back)
-    write       perceptclip.score.ScoreWriter: Parquet + marker per shard (skipped with --no-write)
+    write       perceptclip.commit.ScoreWriter: Parquet + marker per shard (skipped with --no-write)
 
 Each line gives the stage's seconds, milliseconds per image and images/s on one core (or one device).
 Then the job end to end on a local Ray cluster with ``--cpus`` CPUs (``run_score``; with --no-write the
@@ -45,12 +45,14 @@ def timed(totals: dict, stage: str):
 
 def stage_times(urls: list[str], model: str, batch_size: int, write_to: Path | None) -> tuple[int, dict]:
     """Seconds per stage over every image of ``urls``, running the job's own stage functions in order."""
+    import perceptclip.decode as decode
     import perceptclip.score as score
+    from perceptclip.commit import ScoreWriter
     from perceptclip.scorer import Scorer
     from perceptclip.shards import read_shard
 
     totals: dict[str, float] = defaultdict(float)
-    decode_image, preprocess = score.decode_image, score.preprocess
+    decode_image, preprocess = decode.decode_image, decode.preprocess
 
     def timed_decode(*args, **kwargs):
         with timed(totals, "decode"):
@@ -63,9 +65,9 @@ def stage_times(urls: list[str], model: str, batch_size: int, write_to: Path | N
     spec = score.ModelSpec.resolve(model)
     scorers = [Scorer.load(spec.ref, name=spec.name)]
     preprocessing, crops_index = score.distinct_preprocessing([spec])
-    writer = score.ScoreWriter(str(write_to), {}, [spec], "bench", overwrite=True) if write_to else None
+    writer = ScoreWriter(str(write_to), {}, [spec], "bench", overwrite=True) if write_to else None
     # decode_samples looks these names up in its module: wrapping them there times exactly its calls
-    score.decode_image, score.preprocess = timed_decode, timed_preprocess
+    decode.decode_image, decode.preprocess = timed_decode, timed_preprocess
     images = 0
     try:
         for url in urls:
@@ -73,7 +75,7 @@ def stage_times(urls: list[str], model: str, batch_size: int, write_to: Path | N
                 samples = read_shard(url)
             images += len(samples)
             for start in range(0, len(samples), batch_size):
-                block = score.decode_samples(url, samples[start:start + batch_size], start, preprocessing)
+                block = decode.decode_samples(url, samples[start:start + batch_size], start, preprocessing)
                 with timed(totals, "model"):
                     table = score.score_block(block, scorers, crops_index)
                 if writer:
@@ -81,10 +83,10 @@ def stage_times(urls: list[str], model: str, batch_size: int, write_to: Path | N
                         writer.add(table)
             if writer:
                 with timed(totals, "write"):
-                    writer.add(score.score_block(score.shard_row(url, len(samples), None, preprocessing),
+                    writer.add(score.score_block(decode.shard_row(url, len(samples), None, preprocessing),
                                                  scorers, crops_index))
     finally:
-        score.decode_image, score.preprocess = decode_image, preprocess
+        decode.decode_image, decode.preprocess = decode_image, preprocess
     return images, dict(totals)
 
 
@@ -92,7 +94,8 @@ def end_to_end(urls: list[str], model: str, cpus: int | None, batch_size: int, w
                decode: str) -> dict:
     import ray
 
-    from perceptclip.score import SHARD_ROW, ModelSpec, ScoreConfig, run_score, score_dataset
+    from perceptclip.commit import SHARD_ROW
+    from perceptclip.score import ModelSpec, ScoreConfig, run_score, score_dataset
 
     started = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")

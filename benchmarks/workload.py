@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
+
+# the generated images are the tests' (tests/support/images.py): fixtures stay out of the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def write_workload(root: Path, images: int, shards: int, size: int) -> list[str]:
     """``images`` JPEGs of ``size`` x ``size`` px (256 distinct, repeated) in ``shards`` shards under ``root``."""
     from perceptclip.shards import write_shard
-    from perceptclip.testing import image_bytes, make_image
+    from support.images import image_bytes, make_image
 
     distinct = [image_bytes(make_image(seed, (size, size)), "JPEG", quality=90) for seed in range(min(images, 256))]
     per_shard = -(-images // shards)

@@ -4,8 +4,8 @@
 
     {"format": "perceptclip-model", "format_version": 1,
      "task": "iqa", "labels": null, "higher_is_better": true,
-     "model": {backbone, lora, head, heads},        # ModelConfig.to_dict()
-     "preprocess": {...},                            # PreprocessConfig.to_dict()
+     "model": {backbone, lora, head, heads},        # ModelConfig.to_mapping()
+     "preprocess": {...},                            # PreprocessConfig.to_mapping()
      "provenance": {...},                            # where the weights came from
      "weights": {"file": "model.safetensors", "sha256": "...", "bytes": N}}
 
@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from perceptclip.config import Config, ConfigError
 from perceptclip.model import ClipLoraModel, ModelConfig
 from perceptclip.preprocess import PreprocessConfig
 from perceptclip.storage import filesystem
@@ -41,7 +42,7 @@ class ArtifactError(Exception):
 
 
 @dataclass
-class ArtifactMeta:
+class ArtifactMeta(Config):
     task: str
     model: ModelConfig
     preprocess: PreprocessConfig
@@ -65,8 +66,8 @@ class ArtifactMeta:
             "task": self.task,
             "labels": self.labels,
             "higher_is_better": self.higher_is_better,
-            "model": self.model.to_dict(),
-            "preprocess": self.preprocess.to_dict(),
+            "model": self.model.to_mapping(),
+            "preprocess": self.preprocess.to_mapping(),
             "provenance": self.provenance,
             "weights": {"file": WEIGHTS_FILE, "sha256": self.weights_sha256},
         }
@@ -77,18 +78,15 @@ class ArtifactMeta:
             raise ArtifactError(f"{where}: not a perceptclip model config (format={d.get('format')!r})")
         if d.get("format_version", 0) > FORMAT_VERSION:
             raise ArtifactError(f"{where}: format_version {d['format_version']} is newer than this perceptclip reads")
+        fields = {k: d[k] for k in ("task", "model", "preprocess", "labels", "higher_is_better", "provenance") if k in d}
+        weights = d.get("weights")
         try:
-            get_task(d["task"])
-            return cls(
-                task=d["task"],
-                model=ModelConfig.from_dict(d["model"]),
-                preprocess=PreprocessConfig(**d["preprocess"]),
-                labels=d.get("labels"),
-                higher_is_better=bool(d.get("higher_is_better", True)),
-                provenance=d.get("provenance", {}),
-                weights_sha256=d.get("weights", {}).get("sha256"),
-            )
-        except (KeyError, TypeError, ValueError) as e:
+            if weights is not None and not isinstance(weights, dict):
+                raise ConfigError(f"weights: must be a mapping, got {weights!r}")
+            meta = cls.from_mapping({**fields, "weights_sha256": (weights or {}).get("sha256")})
+            get_task(meta.task)
+            return meta
+        except ValueError as e:
             raise ArtifactError(f"{where}: invalid model config: {e}") from None
 
 
@@ -208,5 +206,5 @@ def describe(meta: ArtifactMeta) -> dict:
     """A short JSON-able identity for logs and Parquet metadata."""
     return {"task": meta.task, "backbone": meta.model.backbone.name, "weights_sha256": meta.weights_sha256,
             "labels": meta.labels, "higher_is_better": meta.higher_is_better,
-            "preprocess": meta.preprocess.to_dict(), "provenance": meta.provenance}
+            "preprocess": meta.preprocess.to_mapping(), "provenance": meta.provenance}
 

@@ -20,17 +20,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from perceptclip.config import Config, setting
 from perceptclip.preprocess import PreprocessConfig
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Config):
     flip: bool = True              # horizontal flips keep quality, memorability and emotion
-    resize_ratio: float = 1.14     # resize_center_crop tasks: shorter side = ratio * S before the crop (256/224)
-
-    def __post_init__(self):
-        if not 1.0 <= self.resize_ratio <= 4.0:
-            raise ValueError(f"augment.resize_ratio must lie in [1, 4], got {self.resize_ratio}")
+    # resize_center_crop tasks: shorter side = ratio * S before the crop (256/224)
+    resize_ratio: float = setting(1.14, minimum=1.0, maximum=4.0)
 
 
 def random_crop(img: Image.Image, pre: PreprocessConfig, aug: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:

@@ -296,11 +296,7 @@ def train(config_path, train_sets, val_sets, dest, init, address):
         cfg = dataclasses.replace(cfg, init=init)
     train_map = _or_fail(lambda: parse_datasets(train_sets, "--train"))
     val_map = _or_fail(lambda: parse_datasets(val_sets, "--val"))
-    if address:
-        import ray
-
-        ray.init(address=address)
-    summary = _or_fail(lambda: run_train(cfg, train_map, val_map, dest))
+    summary = _or_fail(lambda: run_train(cfg, train_map, val_map, dest, address=address))
     click.echo(json.dumps(summary))
 
 

@@ -1,16 +1,18 @@
 """The one way a mapping (YAML, JSON, command-line overrides) becomes a typed config.
 
-Every config of the package is a dataclass; ``from_mapping(cls, data)`` builds it, nested dataclasses
-included, and checks it once, at the edge:
+Every config of the package is a dataclass deriving from ``Config``. Building one, from Python or with
+``Cls.from_mapping(data)``, checks it once, at the edge:
 
 - an unknown key names itself and lists the known ones (``scaling.workers: unknown option; known: ...``);
 - a value of the wrong type names the dotted field and the value (``epochs: must be an integer, got 'x'``);
+  an int where a float is declared becomes a float, a list where a tuple is declared a tuple, and one
+  value where a list is declared a list of one;
 - a bound or a choice declared on the field with ``setting(...)`` is checked the same way
   (``scaling.num_workers: must be an integer >= 1, got 0``);
-- a dataclass's own ``check()`` (rules across fields) raises ``ConfigError``; its message is prefixed
-  with the dataclass's place in the mapping.
+- a config's own ``check()`` (rules across fields) raises ``ConfigError`` through ``require``.
 
-``to_mapping`` is the inverse (tuples become lists), for JSON files and run records.
+Nested configs are built from nested mappings, and their errors carry the whole dotted path.
+``to_mapping()`` is the inverse (tuples become lists), for JSON files and run records.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import math
 import types
 import typing
 from dataclasses import MISSING, field
+from functools import cache
 from typing import Any, TypeVar
 
-T = TypeVar("T")
+T = TypeVar("T", bound="Config")
 
 
 class ConfigError(ValueError):
@@ -30,46 +33,64 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any = MISSING, *, default_factory: Any = MISSING, minimum: float | None = None,
-            maximum: float | None = None, above: float | None = None, choices: tuple | None = None,
-            repr: bool = True):
-    """A dataclass field with bounds: ``minimum``/``maximum`` inclusive, ``above`` exclusive,
-    ``choices`` a tuple of allowed values. ``None`` is always allowed where the type admits it."""
-    meta = {k: v for k, v in (("minimum", minimum), ("maximum", maximum), ("above", above),
+            maximum: float | None = None, above: float | None = None, below: float | None = None,
+            choices: tuple | None = None, repr: bool = True):
+    """A dataclass field with bounds: ``minimum``/``maximum`` inclusive, ``above``/``below`` exclusive,
+    ``choices`` a tuple of allowed values. ``None`` passes wherever the type admits it."""
+    meta = {k: v for k, v in (("minimum", minimum), ("maximum", maximum), ("above", above), ("below", below),
                               ("choices", choices)) if v is not None}
     return field(default=default, default_factory=default_factory, repr=repr, metadata=meta)
 
 
+def require(ok: bool, name: str, message: str) -> None:
+    """For ``check()`` methods: raise ``ConfigError('name: message')`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+class Config:
+    """Base of every config dataclass: checked and normalised when built (``__post_init__``)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = _coerce(_hints(type(self))[f.name], getattr(self, f.name), f.name)
+            _check_bounds(f, value, f.name)
+            object.__setattr__(self, f.name, value)        # frozen configs too
+        self.check()
+
+    def check(self) -> None:
+        """Rules across fields; override and raise through ``require``."""
+
+    @classmethod
+    def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
+        """``cls`` built from ``data``; ``where`` is the dotted prefix of its place in a larger config."""
+        return from_mapping(cls, data, where)
+
+    def to_mapping(self) -> dict:
+        return to_mapping(self)
+
+
 def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
-    """``cls`` built from ``data`` and checked; ``where`` is the dotted prefix of its place in a larger config."""
+    """The config ``cls`` built from the mapping ``data`` (see the module's docstring)."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ConfigError(f"{_name(where) or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
         raise ConfigError(f"{where}{unknown[0]}: unknown option; known: {', '.join(sorted(fields))}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        values[name] = _coerce(hints[name], value, f"{where}{name}")
-        _check_bounds(fields[name], values[name], f"{where}{name}")
-    missing = [n for n, f in fields.items()
-               if n not in values and f.default is MISSING and f.default_factory is MISSING]
+    missing = [n for n, f in fields.items() if n not in data and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise ConfigError(f"{where}{missing[0]}: required")
-    obj = cls(**values)
-    check = getattr(obj, "check", None)
-    if check is not None:
-        try:
-            check()
-        except ConfigError as e:
-            raise ConfigError(f"{where}{e}") from None
-    return obj
+    try:
+        return cls(**data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
 
 
 def to_mapping(obj: Any) -> Any:
-    """A dataclass (or a value inside one) as plain JSON-ready data: tuples become lists."""
+    """A config (or a value inside one) as plain JSON-ready data: tuples become lists."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -79,19 +100,14 @@ def to_mapping(obj: Any) -> Any:
     return obj
 
 
-def require(ok: bool, name: str, message: str) -> None:
-    """For ``check()`` methods: raise ``ConfigError('name: message')`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
-
-
 # --- types ----------------------------------------------------------------------------------------------
 
+@cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 _KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-
-
-def _name(where: str) -> str:
-    return where.rstrip(".")
 
 
 def _coerce(hint, value, where: str):
@@ -165,3 +181,5 @@ def _check_bounds(f: dataclasses.Field, value, where: str) -> None:
         raise ConfigError(f"{where}: must be {kind} > {meta['above']}, got {value!r}")
     if "maximum" in meta and value > meta["maximum"]:
         raise ConfigError(f"{where}: must be {kind} <= {meta['maximum']}, got {value!r}")
+    if "below" in meta and value >= meta["below"]:
+        raise ConfigError(f"{where}: must be {kind} < {meta['below']}, got {value!r}")

@@ -1,12 +1,13 @@
 """Evaluate a model on labelled shards with exactly the scoring path (``Scorer``): what is measured
 here is what ``perceptclip score`` would output.
 
-    shards (``key.<image>`` + ``key.json`` with ``label``) -> decode -> Scorer.preprocess -> Scorer.score
+    shards (``key.<image>`` + ``key.json`` with ``label``)
+      -> perceptclip.labels: label, decode, Scorer.preprocess -> Scorer.score
       -> metrics over the whole set (``perceptclip.metrics``): srcc, plcc, mse with 95% bootstrap
          intervals for regression; accuracy, macro_f1 and the confusion matrix for classification
 
 A sample without a usable image or label is counted under ``errors`` (by reason) and left out of the
-metrics; a shard that cannot be read is counted as one error of its reason.
+metrics; a shard that cannot be read is counted as one error of its reason (``shard_missing``, ...).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections import Counter
 
 import numpy as np
 
+from perceptclip.labels import labelled_samples
 from perceptclip.metrics import classification_metrics, regression_metrics
-from perceptclip.preprocess import ImageError, decode_image
 from perceptclip.tasks import get_task
 
 
@@ -24,8 +25,7 @@ def evaluate(model: str, shards: str | list[str], head: str | None = None, resam
              batch_size: int = 32, device: str | None = None, storage_options: dict | None = None) -> dict:
     """Metrics of ``model`` (built-in name, artifact path or URI) on the labelled ``shards``."""
     from perceptclip.scorer import Scorer
-    from perceptclip.shards import ShardError, expand_shards, image_member, iter_shard, parse_json
-    from perceptclip.train import target_of
+    from perceptclip.shards import expand_shards
 
     scorer = Scorer.load(f"{model}#{head}" if head else model, device=device)
     task = get_task(scorer.meta.task)
@@ -40,28 +40,14 @@ def evaluate(model: str, shards: str | list[str], head: str | None = None, resam
             pending_targets.clear()
 
     for url in expand_shards(shards, storage_options):
-        try:
-            for sample in iter_shard(url, storage_options):
-                try:
-                    meta = parse_json(sample.get("json", b"{}"))
-                    target = target_of(meta if isinstance(meta, dict) else {}, task)
-                except ValueError:
-                    errors["bad_label"] += 1
-                    continue
-                ext = image_member(sample)
-                if ext is None:
-                    errors["no_image"] += 1
-                    continue
-                try:
-                    pending.append(scorer.preprocess(decode_image(sample[ext])))
-                except ImageError as e:
-                    errors[e.reason] += 1
-                    continue
-                pending_targets.append(target)
-                if len(pending) == batch_size:
-                    flush()
-        except ShardError as e:
-            errors[f"shard_{e.reason}"] += 1
+        for sample in labelled_samples(url, task, scorer.preprocess, storage_options):
+            if not sample.ok:
+                errors[sample.reason] += 1
+                continue
+            pending.append(sample.image)
+            pending_targets.append(sample.target)
+            if len(pending) == batch_size:
+                flush()
     flush()
 
     out = np.concatenate(outputs) if outputs else np.zeros((0, task.outputs), dtype=np.float32)

@@ -2,19 +2,12 @@
 
     perceptclip filter --scores s3://b/scores --where 'iqa > 0.6 and emotion != "fear"' --output s3://b/curated
 
-The expression language is small and never evaluated as Python: the text is parsed with Python's own
-parser (``ast``) and only these forms are accepted, then compiled to an Arrow expression that runs
-over each score table:
-
-    column names        iqa, emotion, emotion_awe, width, height, key, ...
-    literals            0.6, -1, "fear", 'awe', true, false
-    comparisons         <  <=  >  >=  ==  !=   (chains too: 0.2 < iqa <= 0.9)
-    membership          emotion in ["awe", "amusement"],  emotion not in ("fear",)
-    logic               and, or, not, parentheses
-
-Only scored samples (status ``ok``) can be kept. Each kept sample is copied unchanged into a shard
-of the same name under the output, with its models' score columns added to its ``.json``. Per shard:
-the tar, then a marker; a rerun skips shards with a marker.
+The expression (``perceptclip.expression``) is checked against every score table before anything is
+written. Only scored samples (status ``ok``) can be kept. Each kept sample is copied unchanged into a
+shard of the same name under the output, with its models' score columns added to its ``.json``. Per
+shard: the tar, then a marker recording the expression; a rerun skips shards with a marker and refuses
+to mix in another expression (``--overwrite`` redoes every shard). The output must lie apart from the
+score tables and the input shards: a curation never overwrites what it reads.
 
 Nothing is ever written outside the output, whatever the shards and keys say. A curated shard's path
 is the output folder plus the input shard's file name, refused (``unsafe_name``, the shard fails)
@@ -26,7 +19,6 @@ count refused samples by reason, so ``of = kept + refused + not selected``.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import re
@@ -38,169 +30,12 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from perceptclip.commit import MARKERS_DIR, METADATA_KEY, committed_names, marker_path, table_path
+from perceptclip.expression import KeepExpression, kept_rows, parse_expression
 from perceptclip.shards import ShardError, parse_json, read_shard, shard_bytes, shard_name
-from perceptclip.storage import filesystem, join, redact_text
+from perceptclip.storage import check_apart, filesystem, holds, join, redact_text
 
-MARKERS_DIR = "_markers"
-LITERAL_NAMES = {"true": True, "false": False, "True": True, "False": False}
-_COMPARISONS = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
 _DRIVE = re.compile(r"^[A-Za-z]:")
-MAX_DEPTH = 100                 # nesting levels an expression may have
-
-
-class ExpressionError(ValueError):
-    """An expression that is not in the language, or that does not fit the score table."""
-
-
-# --- expressions ---------------------------------------------------------------------------------------
-
-@dataclass
-class KeepExpression:
-    text: str
-    tree: ast.expr
-
-    @property
-    def columns(self) -> set[str]:
-        return {n.id for n in ast.walk(self.tree) if isinstance(n, ast.Name) and n.id not in LITERAL_NAMES}
-
-    def check(self, schema: pa.Schema) -> None:
-        """Every column exists and every comparison compares like with like."""
-        for name in sorted(self.columns):
-            if name not in schema.names:
-                raise ExpressionError(f"--where: no column {name!r} in the scores; columns: {', '.join(schema.names)}")
-        for node in ast.walk(self.tree):
-            if isinstance(node, ast.Compare):
-                operands = [node.left, *node.comparators]
-                for op, left, right in zip(node.ops, operands, operands[1:]):
-                    _check_types(op, left, right, schema)
-
-    def to_arrow(self):
-        return _compile(self.tree)
-
-
-def parse_expression(text: str) -> KeepExpression:
-    """Parse ``text`` or raise ``ExpressionError`` saying what is wrong and where."""
-    if not text or not text.strip():
-        raise ExpressionError("--where: the expression is empty")
-    try:
-        tree = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError as e:
-        raise ExpressionError(f"--where: cannot parse {text!r} at column {e.offset}: {e.msg}") from None
-    except (RecursionError, MemoryError):       # Python's parser gives up on "not not not ..." this way
-        raise ExpressionError(f"--where: nested more than {MAX_DEPTH} levels deep") from None
-    if _depth(tree) > MAX_DEPTH:                # checked without recursion: checking and compiling recurse
-        raise ExpressionError(f"--where: nested more than {MAX_DEPTH} levels deep")
-    _validate(tree, text)
-    return KeepExpression(text=text, tree=tree)
-
-
-def _depth(tree: ast.AST) -> int:
-    deepest, todo = 0, [(tree, 1)]
-    while todo:
-        node, depth = todo.pop()
-        deepest = max(deepest, depth)
-        todo += [(child, depth + 1) for child in ast.iter_child_nodes(node)]
-    return deepest
-
-
-def _validate(node: ast.AST, text: str) -> None:
-    if isinstance(node, ast.BoolOp) and isinstance(node.op, (ast.And, ast.Or)):
-        for value in node.values:
-            _validate(value, text)
-    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        _validate(node.operand, text)
-    elif isinstance(node, ast.Compare):
-        operands = [node.left, *node.comparators]
-        for op, left, right in zip(node.ops, operands, operands[1:]):
-            if isinstance(op, (ast.In, ast.NotIn)):
-                if not isinstance(left, ast.Name) or not isinstance(right, (ast.List, ast.Tuple, ast.Set)):
-                    raise _unsupported(node, text, "'in' takes a column on the left and a list on the right")
-                for item in right.elts:
-                    _literal(item, text)
-            elif type(op) in _COMPARISONS:
-                for side in (left, right):
-                    if not isinstance(side, ast.Name):
-                        _literal(side, text)
-                if not any(isinstance(side, ast.Name) and side.id not in LITERAL_NAMES for side in (left, right)):
-                    raise _unsupported(node, text, "a comparison needs a column on one side")
-            else:
-                raise _unsupported(node, text, f"operator {type(op).__name__} is not supported")
-    elif isinstance(node, ast.Name) and node.id not in LITERAL_NAMES:
-        raise _unsupported(node, text, f"a bare column ({node.id}) is not a condition; compare it with something")
-    else:
-        raise _unsupported(node, text, "only comparisons, 'in', 'and', 'or', 'not' and parentheses are allowed")
-
-
-def _unsupported(node: ast.AST, text: str, why: str) -> ExpressionError:
-    part = ast.get_source_segment(text.strip(), node) or ast.dump(node)
-    return ExpressionError(f"--where: {why}: {part!r} (column {getattr(node, 'col_offset', 0) + 1})")
-
-
-def _literal(node: ast.AST, text: str):
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)) and node.value is not None:
-        return node.value
-    if isinstance(node, ast.Name) and node.id in LITERAL_NAMES:
-        return LITERAL_NAMES[node.id]
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)) and \
-            isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (int, float)):
-        return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
-    raise _unsupported(node, text, "expected a column, a number, a quoted string, true or false")
-
-
-def _value(node: ast.AST):
-    return _literal(node, "")
-
-
-def _check_types(op: ast.cmpop, left: ast.AST, right: ast.AST, schema: pa.Schema) -> None:
-    def kind(node):
-        if isinstance(node, ast.Name) and node.id not in LITERAL_NAMES:
-            typ = schema.field(node.id).type
-            if pa.types.is_null(typ):               # a column with no values at all fits anything
-                return node.id, None
-            return node.id, "text" if pa.types.is_string(typ) or pa.types.is_large_string(typ) else "number"
-        values = [_value(e) for e in node.elts] if isinstance(node, (ast.List, ast.Tuple, ast.Set)) else [_value(node)]
-        kinds = {"text" if isinstance(v, str) else "number" for v in values}
-        return None, kinds.pop() if len(kinds) == 1 else "mixed"
-
-    (lname, lkind), (rname, rkind) = kind(left), kind(right)
-    if lkind != rkind and None not in (lkind, rkind):
-        column = lname or rname
-        ckind = lkind if lname else rkind
-        want = "a quoted string" if ckind == "text" else "a number"
-        raise ExpressionError(f"--where: {column} is {ckind}; compare it with {want}")
-
-
-def _compile(node: ast.AST):
-    import pyarrow.compute as pc
-
-    if isinstance(node, ast.BoolOp):
-        parts = [_compile(v) for v in node.values]
-        out = parts[0]
-        for part in parts[1:]:
-            out = out & part if isinstance(node.op, ast.And) else out | part
-        return out
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        return ~_compile(node.operand)
-    if isinstance(node, ast.Compare):
-        operands = [node.left, *node.comparators]
-        terms = []
-        for op, left, right in zip(node.ops, operands, operands[1:]):
-            if isinstance(op, (ast.In, ast.NotIn)):
-                column = pc.field(left.id)
-                term = column.isin(pa.array([_value(e) for e in right.elts]))
-                # isin gives false, not null, for a null value: keep nulls null so "not in" keeps no error row
-                term = pc.if_else(column.is_valid(), term, pa.scalar(None, pa.bool_()))
-                terms.append(~term if isinstance(op, ast.NotIn) else term)
-            else:
-                a = pc.field(left.id) if isinstance(left, ast.Name) else pc.scalar(_value(left))
-                b = pc.field(right.id) if isinstance(right, ast.Name) else pc.scalar(_value(right))
-                terms.append({"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b,
-                              "!=": a != b}[_COMPARISONS[type(op)]])
-        out = terms[0]
-        for term in terms[1:]:
-            out = out & term
-        return out
-    raise ExpressionError(f"--where: cannot compile {ast.dump(node)}")   # _validate admits nothing else
 
 
 # --- the job -------------------------------------------------------------------------------------------
@@ -243,12 +78,6 @@ def committed_scores(scores: str, options: dict) -> list[dict]:
     return [json.loads(fs.cat_file(p)) for p in paths]
 
 
-def kept_rows(table: pa.Table, expression: KeepExpression) -> pa.Table:
-    import pyarrow.compute as pc
-
-    return table.filter(expression.to_arrow() & (pc.field("status") == "ok"))
-
-
 def output_name(shard: str) -> str:
     """The curated shard's file name (without .tar): the input shard's own, if it is a plain name."""
     name = shard_name(shard)
@@ -269,10 +98,10 @@ def filter_shard(marker: dict, scores: str, expression: KeepExpression, output: 
 
     name = output_name(marker["shard"])
     # the table sits next to its marker, wherever the scores folder has been moved since
-    fs, path = filesystem(join(scores, f"{name}.parquet"), options)
+    fs, path = filesystem(table_path(scores, name), options)
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
-    models = json.loads(table.schema.metadata[b"perceptclip"])["models"]
+    models = json.loads(table.schema.metadata[METADATA_KEY])["models"]
     score_columns = [c for m in models for c in m["columns"]]
     samples = read_shard(marker["shard"], options)
     if [s["__key__"] for s in samples] != table["key"].to_pylist():
@@ -302,30 +131,58 @@ def filter_shard(marker: dict, scores: str, expression: KeepExpression, output: 
     done = {"shard": marker["shard"], "output": join(output, f"{name}.tar"), "kept": len(out_samples),
             "refused": dict(refused), "of": len(samples), "where": expression.text,
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    out_fs.pipe_file(join(root, MARKERS_DIR, f"{name}.json"), json.dumps(done, indent=2).encode())
+    out_fs.pipe_file(marker_path(root, name), json.dumps(done, indent=2).encode())
     return done
+
+
+def check_table(expression: KeepExpression, scores: str, marker: dict, options: dict) -> None:
+    """The expression against one score table's columns and classes (tables of one folder may differ:
+    a nightly run can add shards scored with other models)."""
+    import pyarrow.parquet as pq
+
+    name = shard_name(marker["shard"])
+    fs, path = filesystem(table_path(scores, name), options)
+    try:
+        with fs.open(path, "rb") as f:
+            schema = pq.read_schema(f)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(redact_text(f"--scores: cannot read the score table of {name} ({e})", options)) from None
+    expression.check(schema, where=f"the score table of {name}")
+
+
+def check_same_curation(output: str, where: str, options: dict) -> None:
+    """A rerun into an output must finish the same curation, not mix a second one into it."""
+    fs, root = filesystem(join(output, MARKERS_DIR), options)
+    try:
+        paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        return
+    for path in paths:
+        try:
+            earlier = json.loads(fs.cat_file(path)).get("where")
+        except (ValueError, OSError):
+            earlier = None
+        if earlier != where:
+            raise ValueError(f"--output: {output} holds shards curated with --where {earlier!r}, not {where!r}; "
+                             f"choose another output, or --overwrite to redo every shard with the new expression")
 
 
 def run_filter(scores: str, where: str, output: str, options: dict, overwrite: bool = False, workers: int = 4,
                progress: Callable[[str], None] = lambda line: None) -> FilterSummary:
     """Curate every committed score table under ``scores`` into ``output``. The expression is parsed and
     checked against the scores' schema before anything is read or written."""
-    import pyarrow.parquet as pq
-
     started = time.perf_counter()
     expression = parse_expression(where)
     markers = committed_scores(scores, options)
-    fs, path = filesystem(join(scores, f"{shard_name(markers[0]['shard'])}.parquet"), options)
-    with fs.open(path, "rb") as f:
-        expression.check(pq.read_schema(f))
+    check_apart("--output", output, {"the score tables": [scores], "input shards": [m["shard"] for m in markers]})
+    if holds(scores, output):
+        raise ValueError(f"--output: {output} lies inside --scores {scores}; write the curated shards elsewhere")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda m: check_table(expression, scores, m, options), markers))
     summary = FilterSummary(scores=scores, output=output, where=where)
-    done_names: set[str] = set()
     if not overwrite:
-        out_fs, root = filesystem(join(output, MARKERS_DIR), options)
-        try:
-            done_names = {p.rsplit("/", 1)[-1].removesuffix(".json") for p in out_fs.ls(root, detail=False)}
-        except FileNotFoundError:
-            pass
+        check_same_curation(output, expression.text, options)
+    done_names = set() if overwrite else committed_names(output, options)
     todo = [m for m in markers if shard_name(m["shard"]) not in done_names]
     summary.skipped = len(markers) - len(todo)
 

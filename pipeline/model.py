@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from perceptclip.config import Config, setting
 from perceptclip.lora import LoraPair, add_lora, merge_lora
 
 DEFAULT_BACKBONE = "ViT-L-14-quickgelu"
@@ -27,7 +28,7 @@ DEFAULT_PRETRAINED = "openai"
 
 
 @dataclass
-class BackboneConfig:
+class BackboneConfig(Config):
     """An open_clip vision tower: its name (for provenance and pretrained weights) and its shape."""
 
     name: str = DEFAULT_BACKBONE
@@ -70,43 +71,25 @@ class BackboneConfig:
 
 
 @dataclass
-class LoraConfig:
-    r: int = 16
+class LoraConfig(Config):
+    r: int = setting(16, minimum=0)           # 0: no LoRA (a model with its LoRA merged)
     alpha: float = 8.0
-    dropout: float = 0.1
+    dropout: float = setting(0.1, minimum=0, below=1)
 
 
 @dataclass
-class HeadConfig:
-    outputs: int = 1
+class HeadConfig(Config):
+    outputs: int = setting(1, minimum=1)
     hidden: tuple[int, ...] = (512, 256)
-    dropout: float = 0.5
+    dropout: float = setting(0.5, minimum=0, below=1)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     heads: tuple[str, ...] = ("default",)   # one head per training dataset; the first is the default
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["head"]["hidden"] = list(self.head.hidden)
-        d["heads"] = list(self.heads)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        head = dict(d.get("head", {}))
-        if "hidden" in head:
-            head["hidden"] = tuple(head["hidden"])
-        return cls(
-            backbone=BackboneConfig(**d.get("backbone", {})),
-            lora=LoraConfig(**d.get("lora", {})),
-            head=HeadConfig(**head),
-            heads=tuple(d.get("heads", ("default",))),
-        )
 
 
 class MLPHead(nn.Sequential):

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from perceptclip.config import Config, require, setting
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,26 +51,17 @@ class ImageError(Exception):
 
 
 @dataclass
-class PreprocessConfig:
-    kind: str = "resize_center_crop"      # "resize_center_crop" | "multi_crop"
-    size: int = 224
+class PreprocessConfig(Config):
+    kind: str = setting("resize_center_crop", choices=("resize_center_crop", "multi_crop"))
+    size: int = setting(224, minimum=1)
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
-    crops: int = 5                        # multi_crop only
+    crops: int = setting(5, minimum=1)    # multi_crop only
     max_side: int = 2048                  # multi_crop only: longer images are scaled down first
     seed: int = 0                         # multi_crop only: crop positions
 
-    def __post_init__(self):
-        if self.kind not in ("resize_center_crop", "multi_crop"):
-            raise ValueError(f"preprocess.kind must be resize_center_crop or multi_crop, not {self.kind!r}")
-        if self.size <= 0 or self.crops <= 0 or self.max_side < self.size:
-            raise ValueError(f"preprocess: need size > 0, crops > 0 and max_side >= size, got {self}")
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
+    def check(self):
+        require(self.max_side >= self.size, "max_side", f"must be >= size ({self.size}), got {self.max_side}")
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:

@@ -3,7 +3,7 @@ class, and the share of samples a keep-expression would keep, so a threshold can
 filter runs.
 
 Only committed tables count: a shard's Parquet is part of the result when its marker exists (the
-score job's commit protocol), so a table a crashed run left behind is never reported on.
+score job's commit protocol, ``commit.py``), so a table a crashed run left behind is never reported on.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from perceptclip.score import METADATA_KEY, RUNS_DIR, committed_names
+from perceptclip.commit import MARKERS_DIR, METADATA_KEY, RUNS_DIR, committed_names, shard_of
 from perceptclip.storage import filesystem, join
 
 DEFAULT_LEVELS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
@@ -63,7 +63,7 @@ def read_scores(dest: str, options: dict | None = None,
     committed = committed_names(dest, options)
     files = [p for p in parquet if shard_of(p) in committed]
     if not files:
-        raise ValueError(f"{dest}: no committed score tables (a <shard>.parquet with a marker in _markers/); "
+        raise ValueError(f"{dest}: no committed score tables (a <shard>.parquet with a marker in {MARKERS_DIR}/); "
                          f"run perceptclip score --output {dest} first")
     tables, models = [], {}
     for i, path in enumerate(files, 1):
@@ -73,7 +73,7 @@ def read_scores(dest: str, options: dict | None = None,
                 table = pq.read_table(f)
         except (pa.ArrowException, OSError) as e:
             raise ValueError(f"{path}: not a readable Parquet table ({e}); delete its marker under "
-                             f"_markers/ and rerun perceptclip score to rewrite it") from None
+                             f"{MARKERS_DIR}/ and rerun perceptclip score to rewrite it") from None
         raw = (table.schema.metadata or {}).get(METADATA_KEY)
         if raw is None:
             raise ValueError(f"{path}: not a perceptclip score table (no {METADATA_KEY.decode()!r} key in its "
@@ -86,11 +86,6 @@ def read_scores(dest: str, options: dict | None = None,
     return ScoreSet(dest=dest, table=table, models=list(models.values()), files=files,
                     runs=_read_runs(dest, options),
                     uncommitted=[p for p in parquet if p not in files])
-
-
-def shard_of(table_path: str) -> str:
-    """The name of the shard a score table was written for: ``.../shard-000012.parquet`` -> ``shard-000012``."""
-    return table_path.rsplit("/", 1)[-1].removesuffix(".parquet")
 
 
 def _read_runs(dest: str, options: dict) -> list[dict]:
@@ -152,10 +147,10 @@ def _level(q: float) -> str:
 def where_share(scores: ScoreSet, text: str) -> dict:
     """How many samples ``perceptclip filter --where text`` would keep: the filter's own parser and
     evaluator, so the share printed here is the share the filter keeps."""
-    from perceptclip.filter import kept_rows, parse_expression
+    from perceptclip.expression import kept_rows, parse_expression
 
     expression = parse_expression(text)
-    expression.check(scores.table.schema)
+    expression.check(scores.table.schema, {m["name"]: m["labels"] for m in scores.models if m.get("labels")})
     kept = kept_rows(scores.table, expression).num_rows
     total, ok = scores.table.num_rows, int(scores.ok.sum())
     return {"expression": text, "kept": kept, "samples": total, "share": kept / total if total else None,

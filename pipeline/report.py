@@ -24,8 +24,9 @@ from datetime import datetime, timezone
 import numpy as np
 
 from perceptclip import __version__
+from perceptclip.commit import RUNS_DIR, shard_of
 from perceptclip.preprocess import ImageError, decode_image
-from perceptclip.quantiles import DEFAULT_LEVELS, ScoreSet, class_shares, quantiles, read_scores, shard_of
+from perceptclip.quantiles import DEFAULT_LEVELS, ScoreSet, class_shares, quantiles, read_scores
 from perceptclip.shards import ShardError, expand_shards, image_member, iter_shard, shard_name
 from perceptclip.storage import filesystem
 
@@ -351,7 +352,7 @@ def render_errors(scores: ScoreSet) -> str:
 
 def render_runs(scores: ScoreSet) -> str:
     if not scores.runs:
-        return '<section id="runs"><h2>Runs</h2><p class="meta">no run summaries under _runs/</p></section>'
+        return f'<section id="runs"><h2>Runs</h2><p class="meta">no run summaries under {RUNS_DIR}/</p></section>'
     body = []
     for run in scores.runs:
         shards, samples = run.get("shards", {}), run.get("samples", {})

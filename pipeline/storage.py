@@ -20,13 +20,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from perceptclip.config import Config, require, setting
+
 REDACTED = "***"
 SECRET_OPTION_NAMES = frozenset({"key", "secret", "token", "password", "aws_access_key_id",
                                  "aws_secret_access_key", "aws_session_token"})
 
 
 @dataclass
-class StorageConfig:
+class StorageConfig(Config):
     """Object-store settings; each left as None falls back to the environment, then to the client."""
 
     endpoint_url: str | None = None     # S3-compatible stores (MinIO, Ceph, R2, moto)
@@ -35,15 +37,12 @@ class StorageConfig:
     secret: str | None = field(default=None, repr=False)    # never in a repr: configs end up in logs
     token: str | None = field(default=None, repr=False)
     anon: bool = False                  # public buckets: send no credentials at all
-    max_attempts: int = 8               # tries per request, the first included (botocore standard retries)
+    max_attempts: int = setting(8, minimum=1)   # tries per request, the first included (botocore standard retries)
 
-    def __post_init__(self):
-        if self.endpoint_url is not None and "://" not in self.endpoint_url:
-            raise ValueError(f"storage.endpoint_url must be a URL such as http://host:9000, not {self.endpoint_url!r}")
-        if (self.key is None) != (self.secret is None):
-            raise ValueError("storage.key and storage.secret must be given together")
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise ValueError(f"storage.max_attempts: must be an integer >= 1, got {self.max_attempts!r}")
+    def check(self):
+        require(self.endpoint_url is None or "://" in self.endpoint_url, "endpoint_url",
+                f"must be a URL such as http://host:9000, got {self.endpoint_url!r}")
+        require((self.key is None) == (self.secret is None), "key", "key and secret must be given together")
 
 
 class StorageError(OSError):
@@ -94,6 +93,32 @@ def filesystem(url: str, options: dict[str, dict] | None = None):
 
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def location(url: str) -> str:
+    """``url`` in one comparable form: its protocol and absolute path, symbolic links resolved locally."""
+    proto = protocol(url)
+    if proto == "file":
+        path = url.removeprefix("file://")
+        return "file://" + os.path.realpath(os.path.expanduser(path))
+    path = "/".join(part for part in url.split("://", 1)[1].split("/") if part)
+    return f"{proto}://{path}"
+
+
+def holds(folder: str, url: str) -> bool:
+    """Whether ``url`` is ``folder`` itself or lies anywhere below it."""
+    outer, inner = location(folder).rstrip("/"), location(url)
+    return inner == outer or inner.startswith(outer + "/")
+
+
+def check_apart(option: str, output: str, inputs: dict[str, list[str]]) -> None:
+    """Refuse, before any work, an output that holds one of the command's inputs: writing there could
+    overwrite or mix with them. ``inputs``: what they are (``"the input shards"``) -> their URLs."""
+    for what, urls in inputs.items():
+        for url in urls:
+            if holds(output, url):
+                raise ValueError(f"{option}: {output} holds {what} ({url}); write the output to a folder apart "
+                                 f"from its inputs")
 
 
 def redact(options: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Runs every hostile input of ``perceptclip.hostile`` through a real scoring run (a local Ray cluster, tiny
+"""Runs every hostile input of ``tests/support/hostile.py`` through a real scoring run (a local Ray cluster, tiny
 models, nothing downloaded) and prints, in Markdown, what became of each, then the reconciliation: the
 table in docs/reliability.md. Exits 1 if any outcome differs from the one the cases state.
 
@@ -8,10 +8,14 @@ table in docs/reliability.md. Exits 1 if any outcome differs from the one the ca
 import json
 import sys
 import tempfile
+from pathlib import Path
 
-from perceptclip.hostile import IGNORED, MAX_PIXELS, observe, write_hostile_shards
-from perceptclip.score import load_score_config, run_score
 from perceptclip.debug_model import make_tiny_artifact
+from perceptclip.score import load_score_config, run_score
+
+# the hostile cases are the tests' (the same cases tests/test_hostile.py checks): not in the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.hostile import IGNORED, MAX_PIXELS, observe, write_hostile_shards  # noqa: E402
 
 
 def outcome_text(outcome) -> str:

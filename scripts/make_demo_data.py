@@ -3,9 +3,13 @@ img2dataset layout (key.jpg, key.json with url and caption), for the README's fi
 
 import json
 import sys
+from pathlib import Path
 
 from perceptclip.shards import write_shard
-from perceptclip.testing import image_bytes, make_image
+
+# the generated images are the tests' (tests/support/images.py): fixtures stay out of the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.images import image_bytes, make_image  # noqa: E402
 
 out = sys.argv[1] if len(sys.argv) > 1 else "demo-output/shards"
 for shard in range(2):

@@ -9,6 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    # the quick tier (-m "not slow") starts no Ray cluster: a test that needs one says it is slow
+    unmarked = [item.nodeid for item in items if "ray_local" in item.fixturenames and "slow" not in item.keywords]
+    if unmarked:
+        raise pytest.UsageError("tests on the local Ray cluster must be marked slow: " + ", ".join(unmarked))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; run on a GPU machine")
@@ -98,6 +102,10 @@ def ray_local():
     if not ray.is_initialized():
         # address="local": always a cluster of its own, never one another process left registered in
         # /tmp/ray (a `ray start`, a ray.cluster_utils.Cluster, another test session on this machine)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+        # num_workers_soft_limit: Ray keeps as many idle worker processes as the node has CPUs, 2 here,
+        # so every data task of every training epoch would start (and import torch in) a fresh process:
+        # 10-20 s an epoch instead of 1. A setting of this cluster's, whichever test starts it.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+                 _system_config={"num_workers_soft_limit": 16})
     yield ray
     ray.shutdown()

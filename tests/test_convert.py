@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from perceptclip.cli import main
 from perceptclip.convert import convert, make_key, parse_fractions
-from perceptclip.testing import image_bytes, make_image
+
+from support.images import image_bytes, make_image
 
 
 def read_shards(paths) -> dict[str, dict]:
@@ -213,3 +214,86 @@ def test_manifest_and_images_on_s3_to_shards_on_s3(s3_server, tmp_path):
     fs.get_file(report.shards[0][5:], str(local))
     samples = read_shards([local])
     assert samples["img2"]["jpg"] == data["img2.jpg"] and json.loads(samples["img2"]["json"])["label"] == 0.4
+
+
+def write_manifest(folder: Path, labels: list[str], name: str = "labels.csv") -> Path:
+    """A manifest of one generated image per label, images in ``folder/pics``; returns the manifest's path."""
+    with open(folder / name, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for i, label in enumerate(labels):
+            write_image(folder / "pics" / f"p{i:03d}.jpg", 500 + i)
+            w.writerow([f"pics/p{i:03d}.jpg", label])
+    return folder / name
+
+
+def test_a_second_conversion_into_the_same_output_is_refused_naming_the_first_unless_overwrite(tmp_path):
+    """Case 3 of "No silent harm": 25 samples as 5 shards of 5, then as one shard of 1000 into the same
+    folder, left 45 samples under a glob of that folder."""
+    manifest = write_manifest(tmp_path, [f"{i / 25:.2f}" for i in range(25)])
+    out = tmp_path / "out"
+    first = CliRunner().invoke(main, ["convert", "manifest", str(manifest), "--output", str(out), "--shard-size", "5"])
+    assert first.exit_code == 0, first.output
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    assert len(before) == 5
+
+    again = CliRunner().invoke(main, ["convert", "manifest", str(manifest), "--output", str(out)])
+    assert again.exit_code != 0
+    assert "split 'all'" in again.output and "shard_size 5" in again.output and "--overwrite" in again.output
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before          # nothing touched
+
+    replaced = CliRunner().invoke(main, ["convert", "manifest", str(manifest), "--output", str(out), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in out.glob("*.tar")) == ["all-000000.tar"]
+    assert len(read_shards(sorted(out.glob("*.tar")))) == 25
+
+    # another split is another prefix: it goes beside the first, and the first stays as it was
+    other = CliRunner().invoke(main, ["convert", "manifest", str(manifest), "--output", str(out), "--split", "val"])
+    assert other.exit_code == 0, other.output
+    assert "all-000000.tar" in {p.name for p in out.glob("*.tar")}
+
+
+def test_shards_of_the_split_that_no_conversion_recorded_are_never_overwritten(tmp_path):
+    manifest = write_manifest(tmp_path, ["0.1", "0.2", "0.3"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "all-000000.tar").write_bytes(b"someone else's shard")
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(main, ["convert", "manifest", str(manifest), "--output", str(out), *extra])
+        assert result.exit_code != 0 and "all-000000.tar" in result.output
+    assert (out / "all-000000.tar").read_bytes() == b"someone else's shard"
+
+
+@pytest.mark.parametrize("output", [".", "pics", "pics/sub"])
+def test_convert_refuses_an_output_that_holds_its_inputs_before_writing(tmp_path, output):
+    manifest = write_manifest(tmp_path, ["0.1", "0.2", "0.3"])
+    (tmp_path / "pics" / "sub").mkdir()
+    write_image(tmp_path / "pics" / "sub" / "deep.jpg", 9)
+    with open(manifest, "a", newline="") as f:
+        csv.writer(f).writerow(["pics/sub/deep.jpg", "0.4"])
+    files = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, ["convert", "manifest", str(manifest), "--output", str(tmp_path / output)])
+    assert result.exit_code != 0 and "--output" in result.output and "apart" in result.output
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == files
+
+
+def test_a_regression_manifest_reports_labels_that_are_not_finite_numbers(tmp_path):
+    """Case 11: nan, inf and text in a manifest of numbers were written as class names."""
+    manifest = write_manifest(tmp_path, ["0.5", "nan", "0.25", "inf", "notanumber", "-Infinity", "1"])
+    report = convert("manifest", str(manifest), str(tmp_path / "out"))
+    samples = read_shards(report.shards)
+    assert report.written == 3 and sorted(samples) == ["p000", "p002", "p006"]
+    assert [json.loads(samples[k]["json"])["label"] for k in ("p000", "p002", "p006")] == [0.5, 0.25, 1]
+    assert [str(p).split(": ", 1)[0] for p in report.problems] == [f"{manifest}:{n}" for n in (3, 5, 6, 7)]
+    messages = [p.message for p in report.problems]
+    assert "'nan' is not a finite number" in messages[0] and "'inf' is not a finite number" in messages[1]
+    assert "'notanumber' is not a number" in messages[2]
+
+
+def test_a_class_manifest_reports_a_number_among_its_class_names(tmp_path):
+    manifest = write_manifest(tmp_path, ["awe", "fear", "3", "sadness"])
+    report = convert("manifest", str(manifest), str(tmp_path / "out"))
+    samples = read_shards(report.shards)
+    assert sorted(samples) == ["p000", "p001", "p003"] and json.loads(samples["p001"]["json"])["label"] == "fear"
+    assert [str(p) for p in report.problems] == [
+        f"{manifest}:4: label '3' is a number; the manifest's other labels are class names"]

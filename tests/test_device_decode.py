@@ -15,8 +15,9 @@ from perceptclip.device_decode import decode_on_device
 from perceptclip.metrics import srcc
 from perceptclip.preprocess import ImageError, PreprocessConfig, decode_image, preprocess
 from perceptclip.scorer import Scorer
-from perceptclip.testing import image_bytes, make_image
 from perceptclip.debug_model import tiny_model
+
+from support.images import image_bytes, make_image
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

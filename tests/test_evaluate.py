@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from webdataset import TarWriter
 
 from perceptclip.cli import main
 from perceptclip.evaluate import evaluate
@@ -13,19 +12,9 @@ from perceptclip.metrics import plcc, srcc
 from perceptclip.preprocess import decode_image
 from perceptclip.scorer import Scorer
 from perceptclip.tasks import EMOSET_LABELS
-from perceptclip.testing import image_bytes, make_image
 
-
-def write_shard(path, samples):
-    with open(path, "wb") as f:
-        writer = TarWriter(f, encoder=False)
-        for key, image, meta in samples:
-            sample = {"__key__": key, "json": meta if isinstance(meta, bytes) else json.dumps(meta).encode()}
-            if image is not None:
-                sample["jpg"] = image
-            writer.write(sample)
-        writer.close()
-    return str(path)
+from support.images import image_bytes, make_image
+from support.shards import write_labelled_shard
 
 
 @pytest.fixture
@@ -33,11 +22,13 @@ def regression_shards(tmp_path):
     images = {f"k{i:03d}": image_bytes(make_image(i, (72, 56))) for i in range(24)}
     labels = {key: float(i % 7) / 7 for i, key in enumerate(images)}
     good = list(images)
-    a = write_shard(tmp_path / "eval-000000.tar", [(k, images[k], {"label": labels[k]}) for k in good[:12]]
-                    + [("corrupt", b"\xff\xd8\xff garbage", {"label": 0.5})])
-    b = write_shard(tmp_path / "eval-000001.tar", [(k, images[k], {"label": labels[k]}) for k in good[12:]]
-                    + [("nolabel", images["k000"], {"other": 1}), ("noimage", None, {"label": 0.1}),
-                       ("deep", images["k001"], b"[" * 100_000)])
+    a = write_labelled_shard(tmp_path / "eval-000000.tar",
+                             [(k, images[k], {"label": labels[k]}) for k in good[:12]]
+                             + [("corrupt", b"\xff\xd8\xff garbage", {"label": 0.5})])
+    b = write_labelled_shard(tmp_path / "eval-000001.tar",
+                             [(k, images[k], {"label": labels[k]}) for k in good[12:]]
+                             + [("nolabel", images["k000"], {"other": 1}), ("noimage", None, {"label": 0.1}),
+                                ("deep", images["k001"], b"[" * 100_000)])
     return [a, b], images, labels
 
 
@@ -62,7 +53,7 @@ def test_regression_metrics_equal_the_scorers_own_outputs(iqa_artifact, regressi
 def test_classification_metrics_over_class_names_and_indices(emotion_artifact, tmp_path):
     samples = [(f"e{i}", image_bytes(make_image(100 + i)), {"label": EMOSET_LABELS[i % 8] if i % 2 else i % 8})
                for i in range(16)]
-    shard = write_shard(tmp_path / "emo-000000.tar", samples)
+    shard = write_labelled_shard(tmp_path / "emo-000000.tar", samples)
     result = evaluate(emotion_artifact, shard, device="cpu")
     scorer = Scorer.load(emotion_artifact, device="cpu")
     pred = scorer.score([scorer.preprocess(decode_image(img)) for _, img, _ in samples]).argmax(1)

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,7 +28,13 @@ import s3fs
 from perceptclip.score import ScoreConfig, run_score
 from perceptclip.shards import write_shard
 from perceptclip.storage import StorageError
-from perceptclip.testing import image_bytes, make_image
+
+from support.images import image_bytes, make_image
+from support.processes import kill_session, raylet_pid, session_pids, worker_pids
+from support.waiting import wait_for
+
+# every test injects a fault into a real run or runs a job against the fault-injecting store
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "testing-secret"                     # the fake secret key the s3_server fixture sets
@@ -213,28 +218,6 @@ def markers(fs, out: str) -> set[str]:
 
 # ------------------------------------------------------------------------------------------ compute
 
-def _model_actor_pids(raylet_pid: int) -> list[int]:
-    """The scoring job's model actors among the worker processes of one raylet (one node)."""
-    import psutil
-
-    pids = []
-    for p in psutil.Process(raylet_pid).children(recursive=True):
-        try:
-            if "ModelActor" in " ".join(p.cmdline()):
-                pids.append(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return pids
-
-
-def _wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
-
-
 def test_a_killed_model_actor_is_restarted_and_every_shard_commits_once(proxy, s3_server, iqa_artifact,
                                                                         ray_local, tmp_path):
     """SIGKILL of the model actor's process after the first commit, while the last shard is still being
@@ -247,11 +230,11 @@ def test_a_killed_model_actor_is_restarted_and_every_shard_commits_once(proxy, s
     result = {}
     thread = threading.Thread(target=_run_into, args=(result, cfg))
     thread.start()
-    _wait_for(lambda: list(out.glob("_markers/*.json")), 240, "the first commit")
-    raylet = ray_local._private.worker._global_node.all_processes["raylet"][0].process.pid
-    [actor] = _wait_for(lambda: _model_actor_pids(raylet), 30, "the model actor")
+    wait_for(lambda: list(out.glob("_markers/*.json")), 240, "the first commit")
+    raylet = raylet_pid()
+    [actor] = wait_for(lambda: worker_pids(raylet, "ModelActor"), 30, "the model actor")
     os.kill(actor, signal.SIGKILL)
-    _wait_for(lambda: set(_model_actor_pids(raylet)) - {actor}, 120, "the restarted model actor")
+    wait_for(lambda: set(worker_pids(raylet, "ModelActor")) - {actor}, 120, "the restarted model actor")
     proxy.release()
     thread.join(timeout=240)
 
@@ -264,23 +247,18 @@ def test_a_killed_model_actor_is_restarted_and_every_shard_commits_once(proxy, s
 # ray.init beside it will not work. It starts a head (no CPUs: nothing runs beside the driver) and two
 # 2-CPU worker nodes, scores, removes the node of the model actor after the first commit, and prints
 # a line "removed {...}" then and a line "outcome {...}" at the end (Ray may print lines of its own).
-# Its output goes to files: a pipe nobody reads would fill up and stop it.
+# Its output goes to files: a pipe nobody reads would fill up and stop it. It runs in the repository.
 NODE_LOSS = r"""
 import json, os, sys, threading, time
-import psutil
 from ray.cluster_utils import Cluster
 from perceptclip.score import ScoreConfig, run_score
+sys.path.insert(0, "tests")
+from support.processes import raylet_pid, worker_pids
 
 cfg = ScoreConfig(**json.loads(sys.argv[1]))
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
 def runs_the_model(node):
-    for p in psutil.Process(node.all_processes["raylet"][0].process.pid).children(recursive=True):
-        try:
-            if "ModelActor" in " ".join(p.cmdline()):
-                return True
-        except psutil.NoSuchProcess:
-            pass
-    return False
+    return bool(worker_pids(raylet_pid(node), "ModelActor"))
 try:        # shutdown also removes the address file the Cluster wrote for plain ray.init() to find
     workers = [cluster.add_node(num_cpus=2, wait=False) for _ in range(2)]     # both start at once
     cluster.wait_for_nodes()
@@ -329,41 +307,16 @@ def test_a_node_removed_mid_run_and_the_run_completes_on_the_rest(proxy, s3_serv
         proc = subprocess.Popen([sys.executable, "-c", NODE_LOSS, json.dumps(fields)], cwd=REPO, env=env,
                                 stdout=out_file, stderr=err_file, start_new_session=True)
     try:
-        removal = _wait_for(lambda: said("removed") or said("outcome") or proc.poll() is not None, 300,
+        removal = wait_for(lambda: said("removed") or said("outcome") or proc.poll() is not None, 300,
                             "the node's removal")
         proxy.release()
         proc.wait(timeout=300)
     finally:
-        _kill_session(proc)
+        kill_session(proc)
     assert removal == {"nodes_left": 2}, stderr.read_text()[-3000:]     # the head and one worker node
     outcome = said("outcome")
     assert outcome["summary"]["shards"] == {"planned": SHARDS, "done": SHARDS, "skipped": 0, "failed": 0}, outcome
     reconcile(fsspec.filesystem("file"), str(out), contents)
-
-
-def _kill_session(proc: subprocess.Popen) -> None:
-    """End what the test started: the process and every process still in its session (Ray's)."""
-    for _ in range(3):      # a process may start another while the first ones are being killed
-        for pid in _session_pids(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    proc.wait()
-
-
-def _session_pids(session: int) -> dict[int, str]:
-    """The live processes of a process session, with their command lines."""
-    import psutil
-
-    found = {}
-    for p in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            if os.getsid(p.pid) == session and p.info["status"] != psutil.STATUS_ZOMBIE:
-                found[p.pid] = " ".join(p.info["cmdline"] or [])
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            pass
-    return found
 
 
 # ------------------------------------------------------------------------------------------ the store
@@ -385,7 +338,7 @@ def test_a_throttling_store_is_retried_and_what_it_refuses_is_redone_by_the_next
     result = {}
     thread = threading.Thread(target=_run_into, args=(result, cfg))
     thread.start()
-    _wait_for(lambda: any("shard-000003: FAILED" in line for line in result.get("lines", [])), 240,
+    wait_for(lambda: any("shard-000003: FAILED" in line for line in result.get("lines", [])), 240,
               "the refused shard to be reported")
     proxy.release()
     thread.join(timeout=240)
@@ -514,7 +467,7 @@ AGENTS = {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
 
 def _titles(session: int) -> set[str]:
     """What the processes of a session are (Ray names its processes ``ray::ROLE``)."""
-    return {command.split()[0] if command.split() else str(pid) for pid, command in _session_pids(session).items()}
+    return {command.split()[0] if command.split() else str(pid) for pid, command in session_pids(session).items()}
 
 
 def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shards(proxy, s3_server, iqa_artifact,
@@ -538,14 +491,14 @@ def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shard
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
-        _wait_for(lambda: len(list(out.glob("_markers/*.json"))) >= 2 or first.poll() is not None, 240,
+        wait_for(lambda: len(list(out.glob("_markers/*.json"))) >= 2 or first.poll() is not None, 240,
                   "two commits")
         assert first.poll() is None
         first.send_signal(signal.SIGKILL)
         first.wait()
         # Ray's reaper takes the driver's cluster down with it: the GCS, the raylet and the workers go
         # within seconds, and the rerun starts while the agents still linger
-        _wait_for(lambda: _titles(first.pid) <= AGENTS, 60, "the killed driver's cluster to stop")
+        wait_for(lambda: _titles(first.pid) <= AGENTS, 60, "the killed driver's cluster to stop")
         committed = {p.stem for p in out.glob("_markers/*.json")}
         before = {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in committed}
         (out / "shard-000007.parquet").write_bytes(b"half-written orphan")     # as if killed between the two writes
@@ -556,9 +509,9 @@ def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shard
         try:
             stdout, stderr = second.communicate(timeout=300)
         finally:
-            _kill_session(second)
+            kill_session(second)
     finally:
-        _kill_session(first)
+        kill_session(first)
     assert second.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout)
     assert summary["shards"] == {"planned": SHARDS, "done": SHARDS - len(committed), "skipped": len(committed),

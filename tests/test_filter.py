@@ -2,6 +2,7 @@
 
 import ast
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,10 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from perceptclip.cli import main
-from perceptclip.filter import ExpressionError, kept_rows, parse_expression, safe_member_name
+from perceptclip.expression import ExpressionError, kept_rows, parse_expression
+from perceptclip.filter import safe_member_name
 from perceptclip.score import ScoreConfig, run_score
 from perceptclip.shards import read_shard, write_shard
-from perceptclip.testing import image_bytes, make_image
+
+from support.images import image_bytes, make_image
 
 TABLE = pa.table({
     "key": ["a", "b", "c", "d", "e"],
@@ -99,6 +102,7 @@ def expected_keys(scores, name, threshold):
     return [r["key"] for r in rows if r["status"] == "ok" and r["iqa"] > threshold]
 
 
+@pytest.mark.slow
 def test_filter_writes_only_kept_samples_with_their_scores(scored):
     root, shards = scored
     scores, out = root / "scores", root / "curated"
@@ -128,6 +132,7 @@ def test_filter_writes_only_kept_samples_with_their_scores(scored):
         assert marker["kept"] == len(keep) and marker["of"] == len(samples)
 
 
+@pytest.mark.slow
 def test_filter_resumes_per_shard(scored):
     root, _ = scored
     scores, out = root / "scores", root / "curated-resume"
@@ -141,6 +146,7 @@ def test_filter_resumes_per_shard(scored):
     assert (out / "_markers" / "shard-1.json").exists()
 
 
+@pytest.mark.slow
 def test_bad_expression_fails_before_any_work(scored):
     root, _ = scored
     result = CliRunner().invoke(main, ["filter", "--scores", str(root / "scores"), "--where", "quality > 0.5",
@@ -149,6 +155,7 @@ def test_bad_expression_fails_before_any_work(scored):
     assert not (root / "never").exists()
 
 
+@pytest.mark.slow
 def test_a_vanished_shard_fails_and_is_retried(scored, tmp_path):
     root, shards = scored
     moved = root / "shards" / "shard-1.tar"
@@ -272,3 +279,103 @@ def test_no_text_gets_past_the_parser_but_the_language():
         assert all(isinstance(node, ALLOWED_NODES) for node in ast.walk(expression.tree)), ast.dump(expression.tree)
 
     check()
+
+
+# --- no silent harm: the output never holds the inputs, a rerun never mixes two curations ------------
+
+def _filter(scores, where, output, *extra):
+    return CliRunner().invoke(main, ["filter", "--scores", str(scores), "--where", where, "--output", str(output),
+                                     *extra])
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["shards", "scores", "root", "inside-scores"])
+def test_an_output_that_holds_the_inputs_is_refused_before_any_write(scored, target):
+    root, _ = scored
+    output = {"shards": root / "shards", "scores": root / "scores", "root": root,
+              "inside-scores": root / "scores" / "curated"}[target]
+    before = _snapshot(root)
+    for extra in ((), ("--overwrite",)):
+        result = _filter(root / "scores", "iqa > -100", output, *extra)
+        assert result.exit_code != 0, result.output
+        assert "--output" in result.output and ("holds" in result.output or "inside --scores" in result.output)
+    assert _snapshot(root) == before                       # not one byte of the shards or the scores changed
+
+
+@pytest.mark.slow
+def test_a_rerun_with_another_expression_is_refused_unless_overwrite(scored, tmp_path):
+    root, _ = scored
+    out = tmp_path / "curated"
+    assert _filter(root / "scores", "iqa > -100", out).exit_code == 0
+    (out / "_markers" / "shard-1.json").unlink()           # half done, as after an interrupted run
+    result = _filter(root / "scores", "emotion != 'fear'", out)
+    assert result.exit_code != 0 and "curated with --where 'iqa > -100'" in result.output
+    assert not (out / "_markers" / "shard-1.json").exists()
+    result = _filter(root / "scores", "emotion != 'fear'", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    wheres = {json.loads(p.read_text())["where"] for p in (out / "_markers").glob("*.json")}
+    assert wheres == {"emotion != 'fear'"}
+
+
+@pytest.mark.slow
+def test_tables_with_different_models_are_all_checked_before_any_work(scored, tmp_path):
+    root, _ = scored
+    scores = tmp_path / "scores"
+    shutil.copytree(root / "scores", scores)
+    table = pq.read_table(scores / "shard-1.parquet")           # a later run scored this shard with iqa only
+    meta = json.loads(table.schema.metadata[b"perceptclip"])
+    meta["models"] = [m for m in meta["models"] if m["name"] != "emotion"]
+    keep = [c for c in table.column_names if not c.startswith("emotion")]
+    table = table.select(keep).replace_schema_metadata({b"perceptclip": json.dumps(meta).encode()})
+    pq.write_table(table, scores / "shard-1.parquet")
+    result = _filter(scores, "emotion != 'fear'", tmp_path / "out")
+    assert result.exit_code != 0
+    assert "no column 'emotion' in the score table of shard-1" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+    assert _filter(scores, "iqa > -100", tmp_path / "out").exit_code == 0    # a column every table has
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,message", [
+    ('emotion != "Fear"', "'Fear' is not a class of emotion; its classes: amusement, awe"),
+    ('emotion == "feer"', "'feer' is not a class of emotion"),
+    ('emotion in ["awe", "joy"]', "'joy' is not a class of emotion"),
+    ("iqa > true", "iqa is number; compare it with a number"),
+    ("emotion in []", "'in' needs at least one value"),
+])
+def test_expressions_that_could_only_keep_all_or_nothing_are_refused(scored, tmp_path, where, message):
+    root, _ = scored
+    result = _filter(root / "scores", where, tmp_path / "out")
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_quantiles_checks_class_names_too(scored):
+    root, _ = scored
+    result = CliRunner().invoke(main, ["quantiles", "--scores", str(root / "scores"), "--where", 'emotion == "Awe"'])
+    assert result.exit_code != 0 and "'Awe' is not a class of emotion" in result.output
+
+
+@pytest.mark.parametrize("where,kept", [
+    ("width > 99999999999999999999999999", []),
+    ("width < 99999999999999999999999999", ["a", "b", "d", "e"]),
+    ("width > -99999999999999999999999999", ["a", "b", "d", "e"]),
+    ("true", ["a", "b", "d", "e"]),                   # every scored sample; error rows never
+    ("false", []),
+    ("not false and iqa > 0.6", ["a", "d"]),
+])
+def test_huge_numbers_and_the_true_false_literals_work(where, kept):
+    expression = parse_expression(where)
+    expression.check(TABLE.schema)
+    assert kept_rows(TABLE, expression)["key"].to_pylist() == kept
+
+
+@pytest.mark.parametrize("where,column", [("iqa >", 6), ("iqa = 0.5", 5), ("  iqa >", 6), ("iqa\0 > 1", 4)])
+def test_error_positions_count_from_one(where, column):
+    with pytest.raises(ExpressionError, match=f"at column {column}:"):
+        parse_expression(where)

@@ -1,4 +1,4 @@
-"""Hostile input: every case of ``perceptclip.hostile`` through one real scoring run (local Ray, tiny models),
+"""Hostile input: every case of ``support.hostile`` through one real scoring run (local Ray, tiny models),
 the counts reconciled, curation of the result kept inside its folder, and property tests that feed
 arbitrary bytes to the reader and the decode stage."""
 
@@ -13,12 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from perceptclip.decode import decode_samples
 from perceptclip.filter import run_filter, safe_member_name
-from perceptclip.hostile import IGNORED, MAX_PIXELS, observe, write_hostile_shards
 from perceptclip.preprocess import PreprocessConfig
-from perceptclip.score import decode_samples, load_score_config, run_score
+from perceptclip.score import load_score_config, run_score
 from perceptclip.shards import IMAGE_EXTENSIONS, ShardError, read_shard, shard_bytes
-from perceptclip.testing import image_bytes, make_image
+
+from support.hostile import IGNORED, MAX_PIXELS, observe, write_hostile_shards
+from support.images import image_bytes, make_image
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,7 @@ def hostile_run(tmp_path_factory, iqa_artifact, memorability_artifact, ray_local
             "reconciliation": reconciliation}
 
 
+@pytest.mark.slow
 def test_every_hostile_input_has_its_stated_outcome(hostile_run):
     wrong = [(o.case.what, o.case.expect, o.got, o.case.columns, o.columns)
              for o in hostile_run["outcomes"] if not o.as_expected]
@@ -41,6 +44,7 @@ def test_every_hostile_input_has_its_stated_outcome(hostile_run):
     assert len(hostile_run["outcomes"]) == len(hostile_run["cases"])
 
 
+@pytest.mark.slow
 def test_counts_reconcile(hostile_run):
     summary, rec = hostile_run["summary"], hostile_run["reconciliation"]
     assert rec["rows"] == rec["input_samples"] == summary["samples"]["total"]
@@ -53,6 +57,7 @@ def test_counts_reconcile(hostile_run):
         assert not (hostile_run["root"] / "scores" / f"{name}.parquet").exists()
 
 
+@pytest.mark.slow
 def test_curation_never_writes_outside_its_folder(hostile_run, tmp_path):
     root = hostile_run["root"]
     out = tmp_path / "nest" / "curated"

@@ -102,7 +102,7 @@ def test_import_official_cli_then_predict(release, tmp_path):
     from click.testing import CliRunner
 
     from perceptclip.cli import main
-    from perceptclip.testing import image_bytes, make_image
+    from support.images import image_bytes, make_image
 
     task, _, path = release
     out = tmp_path / "model"

@@ -6,7 +6,8 @@ from click.testing import CliRunner
 from perceptclip.artifact import load_artifact
 from perceptclip.cli import main
 from perceptclip.preprocess import decode_image, normalize
-from perceptclip.testing import image_bytes, make_image
+
+from support.images import image_bytes, make_image
 
 
 def _images(tmp_path, n=3):

@@ -7,7 +7,8 @@ from PIL import Image
 
 from perceptclip.preprocess import (ImageError, PreprocessConfig, crop_positions, decode_image, normalize,
                                  preprocess)
-from perceptclip.testing import image_bytes, make_image
+
+from support.images import image_bytes, make_image
 
 
 def test_resize_center_crop_matches_torchvision_reference():
@@ -40,10 +41,12 @@ def test_multi_crop_scales_small_and_huge_images():
 
 
 def test_bad_preprocess_config_names_the_problem():
-    with pytest.raises(ValueError, match="preprocess.kind"):
+    with pytest.raises(ValueError, match="^kind: must be one of resize_center_crop, multi_crop, got 'squash'"):
         PreprocessConfig(kind="squash")
-    with pytest.raises(ValueError, match="max_side >= size"):
+    with pytest.raises(ValueError, match=r"^max_side: must be >= size \(224\), got 100"):
         PreprocessConfig(size=224, max_side=100)
+    with pytest.raises(ValueError, match="^preprocess.crops: must be an integer >= 1, got 0"):
+        PreprocessConfig.from_mapping({"kind": "multi_crop", "crops": 0}, "preprocess.")
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "LA", "1"])
@@ -145,7 +148,7 @@ def test_every_exif_orientation_gives_the_upright_picture(orientation):
     (14000, 14000, 10**12),            # over PIL's own limit, whatever max_pixels says
 ])
 def test_a_decompression_bomb_is_refused_before_any_pixel_is_decoded(width, height, max_pixels):
-    from perceptclip.hostile import png_bomb
+    from support.hostile import png_bomb
 
     data = png_bomb(width, height)
     assert len(data) < width * height // 500                    # kilobytes that would decode to megapixels

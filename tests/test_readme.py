@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# the walkthrough runs every command of the README on a Ray cluster
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +32,7 @@ def test_the_walkthrough_names_every_command():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from perceptclip.testing import image_bytes, make_image
+    from support.images import image_bytes, make_image
     from perceptclip.debug_model import make_tiny_artifact
 
     work = tmp_path_factory.mktemp("readme")

@@ -22,7 +22,8 @@ from PIL import Image
 from perceptclip.cli import main
 from perceptclip.score import ScoreConfig, run_score
 from perceptclip.shards import write_shard
-from perceptclip.testing import image_bytes, make_image
+
+from support.images import image_bytes, make_image
 
 CHROMIUM = "/usr/bin/chromium"
 HOSTILE_KEY = "x<img src=q onerror=alert(1)>&amp"
@@ -72,6 +73,7 @@ def scored_values(table: pa.Table, column: str) -> np.ndarray:
 
 # --- quantiles ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_quantiles_equal_numpy_and_class_shares_count_labels(scored):
     result = cli("quantiles", "--scores", str(scored["dest"]), "--json")
     assert result.exit_code == 0, result.output
@@ -97,6 +99,7 @@ def test_quantiles_equal_numpy_and_class_shares_count_labels(scored):
     assert iqa[1] == str(SCORED) and float(iqa[3 + levels.index(0.5)]) == pytest.approx(median, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_where_share_is_what_the_expression_keeps(scored):
     table = scored["table"]
     out = json.loads(cli("quantiles", "--scores", str(scored["dest"]), "--json").stdout)
@@ -122,6 +125,7 @@ def test_where_share_is_what_the_expression_keeps(scored):
         assert result.exit_code == 1 and "--where" in result.output and why in result.output, (bad, result.output)
 
 
+@pytest.mark.slow
 def test_only_committed_tables_count(scored, tmp_path):
     dest = tmp_path / "scores"
     shutil.copytree(scored["dest"], dest)
@@ -131,6 +135,7 @@ def test_only_committed_tables_count(scored, tmp_path):
     assert out["tables"] == 1 and out["samples"]["total"] == first.num_rows
 
 
+@pytest.mark.slow
 def test_errors_name_what_is_wrong_and_what_to_do(scored, tmp_path):
     missing = cli("quantiles", "--scores", str(tmp_path / "nowhere"))
     assert missing.exit_code == 1
@@ -159,6 +164,7 @@ def test_every_help_has_an_example():
     assert re.search(r"Example:\s+perceptclip quantiles --scores", cli("quantiles", "--help").output)
 
 
+@pytest.mark.slow
 def test_scores_and_report_on_object_storage(scored, s3_server, tmp_path):
     fs = s3_server.filesystem()
     bucket = s3_server.bucket()
@@ -189,6 +195,7 @@ def figures(page: str, model: str) -> tuple[list[dict], list[dict]]:
     return grid(top), grid(bottom)
 
 
+@pytest.mark.slow
 def test_report_ranks_and_reads_thumbnails_from_where_the_shards_are_now(scored, tmp_path):
     # The shards "moved": only part-000000 is at the new place, rewritten with solid red images.
     moved = tmp_path / "moved"
@@ -227,6 +234,7 @@ def test_report_ranks_and_reads_thumbnails_from_where_the_shards_are_now(scored,
     assert "part-000001 is not among --shards" in page
 
 
+@pytest.mark.slow
 def test_report_without_thumbnails(scored, tmp_path):
     output = tmp_path / "report.html"
     result = cli("report", "--scores", str(scored["dest"]), "--output", str(output), "--top-k", "0")
@@ -235,6 +243,7 @@ def test_report_without_thumbnails(scored, tmp_path):
     assert "<img" not in page and "<h3>Top" not in page and page.count('<svg class="chart"') == 2
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium(scored, tmp_path):
     assert Path(CHROMIUM).exists(), "headless Chromium is needed: scripts/setup.sh --with-test-tools installs it"
     output = tmp_path / "report.html"

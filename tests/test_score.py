@@ -2,6 +2,7 @@
 folders and a real S3 server (moto) on loopback."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from perceptclip.cli import main
 from perceptclip.score import ScoreConfig, load_score_config, run_score
 from perceptclip.shards import read_shard, shard_bytes, write_shard
 from perceptclip.storage import storage_options
-from perceptclip.testing import image_bytes, make_image
+
+from support.images import image_bytes, make_image
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = [("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")]
@@ -65,6 +67,14 @@ def first_run(dataset, iqa_artifact, emotion_artifact, ray_local, tmp_path_facto
     return {"out": out, "proc": proc, "summary": json.loads(proc.stdout)}
 
 
+@pytest.fixture
+def first_run_copy(first_run, tmp_path) -> Path:
+    """A copy of the first run's output for a test that runs the job again over it: the first run's own
+    output stays as that run left it (one run summary, its run id in every table), whatever ran before."""
+    return Path(shutil.copytree(first_run["out"], tmp_path / "scores"))
+
+
+@pytest.mark.slow
 def test_every_sample_is_one_row_and_broken_shards_fail(first_run, dataset):
     proc, summary, out = first_run["proc"], first_run["summary"], first_run["out"]
     assert proc.returncode == 1                      # some shards failed
@@ -89,6 +99,7 @@ def test_every_sample_is_one_row_and_broken_shards_fail(first_run, dataset):
     assert len(runs) == 1 and json.loads(runs[0].read_text())["run_id"] == summary["run_id"]
 
 
+@pytest.mark.slow
 def test_error_rows_and_table_contents(first_run, dataset):
     table = pq.read_table(first_run["out"] / "shard-000001.parquet").to_pylist()
     corrupt, no_image = table[2], table[4]
@@ -108,6 +119,7 @@ def test_error_rows_and_table_contents(first_run, dataset):
     assert empty.num_rows == 0 and "emotion_awe" in empty.column_names
 
 
+@pytest.mark.slow
 def test_marker_and_provenance(first_run, iqa_artifact):
     import hashlib
 
@@ -125,6 +137,7 @@ def test_marker_and_provenance(first_run, iqa_artifact):
     assert meta["models"][1]["labels"][0] == "amusement"
 
 
+@pytest.mark.slow
 def test_scores_equal_predict(first_run, dataset, iqa_artifact, emotion_artifact, tmp_path):
     samples = dataset["contents"]["shard-000002"]
     paths = []
@@ -144,8 +157,9 @@ def test_scores_equal_predict(first_run, dataset, iqa_artifact, emotion_artifact
             assert row[f"emotion_{label}"] == pytest.approx(p, abs=1e-5)
 
 
-def test_rerun_skips_committed_shards_before_reading_them(first_run, dataset, iqa_artifact, emotion_artifact):
-    out = first_run["out"]
+@pytest.mark.slow
+def test_rerun_skips_committed_shards_before_reading_them(first_run_copy, dataset, iqa_artifact, emotion_artifact):
+    out = first_run_copy
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     cfg = ScoreConfig(input=[dataset["good"]], output=str(out), models=[iqa_artifact, emotion_artifact])
     # the shards are replaced by garbage: a rerun that read them would fail
@@ -163,8 +177,10 @@ def test_rerun_skips_committed_shards_before_reading_them(first_run, dataset, iq
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
 
 
-def test_deleted_marker_reruns_exactly_that_shard(first_run, dataset, iqa_artifact, emotion_artifact, ray_local):
-    out = first_run["out"]
+@pytest.mark.slow
+def test_deleted_marker_reruns_exactly_that_shard(first_run_copy, dataset, iqa_artifact, emotion_artifact,
+                                                  ray_local):
+    out = first_run_copy
     original = pq.read_table(out / "shard-000002.parquet")
     (out / "_markers" / "shard-000002.json").unlink()
     (out / "shard-000002.parquet").write_bytes(b"half-written orphan")    # a crash between the two writes
@@ -178,8 +194,9 @@ def test_deleted_marker_reruns_exactly_that_shard(first_run, dataset, iqa_artifa
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name != "shard-000002.parquet"} == before
 
 
-def test_overwrite_redoes_all(first_run, dataset, iqa_artifact, emotion_artifact, ray_local):
-    out = first_run["out"]
+@pytest.mark.slow
+def test_overwrite_redoes_all(first_run_copy, dataset, iqa_artifact, emotion_artifact, ray_local):
+    out = first_run_copy
     before = {p.name: pq.read_table(p).to_pylist() for p in out.glob("*.parquet")}
     cfg = ScoreConfig(input=[dataset["good"]], output=str(out), models=[iqa_artifact, emotion_artifact],
                       overwrite=True, batch_size=3, block_rows=2)
@@ -194,6 +211,7 @@ def test_overwrite_redoes_all(first_run, dataset, iqa_artifact, emotion_artifact
         assert marker["run_id"] == summary["run_id"]
 
 
+@pytest.mark.slow
 def test_decoding_on_the_model_device_gives_the_rows_of_the_cpu_path(first_run, dataset, iqa_artifact,
                                                                      emotion_artifact, ray_local, tmp_path):
     """decode: device on this CPU-only machine: the actor decodes with torchvision on its device (the
@@ -216,6 +234,7 @@ def test_decoding_on_the_model_device_gives_the_rows_of_the_cpu_path(first_run, 
                     assert new[f"emotion_{label}"] == pytest.approx(old[f"emotion_{label}"], abs=2e-3)
 
 
+@pytest.mark.slow
 def test_s3_end_to_end(s3_server, iqa_artifact, ray_local):
     bucket = s3_server.bucket()
     options = storage_options()
@@ -300,6 +319,7 @@ def test_score_config_file_documents_every_option():
         assert lines[at - 1].startswith("#"), name
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_load_stops_the_run_with_a_summary(dataset, iqa_artifact, ray_local, tmp_path):
     import shutil
 
@@ -317,6 +337,7 @@ def test_a_model_that_cannot_load_stops_the_run_with_a_summary(dataset, iqa_arti
     assert not list((tmp_path / "out").glob("*.parquet"))
 
 
+@pytest.mark.slow
 def test_sample_fraction_scores_a_seeded_share_then_the_full_run_completes(tmp_path, iqa_artifact, ray_local):
     for i in range(10):
         write_shard(str(tmp_path / "in" / f"part-{i:06d}.tar"), good_samples(i, 2))
@@ -337,13 +358,13 @@ def test_sample_fraction_scores_a_seeded_share_then_the_full_run_completes(tmp_p
     assert sorted(f"{Path(u).stem}.json" for u in plan_shards(again, storage_options(again.storage)).todo) == sampled
     full = run_score(load_score_config(None, input=[spec], output=out, models=[iqa_artifact])).to_dict()
     assert full["sample"] is None and full["shards"]["skipped"] == 3 and full["shards"]["done"] == 7
-    with pytest.raises(ValueError, match="sample_fraction: must be in"):
+    with pytest.raises(ValueError, match=r"^sample_fraction: must be a number <= 1, got 1.5"):
         load_score_config(None, input=[spec], output=out, models=[iqa_artifact], sample_fraction=1.5)
 
 
 def test_the_decode_tasks_import_no_torch():
     """Every decode task process imports this module; torch would add seconds to each one's start."""
-    code = "import sys, perceptclip.score; print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))"
+    code = "import sys, perceptclip.decode; print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -371,3 +392,30 @@ def test_the_model_actor_skips_importing_transformers(iqa_artifact):
     crops = np.random.default_rng(0).integers(0, 256, (3, 1, 3, 32, 32), dtype=np.uint8)
     expected = Scorer.load(iqa_artifact).score(list(crops))
     np.testing.assert_allclose(np.array(out["scores"]), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_overwrite_uncommits_a_committed_shard_that_can_no_longer_be_read(tmp_path, iqa_artifact, ray_local):
+    for i in range(2):
+        write_shard(str(tmp_path / "shards" / f"part-{i}.tar"), good_samples(20 + i, 3))
+    cfg = dict(input=[str(tmp_path / "shards" / "*.tar")], output=str(tmp_path / "out"), models=[iqa_artifact])
+    assert run_score(ScoreConfig(**cfg)).ok
+    damaged = tmp_path / "shards" / "part-1.tar"
+    intact = damaged.read_bytes()
+    damaged.write_bytes(intact[: len(intact) // 2])
+    summary = run_score(ScoreConfig(**cfg, overwrite=True))
+    assert not summary.ok and [r.shard for r in summary.failed] == [str(damaged)]
+    # its old scores no longer describe the shard: uncommitted, so a plain rerun retries it
+    assert sorted(p.name for p in (tmp_path / "out" / "_markers").glob("*.json")) == ["part-0.json"]
+    damaged.write_bytes(intact)
+    again = run_score(ScoreConfig(**cfg)).to_dict()
+    assert again["shards"] == {"planned": 2, "done": 1, "skipped": 1, "failed": 0}
+
+
+def test_an_output_that_holds_the_input_shards_is_refused_before_any_work(tmp_path, iqa_artifact):
+    write_shard(str(tmp_path / "data" / "part-0.tar"), good_samples(30, 2))
+    for output in (tmp_path / "data", tmp_path):
+        cfg = ScoreConfig(input=[str(tmp_path / "data" / "*.tar")], output=str(output), models=[iqa_artifact])
+        with pytest.raises(ValueError, match=f"^output: {output} holds input shards"):
+            run_score(cfg)
+    assert not list((tmp_path / "data").glob("*.parquet")) and not (tmp_path / "data" / "_markers").exists()

@@ -8,7 +8,8 @@ from scipy.stats import spearmanr
 from perceptclip.artifact import load_artifact
 from perceptclip.preprocess import decode_image
 from perceptclip.scorer import Scorer
-from perceptclip.testing import image_bytes, make_image
+
+from support.images import image_bytes, make_image
 
 
 @pytest.fixture(scope="module")

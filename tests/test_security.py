@@ -20,7 +20,8 @@ from perceptclip.cli import main
 from perceptclip.score import load_score_config, run_score
 from perceptclip.shards import write_shard
 from perceptclip.storage import storage_options
-from perceptclip.testing import image_bytes, make_image
+
+from support.images import image_bytes, make_image
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "CANARY-SECRET-4f1d9c2e7b"
@@ -54,6 +55,7 @@ def ray_session_logs(ray):
     return Path(_global_node.get_session_dir_path()) / "logs"
 
 
+@pytest.mark.slow
 def test_the_canary_appears_in_no_output_log_table_marker_or_summary(canary, iqa_artifact, ray_local, caplog):
     bucket, fs = canary["bucket"], canary["fs"]
     address = ray_local.get_runtime_context().gcs_address
@@ -92,6 +94,7 @@ def test_the_canary_appears_in_no_output_log_table_marker_or_summary(canary, iqa
     assert_clean(caplog.text, "logs")
 
 
+@pytest.mark.slow
 def test_the_canary_appears_in_no_exception_when_the_model_cannot_load(canary, iqa_artifact, ray_local, caplog,
                                                                           tmp_path):
     broken = tmp_path / "model"

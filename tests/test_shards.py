@@ -214,7 +214,7 @@ def test_storage_options_from_environment_and_config(monkeypatch):
     shown = redact(storage_options())
     assert "very-secret" not in json.dumps(shown) and "AKIDEXAMPLE" not in json.dumps(shown)
     assert redact_text("denied for very-secret", storage_options()) == "denied for ***"
-    with pytest.raises(ValueError, match="storage.endpoint_url"):
+    with pytest.raises(ValueError, match="^endpoint_url: must be a URL such as http://host:9000"):
         StorageConfig(endpoint_url="localhost:9000")
 
 

@@ -1,4 +1,4 @@
-"""Generated images for tests, benchmarks and the demo: smooth random pictures that compress like photos."""
+"""Generated images for tests, benchmarks and the demo data: smooth random pictures that compress like photos."""
 
 from __future__ import annotations
 

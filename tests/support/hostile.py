@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from perceptclip.testing import image_bytes, make_image
+from .images import image_bytes, make_image
 
 SHARD = "hostile-000000.tar"
 GZIP_SHARD = "hostile-gzip.tar"            # a gzip-compressed tar under a plain .tar name

@@ -1,0 +1,14 @@
+"""What the tests share, and nothing the product needs (the debug model is product:
+``perceptclip.debug_model``):
+
+- ``images``: generated photo-like images (``make_image``, ``image_bytes``), also for the demo data and
+  the benchmarks;
+- ``hostile``: hostile input for the scoring job, each case with its promised outcome (also printed by
+  ``scripts/hostile_input_table.py`` into docs/reliability.md);
+- ``shards``: labelled shards, the layout ``evaluate`` and ``train`` read;
+- ``processes``: Ray's worker processes by role, process sessions, and ending them;
+- ``waiting``: polling for a condition with a deadline that fails naming what it waited for.
+
+Pytest puts this folder on ``sys.path`` (``pythonpath`` in pyproject.toml); scripts and benchmarks
+that need generated images put the repository's ``tests`` folder there themselves.
+"""

@@ -1,0 +1,59 @@
+"""Processes that a test, or Ray for it, started: a node's workers by role, the members of a process
+session, and ending a session (what a test kills, it finds here)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import psutil
+
+
+def raylet_pid(node=None) -> int:
+    """The raylet of ``node`` (a ``ray._private.node.Node``, as ``ray.cluster_utils.Cluster`` gives
+    them); by default the node that this process's ``ray.init`` started."""
+    if node is None:
+        import ray
+
+        node = ray._private.worker._global_node
+    return node.all_processes["raylet"][0].process.pid
+
+
+def worker_pids(raylet: int, role: str) -> list[int]:
+    """The live worker processes of one raylet (one node) whose command line names ``role``
+    (``ModelActor``, ``RayTrainWorker``). Only the raylet's own children: a process that a worker forks
+    carries the worker's title for a while. A killed worker stays a zombie until the raylet reaps it:
+    not counted."""
+    pids = []
+    for p in psutil.Process(raylet).children():
+        try:
+            if role in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except psutil.NoSuchProcess:        # gone, or a zombie (psutil.ZombieProcess is one)
+            pass
+    return pids
+
+
+def session_pids(session: int) -> dict[int, str]:
+    """The live processes of a process session, with their command lines."""
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if os.getsid(p.pid) == session and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found[p.pid] = " ".join(p.info["cmdline"] or [])
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return found
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """End what a test started with ``start_new_session=True``: the process and every process still in
+    its session (Ray's)."""
+    for _ in range(3):      # a process may start another while the first ones are being killed
+        for pid in session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    proc.wait()
