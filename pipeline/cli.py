@@ -108,7 +108,9 @@ def _or_fail(action):
               help="koniq and manifest: the seeded random split's parts.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random split.")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Samples per shard.")
-def convert(dataset, source, output, split, fractions, seed, shard_size):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier conversion of the split in OUTPUT: its shards "
+              "are removed first.")
+def convert(dataset, source, output, split, fractions, seed, shard_size, overwrite):
     """Write DATASET at SOURCE as WebDataset shards: key.<ext> (the original image) and key.json (label).
 
     \b
@@ -118,7 +120,8 @@ def convert(dataset, source, output, split, fractions, seed, shard_size):
 
     SOURCE is the dataset's folder, or for manifest a CSV or Parquet file with path (or url) and label.
     A malformed line or a missing image is printed with its file and line; the others are written.
-    The last line printed is a JSON summary. The exit status is 1 when nothing was written.
+    The last line printed is a JSON summary. The exit status is 1 when nothing was written. A second
+    conversion of the same split into OUTPUT is refused (it would mix two runs' shards) unless --overwrite.
     """
     import json
 
@@ -126,14 +129,14 @@ def convert(dataset, source, output, split, fractions, seed, shard_size):
 
     try:
         report = run_convert(dataset, source, output, split=split, shard_size=shard_size,
-                             fractions=parse_fractions(fractions), seed=seed)
+                             fractions=parse_fractions(fractions), seed=seed, overwrite=overwrite)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     for problem in report.problems:
         click.echo(str(problem), err=True)
     click.echo(json.dumps(report.to_dict()))
     if not report.written:
-        raise SystemExit(1)
+        raise click.ClickException(f"no sample written: {len(report.problems)} problem(s), printed above")
 
 
 @main.command()
@@ -274,7 +277,9 @@ def quantiles(dest, expression, as_json):
 @click.option("--init", default=None, help="Start from this model (built-in name or path) instead of the "
               "config's pretrained backbone.")
 @click.option("--address", default=None, help="Ray cluster to join; default RAY_ADDRESS, else a local cluster.")
-def train(config_path, train_sets, val_sets, dest, init, address):
+@click.option("--restart", is_flag=True, help="Discard the earlier run in OUTPUT (checkpoints, metrics, model) and "
+              "start again, instead of resuming it.")
+def train(config_path, train_sets, val_sets, dest, init, address, restart):
     """Fine-tune on Ray Train; rerunning the same command resumes after the last finished epoch.
 
     \b
@@ -284,7 +289,8 @@ def train(config_path, train_sets, val_sets, dest, init, address):
       perceptclip score --model s3://b/runs/iqa-1/model ...
 
     Each epoch's metrics are printed and kept in OUTPUT/metrics.json; the last line printed is the
-    run's summary as JSON.
+    run's summary as JSON. A rerun with another config or other shards is refused (--restart starts
+    afresh); a set without a usable sample fails the run, naming it, and nothing is exported.
     """
     import dataclasses
     import json
@@ -296,8 +302,8 @@ def train(config_path, train_sets, val_sets, dest, init, address):
         cfg = dataclasses.replace(cfg, init=init)
     train_map = _or_fail(lambda: parse_datasets(train_sets, "--train"))
     val_map = _or_fail(lambda: parse_datasets(val_sets, "--val"))
-    summary = _or_fail(lambda: run_train(cfg, train_map, val_map, dest, address=address))
-    click.echo(json.dumps(summary))
+    summary = _or_fail(lambda: run_train(cfg, train_map, val_map, dest, address=address, restart=restart))
+    click.echo(json.dumps(summary, allow_nan=False))
 
 
 @main.command()
@@ -317,22 +323,17 @@ def evaluate(model, data, output, bootstrap, device):
       {"srcc": 0.91, "srcc_ci": [0.90, 0.92], "plcc": 0.93, ...}
 
     Regression: srcc, plcc, mse (with srcc_ci and plcc_ci); classification: accuracy, macro_f1 and the
-    confusion matrix. Samples without a usable image or label are counted under errors.
+    confusion matrix. Samples without a usable image or label are counted under errors, by reason; a
+    metric that cannot be computed (no usable sample, labels all equal) fails the command, naming why.
     """
     import json
 
     from perceptclip.evaluate import evaluate as run_evaluate
-    from perceptclip.storage import filesystem, storage_options
+    from perceptclip.storage import storage_options
 
-    options = storage_options()
     metrics = _or_fail(lambda: run_evaluate(model, list(data), resamples=bootstrap, device=device,
-                                            storage_options=options))
-    text = json.dumps(metrics)
-    if output:
-        fs, path = filesystem(output, options)
-        with fs.open(path, "w") as f:
-            f.write(text + "\n")
-    click.echo(text)
+                                            storage_options=storage_options(), output=output))
+    click.echo(json.dumps(metrics, allow_nan=False))
 
 
 @main.command("filter")

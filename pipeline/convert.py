@@ -1,25 +1,22 @@
 """Converters: public perceptual datasets and generic manifests -> WebDataset shards for training.
 
+    label file (perceptclip.datasets) -> the split's records -> each image read -> OUTPUT/<split>-NNNNNN.tar
+
 Each sample becomes ``<key>.<ext>`` (the original image bytes, never re-encoded) and ``<key>.json``
-(``label`` plus where the sample came from). A converter only lists records (key, image location,
-label, metadata) from the dataset's label files; ``write_shards`` reads the images and writes tars.
+(``label`` plus where the sample came from). KonIQ and manifests have no official split: a seeded hash
+of each image's name assigns it to one of ``fractions``' splits. Output is deterministic: the same
+source and options give byte-identical shards (fixed tar mtime, source order kept). A malformed line or
+a missing image becomes a ``Problem`` naming its file and line; the other samples are still written.
 
-    koniq     SOURCE/koniq10k_scores_and_distributions.csv (image_name, MOS), images in SOURCE/1024x768/
-    lamem     SOURCE/splits/{train,val,test}_{1..5}.txt ("image_name score" per line), images in SOURCE/images/
-    emoset    SOURCE/{train,val,test}.json ([emotion, image_path, annotation_path] entries), paths under SOURCE
-    manifest  a CSV or Parquet file with ``path`` (or ``url``) and ``label`` (a number or a class name);
-              relative paths are resolved against the manifest's folder, any fsspec URL works
-
-KonIQ and manifests have no official split: a seeded hash of each image's location assigns it to
-one of ``fractions``' splits.
-Output is deterministic: the same source and options give byte-identical shards (fixed tar mtime,
-source order kept). A malformed line or a missing image becomes a ``Problem`` naming its file and
-line; the other samples are still written.
+What a conversion wrote, and with which settings, is recorded in ``OUTPUT/_conversions/<split>.json``.
+A second conversion of the same split into the same OUTPUT would leave the first one's shards beside
+its own, and a glob of OUTPUT would read both: it is refused, naming the first one's settings, unless
+``overwrite``, which removes the first one's shards before writing. Shards named like the split's that
+no conversion recorded are never touched. OUTPUT must hold neither the label file nor an image.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -30,34 +27,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from perceptclip.shards import parse_json
-from perceptclip.tasks import EMOSET_LABELS
+from perceptclip.datasets import (Problem, Record, emoset_records, koniq_records, label_file, lamem_records,
+                                  manifest_records)
+from perceptclip.storage import check_apart, join
 
-KONIQ_CSV = "koniq10k_scores_and_distributions.csv"
-KONIQ_IMAGES = "1024x768"
-LAMEM_SPLITS = tuple(f"{part}_{i}" for part in ("train", "val", "test") for i in range(1, 6))
-EMOSET_SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"}
-
-
-@dataclass
-class Record:
-    key: str
-    image: str          # path or URL the image bytes are read from
-    label: float | str  # a number (regression) or a class name
-    where: str          # "file:line" of the label that listed it, for error messages
-    meta: dict = field(default_factory=dict)
-    name: str = ""      # the image as the label file names it: what a random split hashes
-
-
-@dataclass
-class Problem:
-    where: str          # "file:line" (or "file row N" for Parquet)
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
+RECORDS = "_conversions"       # OUTPUT/_conversions/<split>.json: what each split's conversion wrote
 
 
 @dataclass
@@ -72,25 +48,7 @@ class ConvertReport:
                 "problems": len(self.problems)}
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-
-def _join(root: str, *parts: str) -> str:
-    return posixpath.join(root.rstrip("/"), *parts)
-
-
-def _open_text(path: str):
-    import fsspec
-
-    return fsspec.open(path, "r", encoding="utf-8", newline="")
-
-
-def make_key(name: str) -> str:
-    """A WebDataset key from an image name: no extension, and no dots (WebDataset splits the key at the
-    first dot of the file name) or slashes."""
-    stem = name.rsplit("/", 1)[-1]
-    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "sample"
-
+# ---------------------------------------------------------------------------------------------- splits
 
 def _unique_keys(records: list[Record]) -> None:
     """Two images with the same file name in different folders would collide: number the later ones."""
@@ -136,157 +94,6 @@ def random_split(records: list[Record], split: str, fractions: dict[str, float],
             r.meta["split"] = split
             chosen.append(r)
     return chosen
-
-
-def _number(text: str) -> float:
-    value = float(text)
-    if not np.isfinite(value):
-        raise ValueError(f"{text!r} is not a finite number")
-    return value
-
-
-def _label(value) -> float | str:
-    """A manifest label: a number if it parses as one, else a class name."""
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
-        return _number(str(value))
-    text = str(value).strip()
-    if not text:
-        raise ValueError("empty label")
-    try:
-        return _number(text)
-    except ValueError:
-        return text
-
-
-# ---------------------------------------------------------------------------------------------- datasets
-
-def koniq_records(source: str) -> tuple[list[Record], list[Problem]]:
-    path = _join(source, KONIQ_CSV)
-    records, problems = [], []
-    with _open_text(path) as f:
-        reader = csv.DictReader(f)
-        missing = {"image_name", "MOS"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            try:
-                name = (row["image_name"] or "").strip()
-                if not name:
-                    raise ValueError("empty image_name")
-                meta = {"dataset": "koniq10k", "image_name": name, "mos": _number(row["MOS"])}
-                if row.get("MOS_zscore"):
-                    meta["mos_zscore"] = _number(row["MOS_zscore"])
-            except (ValueError, TypeError) as e:
-                problems.append(Problem(where, f"malformed row: {e}"))
-                continue
-            records.append(Record(make_key(name), _join(source, KONIQ_IMAGES, name), meta["mos"], where, meta, name))
-    return records, problems
-
-
-def lamem_records(source: str, split: str) -> tuple[list[Record], list[Problem]]:
-    if split not in LAMEM_SPLITS:
-        raise ValueError(f"LaMem split must be one of {', '.join(LAMEM_SPLITS)}, not {split!r}")
-    path = _join(source, "splits", f"{split}.txt")
-    records, problems = [], []
-    with _open_text(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            parts = line.split()
-            try:
-                if len(parts) != 2:
-                    raise ValueError(f"expected 'image_name score', got {line.strip()!r}")
-                score = _number(parts[1])
-            except ValueError as e:
-                problems.append(Problem(where, f"malformed line: {e}"))
-                continue
-            meta = {"dataset": "lamem", "image_name": parts[0], "split": split}
-            records.append(Record(make_key(parts[0]), _join(source, "images", parts[0]), score, where, meta))
-    return records, problems
-
-
-def emoset_records(source: str, split: str) -> tuple[list[Record], list[Problem]]:
-    if split not in EMOSET_SPLITS:
-        raise ValueError(f"EmoSet split must be one of {', '.join(EMOSET_SPLITS)}, not {split!r}")
-    path = _join(source, f"{split}.json")
-    with _open_text(path) as f:
-        text = f.read()
-    try:
-        entries = parse_json(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except ValueError as e:                         # parse_json: nested too deeply
-        raise ValueError(f"{path}: not an EmoSet split file ({e})") from None
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of [emotion, image_path, annotation_path]")
-    # JSON lists are usually one entry per line; find each entry's line so errors point at it
-    lines = _entry_lines(text, len(entries))
-    records, problems = [], []
-    for i, entry in enumerate(entries):
-        where = f"{path}:{lines[i]}" if lines else f"{path} entry {i + 1}"
-        if not (isinstance(entry, list) and len(entry) >= 2 and all(isinstance(x, str) for x in entry[:3])):
-            problems.append(Problem(where, f"malformed entry {entry!r}: expected [emotion, image_path, annotation_path]"))
-            continue
-        emotion, image = entry[0], entry[1]
-        if emotion not in EMOSET_LABELS:
-            problems.append(Problem(where, f"unknown emotion {emotion!r}; EmoSet's are {', '.join(EMOSET_LABELS)}"))
-            continue
-        meta = {"dataset": "emoset", "image_path": image, "split": split}
-        if len(entry) > 2:
-            meta["annotation_path"] = entry[2]
-        records.append(Record(make_key(image), _join(source, image), emotion, where, meta))
-    return records, problems
-
-
-def _entry_lines(text: str, count: int) -> list[int] | None:
-    """1-based line of each top-level list entry, when the file puts one entry per line."""
-    starts = [n for n, line in enumerate(text.splitlines(), start=1) if line.lstrip().startswith("[")
-              and line.strip() not in ("[", "[[")]
-    if len(starts) == count:
-        return starts
-    return None
-
-
-def manifest_records(manifest: str) -> tuple[list[Record], list[Problem]]:
-    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
-    rows = _read_manifest(manifest)
-    records, problems = [], []
-    for where, row in rows:
-        image = row.get("path") if row.get("path") not in (None, "") else row.get("url")
-        try:
-            if image in (None, ""):
-                raise ValueError("no path or url")
-            label = _label(row.get("label") if row.get("label") is not None else "")
-        except ValueError as e:
-            problems.append(Problem(where, f"malformed row: {e}"))
-            continue
-        image = str(image).strip()
-        location = image if "://" in image or image.startswith("/") else _join(base, image)
-        meta = {"dataset": "manifest", "manifest": manifest, "path": image}
-        records.append(Record(make_key(image), location, label, where, meta, image))
-    return records, problems
-
-
-def _read_manifest(manifest: str) -> list[tuple[str, dict]]:
-    import fsspec
-
-    if manifest.endswith((".parquet", ".pq")):
-        import pyarrow.parquet as pq
-
-        with fsspec.open(manifest, "rb") as f:
-            table = pq.read_table(f)
-        columns = set(table.column_names)
-        if "label" not in columns or not columns & {"path", "url"}:
-            raise ValueError(f"{manifest}: needs a 'label' column and a 'path' or 'url' column")
-        return [(f"{manifest} row {i + 1}", row) for i, row in enumerate(table.to_pylist())]
-    with _open_text(manifest) as f:
-        reader = csv.DictReader(f)
-        columns = set(reader.fieldnames or ())
-        if "label" not in columns or not columns & {"path", "url"}:
-            raise ValueError(f"{manifest}: needs a 'label' column and a 'path' or 'url' column")
-        return [(f"{manifest}:{reader.line_num}", row) for row in reader]
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -350,43 +157,102 @@ def write_shards(records: list[Record], output: str, split: str, shard_size: int
             if writer is None or written_in_shard == shard_size:
                 close()
                 name = f"{split}-{len(report.shards):06d}.tar"
-                stream = fs.open(_join(root, name), "wb")
+                stream = fs.open(join(root, name), "wb")
                 writer = TarWriter(stream, encoder=False, mtime=0.0)
-                report.shards.append(_join(output, name))
+                report.shards.append(join(output, name))
                 written_in_shard = 0
             sample = {"label": record.label, **record.meta, "source": record.where}
             writer.write({"__key__": record.key, ext: data,
-                          "json": json.dumps(sample, sort_keys=True).encode("utf-8")})
+                          "json": json.dumps(sample, sort_keys=True, allow_nan=False).encode("utf-8")})
             written_in_shard += 1
             report.written += 1
     close()
     return report
 
 
+# ---------------------------------------------------------------------------------------------- the record
+
+def _shard_name(split: str) -> re.Pattern:
+    return re.compile(re.escape(split) + r"-\d{6}\.tar")
+
+
+def _describe(record: dict) -> str:
+    """An earlier conversion's settings, for a person: what to compare with the command just typed."""
+    parts = [f"dataset {record['dataset']}", f"source {record['source']}", f"shard_size {record['shard_size']}"]
+    if record.get("fractions"):
+        parts += [f"fractions {','.join(f'{k}={v:g}' for k, v in record['fractions'].items())}",
+                  f"seed {record['seed']}"]
+    if record.get("complete"):
+        parts.append(f"{record['written']} samples in {len(record['shards'])} shards")
+    else:
+        parts.append("never finished")
+    return ", ".join(parts)
+
+
+def _claim(fs, root: str, output: str, settings: dict, overwrite: bool) -> str:
+    """Make ``output`` ready for the split's shards and record the conversion as started; returns the
+    record's path. Refuses to write beside another conversion's shards of the split, or beside shards of
+    its name that no conversion recorded."""
+    split = settings["split"]
+    path = posixpath.join(root, RECORDS, f"{split}.json")
+    earlier = json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    existing = sorted(p for p in fs.glob(posixpath.join(root, f"{split}-*.tar"))
+                      if _shard_name(split).fullmatch(posixpath.basename(p)))
+    if earlier is None and existing:
+        names = ", ".join(posixpath.basename(p) for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise ValueError(f"--output: {output} already holds shards of split {split!r} ({names}) that no conversion "
+                         f"recorded; they are never overwritten: move them, or choose another --output")
+    if earlier is not None and not overwrite:
+        raise ValueError(f"--output: {output} already holds split {split!r} of an earlier conversion "
+                         f"({_describe(earlier)}); pass --overwrite to replace its shards, or choose another --output")
+    for p in existing:
+        fs.rm_file(p)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, json.dumps({**settings, "complete": False}, indent=1).encode())
+    return path
+
+
 def convert(dataset: str, source: str, output: str, split: str | None = None, shard_size: int = 1000,
-            fractions: dict[str, float] | None = None, seed: int = 0) -> ConvertReport:
+            fractions: dict[str, float] | None = None, seed: int = 0, overwrite: bool = False) -> ConvertReport:
     """List ``dataset``'s records for ``split`` and write them as shards under ``output``.
 
     ``split``: LaMem ``train_1`` .. ``test_5`` (default ``train_1``); EmoSet ``train``/``val``/``test``
-    (default ``train``); KonIQ and manifests a name in ``fractions`` or ``all`` (the default)."""
+    (default ``train``); KonIQ and manifests a name in ``fractions`` or ``all`` (the default).
+    ``overwrite``: replace an earlier conversion of the split in ``output`` (refused without it)."""
+    import fsspec
+
     if shard_size <= 0:
         raise ValueError("shard_size must be positive")
+    split, records, problems = _records(dataset, source, split, fractions or DEFAULT_FRACTIONS, seed)
+    check_apart("--output", output, {"the label file": [label_file(dataset, source, split)],
+                                     "the images": [r.image for r in records]})
+    settings = {"dataset": dataset, "source": source, "split": split, "shard_size": shard_size}
+    if dataset in ("koniq", "manifest") and split != "all":
+        settings.update(fractions=fractions or DEFAULT_FRACTIONS, seed=seed)
+    fs, root = fsspec.core.url_to_fs(output)
+    path = _claim(fs, root, output, settings, overwrite)
+    report = write_shards(records, output, split, shard_size)
+    report.problems[:0] = problems
+    fs.pipe_file(path, json.dumps({**settings, "complete": True, "written": report.written,
+                                   "problems": len(report.problems), "shards": report.shards}, indent=1).encode())
+    return report
+
+
+def _records(dataset: str, source: str, split: str | None, fractions: dict[str, float],
+             seed: int) -> tuple[str, list[Record], list[Problem]]:
+    """The split's name (its default filled in), its records and the problems of its label file."""
     if dataset == "koniq":
         split = split or "all"
         records, problems = koniq_records(source)
-        records = random_split(records, split, fractions or DEFAULT_FRACTIONS, seed)
-    elif dataset == "lamem":
+        return split, random_split(records, split, fractions, seed), problems
+    if dataset == "lamem":
         split = split or "train_1"
-        records, problems = lamem_records(source, split)
-    elif dataset == "emoset":
+        return (split, *lamem_records(source, split))
+    if dataset == "emoset":
         split = split or "train"
-        records, problems = emoset_records(source, split)
-    elif dataset == "manifest":
+        return (split, *emoset_records(source, split))
+    if dataset == "manifest":
         split = split or "all"
         records, problems = manifest_records(source)
-        records = random_split(records, split, fractions or DEFAULT_FRACTIONS, seed)
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}: koniq, lamem, emoset or manifest")
-    report = write_shards(records, output, split, shard_size)
-    report.problems[:0] = problems
-    return report
+        return split, random_split(records, split, fractions, seed), problems
+    raise ValueError(f"unknown dataset {dataset!r}: koniq, lamem, emoset or manifest")

@@ -8,27 +8,60 @@ here is what ``perceptclip score`` would output.
 
 A sample without a usable image or label is counted under ``errors`` (by reason) and left out of the
 metrics; a shard that cannot be read is counted as one error of its reason (``shard_missing``, ...).
+An evaluation whose main metric cannot be computed (no usable sample, labels all equal, predictions
+all equal) fails, naming the shards and the counts by reason: it never reports NaN. A metric that
+cannot be computed beside it (a bootstrap interval of two samples) is null in the JSON.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
 
-from perceptclip.labels import labelled_samples
-from perceptclip.metrics import classification_metrics, regression_metrics
+from perceptclip.labels import describe_reasons, labelled_samples
+from perceptclip.metrics import classification_metrics, json_ready, regression_metrics, undefined
 from perceptclip.tasks import get_task
 
 
 def evaluate(model: str, shards: str | list[str], head: str | None = None, resamples: int = 1000, seed: int = 0,
-             batch_size: int = 32, device: str | None = None, storage_options: dict | None = None) -> dict:
-    """Metrics of ``model`` (built-in name, artifact path or URI) on the labelled ``shards``."""
+             batch_size: int = 32, device: str | None = None, storage_options: dict | None = None,
+             output: str | None = None) -> dict:
+    """Metrics of ``model`` (built-in name, artifact path or URI) on the labelled ``shards``; with
+    ``output``, also written there as JSON (a file or URL apart from the shards and the model)."""
+    from perceptclip.official import parse_model_ref, resolve_model
     from perceptclip.scorer import Scorer
     from perceptclip.shards import expand_shards
 
+    urls = expand_shards(shards, storage_options)
+    if output:
+        _check_output(output, urls, resolve_model(parse_model_ref(model)[1]))
     scorer = Scorer.load(f"{model}#{head}" if head else model, device=device)
     task = get_task(scorer.meta.task)
+    out, target, errors = _score(scorer, task, urls, batch_size, storage_options)
+    what = f"{', '.join(shards) if isinstance(shards, list) else shards} ({len(urls)} shard(s))"
+    if not target.size:
+        raise ValueError(f"no usable sample in {what}: {describe_reasons(errors)}")
+    primary = "accuracy" if task.is_classification else "srcc"
+    why = undefined(out if task.is_classification else out[:, 0], target, task.is_classification)
+    if why:
+        raise ValueError(f"{primary} cannot be computed: {why[1]} ({what}; {target.size} usable, "
+                         f"unusable: {describe_reasons(errors) if errors else 'none'})")
+    if task.is_classification:
+        metrics = classification_metrics(out, target.astype(np.int64), scorer.labels or task.labels)
+    else:
+        metrics = regression_metrics(out[:, 0], target, resamples=resamples, seed=seed)
+    result = json_ready({"model": model, "head": scorer.head, "task": task.name, **metrics,
+                         "errors": sum(errors.values()), "error_reasons": dict(errors)})
+    if output:
+        _write_json(output, result, storage_options)
+    return result
+
+
+def _score(scorer, task, urls: list[str], batch_size: int, storage_options: dict | None):
+    """The model's outputs (N, outputs) and the targets (N,) of every usable sample of ``urls``, and
+    the unusable ones counted by reason."""
     outputs, targets, pending, pending_targets = [], [], [], []
     errors: Counter = Counter()
 
@@ -39,7 +72,7 @@ def evaluate(model: str, shards: str | list[str], head: str | None = None, resam
             pending.clear()
             pending_targets.clear()
 
-    for url in expand_shards(shards, storage_options):
+    for url in urls:
         for sample in labelled_samples(url, task, scorer.preprocess, storage_options):
             if not sample.ok:
                 errors[sample.reason] += 1
@@ -49,12 +82,23 @@ def evaluate(model: str, shards: str | list[str], head: str | None = None, resam
             if len(pending) == batch_size:
                 flush()
     flush()
-
     out = np.concatenate(outputs) if outputs else np.zeros((0, task.outputs), dtype=np.float32)
-    target = np.asarray(targets, dtype=np.float64)
-    if task.is_classification:
-        metrics = classification_metrics(out, target.astype(np.int64), scorer.labels or task.labels)
-    else:
-        metrics = regression_metrics(out[:, 0], target, resamples=resamples, seed=seed)
-    return {"model": model, "head": scorer.head, "task": task.name, **metrics,
-            "errors": sum(errors.values()), "error_reasons": dict(errors)}
+    return out, np.asarray(targets, dtype=np.float64), errors
+
+
+def _check_output(output: str, urls: list[str], model: str) -> None:
+    """The metrics file must overwrite neither a shard nor a file of the model."""
+    from perceptclip.storage import check_apart, holds
+
+    check_apart("--output", output, {"the labelled shards": urls, "the model": [model]})
+    if holds(model, output):
+        raise ValueError(f"--output: {output} lies inside the model {model}; write the metrics apart from "
+                         f"the command's inputs")
+
+
+def _write_json(url: str, obj: dict, storage_options: dict | None) -> None:
+    from perceptclip.storage import filesystem
+
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "w") as f:
+        f.write(json.dumps(obj, allow_nan=False) + "\n")

@@ -34,7 +34,8 @@ class LabelledSample:
 
 
 def target_of(meta: dict, task: Task) -> float:
-    """The training target in a sample's JSON ``label``: a number, or a class name for classification."""
+    """The training target in a sample's JSON ``label``: a finite number for a score; for a classifier a
+    class name, or a class index written as a JSON integer (a float such as 2.0 is a score, not a class)."""
     if "label" not in meta:
         raise ValueError("no label in the sample's JSON")
     label = meta["label"]
@@ -43,13 +44,20 @@ def target_of(meta: dict, task: Task) -> float:
             if label not in task.labels:
                 raise ValueError(f"unknown class {label!r}; classes: {', '.join(task.labels)}")
             return float(task.labels.index(label))
-        if isinstance(label, (int, float)) and not isinstance(label, bool) and float(label).is_integer() \
-                and 0 <= label < len(task.labels):
+        if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(task.labels):
             return float(label)
-        raise ValueError(f"label {label!r} is not a class name or index of {task.name}")
+        raise ValueError(f"label {label!r} is not a class of {task.name}: a class name "
+                         f"({', '.join(task.labels)}) or an integer index 0..{len(task.labels) - 1}")
     if isinstance(label, (int, float)) and not isinstance(label, bool) and math.isfinite(label):
         return float(label)
     raise ValueError(f"label {label!r} is not a number")
+
+
+def describe_reasons(reasons: dict[str, int]) -> str:
+    """Counts of unusable samples by reason, for a message: ``bad_label 8, shard_missing 1``."""
+    if not reasons:
+        return "the shards hold no sample"
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]))
 
 
 def labelled_samples(url: str, task: Task, transform: Callable, storage_options: dict | None = None,

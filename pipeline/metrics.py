@@ -3,6 +3,9 @@
 Regression (iqa, memorability): SRCC and PLCC from scipy, MSE, and percentile bootstrap intervals
 for the two correlations. Classification (emotion): accuracy, macro-F1 and the confusion matrix
 (rows are true classes, columns predicted classes).
+
+A metric that cannot be computed is NaN here; ``undefined`` says why (and whether the labels or the
+predictions are to blame), and ``json_ready`` turns NaN into null for the JSON a command writes.
 """
 
 from __future__ import annotations
@@ -99,3 +102,35 @@ def classification_metrics(pred, target, labels: list[str] | tuple[str, ...]) ->
         "labels": list(labels),
         "n": n,
     }
+
+
+def undefined(pred, target, classification: bool) -> tuple[str, str] | None:
+    """Why the task's primary metric (accuracy, or SRCC for a score) cannot be computed over these
+    pairs, and whose doing that is: ``("labels", why)`` when the usable labels are too few or all equal,
+    ``("predictions", why)`` when the predictions are all equal. None when it can be computed."""
+    target = np.asarray(target, dtype=np.float64).reshape(-1)
+    if target.size == 0:
+        return "labels", "no usable sample"
+    if classification:
+        return None
+    if target.size < 2:
+        return "labels", "1 usable sample; a correlation needs 2 or more"
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    for side, values, what in (("labels", target, "usable labels"), ("predictions", pred, "predictions")):
+        if np.ptp(values) == 0:
+            return side, f"all {values.size} {what} are equal ({values[0]:g})"
+    return None
+
+
+def json_ready(obj):
+    """Metrics as JSON can hold them: a value that could not be computed (NaN, infinite) becomes null,
+    NumPy numbers become Python's. ``json.dumps`` would otherwise write ``NaN``, which is not JSON."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj

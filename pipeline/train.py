@@ -12,6 +12,13 @@ Rerunning the same command finds Ray Train's checkpoint state under DEST/checkpo
 after the latest finished epoch; a failed worker group restarts from it (``max_failures``). An epoch
 depends only on (seed, epoch), so a resumed run exports the model the uninterrupted run would.
 
+A resumed run must be the same run: DEST/run.json records what it was started with (the config and
+every set's shards), and a rerun with another config or other data is refused, naming what changed,
+unless ``restart``, which discards the earlier run (checkpoints, metrics, model) first. Settings of how
+a run is carried out, not of what it trains (``OPERATIONAL``), may change between reruns. DEST must
+hold none of the run's inputs; both are checked before any work. A run none of whose epochs could be
+scored, or stopped by a set it cannot use (``perceptclip.validation``), fails and exports nothing.
+
 The driver resolves the config once into a ``WorkerPlan`` (shard lists expanded, the architecture and
 the preprocessing fixed), starts Ray unless it is running, and runs the trainer. The layout of DEST is
 known here only.
@@ -23,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 
@@ -32,13 +40,17 @@ from perceptclip.config import Config, ConfigError, require, setting
 from perceptclip.model import BackboneConfig, HeadConfig, LoraConfig, ModelConfig
 from perceptclip.official import resolve_model
 from perceptclip.tasks import TASKS, Task, get_task
-from perceptclip.train_worker import WorkerPlan, primary_metric, printable, train_loop
+from perceptclip.train_worker import WorkerPlan, printable, train_loop
+from perceptclip.validation import primary_metric
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.json"
 MODEL_DIR = "model"
+RUN_RECORD = "run.json"
+# how a run is carried out, not what it trains: a rerun may change these and still resume
+OPERATIONAL = ("max_failures", "keep_checkpoints", "scaling.cpus_per_worker")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -131,18 +143,25 @@ def parse_datasets(specs: tuple[str, ...] | list[str], what: str) -> dict[str, s
 # ---------------------------------------------------------------------------------------------- driver
 
 def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str], dest: str,
-          address: str | None = None) -> dict:
+          address: str | None = None, restart: bool = False) -> dict:
     """Fine-tune on ``train_sets`` ({head name: shard spec}), validate on ``val_sets`` every epoch,
     checkpoint to ``dest`` and export the best epoch to ``dest/model``. Returns the run's summary.
     ``address``: the Ray cluster to join when Ray is not running yet; None: RAY_ADDRESS if set, else a
-    local cluster, started here and shut down at the end."""
+    local cluster, started here and shut down at the end. ``restart``: discard an earlier run in ``dest``
+    instead of resuming it."""
     import ray
+
+    from perceptclip.storage import protocol, storage_options
 
     unknown = sorted(set(val_sets) - set(train_sets))
     if unknown:
         raise ValueError(f"validation set {unknown[0]!r} names no training set ({', '.join(train_sets)})")
-    storage_path, storage_fs, options, dest = _storage(dest)
+    if protocol(dest) == "file":
+        dest = os.path.abspath(dest.removeprefix("file://"))
+    options = storage_options()
     plan = worker_plan(cfg, train_sets, val_sets, dest, options)
+    begin_run(cfg, plan.train, plan.val, dest, restart, options)
+    storage_path, storage_fs = _storage(dest, options)
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=address)
@@ -204,19 +223,80 @@ def check_local_resources(scaling: ScalingConfig, available: dict) -> None:
                          f"CPUs leave none of this machine's {int(cpus)} for reading and decoding the data")
 
 
-def _storage(dest: str):
+def _storage(dest: str, options: dict):
     """Ray Train's ``storage_path`` and ``storage_filesystem`` for DEST, through our fsspec options."""
-    from perceptclip.storage import filesystem, protocol, storage_options
+    from perceptclip.storage import filesystem, protocol
 
-    options = storage_options()
     if protocol(dest) == "file":
-        path = os.path.abspath(dest.removeprefix("file://"))
-        os.makedirs(path, exist_ok=True)
-        return path, None, options, path
+        return dest, None
     import pyarrow.fs
 
     fs, path = filesystem(dest, options)
-    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), options, dest
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+# ---------------------------------------------------------------------------------------------- the run record
+
+def begin_run(cfg: TrainConfig, train_urls: dict[str, list[str]], val_urls: dict[str, list[str]], dest: str,
+              restart: bool = False, options: dict | None = None) -> None:
+    """Check DEST before any work and record there what the run is started with. DEST must hold none
+    of the inputs; an earlier run in DEST is resumed only if it was started with the same config and
+    shards, and discarded first with ``restart``."""
+    from perceptclip.storage import check_apart, filesystem
+
+    inputs = {"the training shards": [u for urls in train_urls.values() for u in urls],
+              "the validation shards": [u for urls in val_urls.values() for u in urls]}
+    if cfg.init:
+        inputs["the init model"] = [resolve_model(cfg.init)]
+    check_apart("--output", dest, inputs)
+    fs, root = filesystem(dest, options)
+    record = {"config": cfg.to_mapping(), "train": train_urls, "val": val_urls}
+    path = posixpath.join(root, RUN_RECORD)
+    earlier = json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    found = [name for name in (CHECKPOINTS, METRICS_FILE, MODEL_DIR) if fs.exists(posixpath.join(root, name))]
+    if restart:
+        for name in found:
+            fs.rm(posixpath.join(root, name), recursive=True)
+    elif found and earlier is None:
+        raise ValueError(f"--output: {dest} holds an earlier run ({', '.join(found)}) with no record of its "
+                         f"settings; pass --restart to discard it, or choose another --output")
+    elif found:
+        changes = _changes(earlier, record)
+        if changes:
+            raise ValueError(f"--output: {dest} holds a run started with other settings ({'; '.join(changes)}); "
+                             f"rerun it as it was started to resume it, or pass --restart to discard it "
+                             f"(checkpoints, metrics, model) and start again")
+        return                      # the same run, resumed: its record stays as it was started
+    # nothing to resume (a record alone is a run that failed before its first epoch): record this one
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(path, json.dumps(record, indent=1, allow_nan=False).encode())
+
+
+def _changes(earlier: dict, now: dict) -> list[str]:
+    """What differs between two run records, for a person: ``epochs: 15 -> 2``, ``train.default: other shards``."""
+    old, new = _flatten(earlier), _flatten(now)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        name = key.removeprefix("config.")
+        if name in OPERATIONAL or old.get(key) == new.get(key):
+            continue
+        if key.startswith(("train.", "val.")):
+            a, b = (f"{len(v)} shards" if v is not None else "no such set" for v in (old.get(key), new.get(key)))
+            changes.append(f"{key}: {a} -> {b}" if a != b else f"{key}: other shards")
+        else:
+            a, b = (json.dumps(d[key])[:60] if key in d else "(unset)" for d in (old, new))
+            changes.append(f"{name}: {a} -> {b}")
+    return changes
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _trainer(cfg: TrainConfig, plan: WorkerPlan, storage_path: str, storage_fs):
@@ -241,13 +321,21 @@ def _trainer(cfg: TrainConfig, plan: WorkerPlan, storage_path: str, storage_fs):
 
 
 def _summary(plan: WorkerPlan) -> dict:
-    """The run's summary from the history the workers wrote: the best epoch, its score and metrics."""
+    """The run's summary from the history the workers wrote: the best epoch, its score and metrics.
+    Raises when the run stopped on a set it cannot use, or when no epoch had a score."""
     from perceptclip.storage import filesystem
 
     fs, path = filesystem(plan.metrics_url, plan.storage_options)
     with fs.open(path, "r") as f:
         history = json.load(f)
-    best = next(r for r in history if r["epoch"] == history[-1]["best_epoch"])
+    last = history[-1]
     metric = primary_metric(get_task(plan.artifact.task))
+    if last.get("failure"):
+        raise ValueError(f"training stopped after epoch {last['epoch']}, nothing exported: {last['failure']}")
+    if last["best_epoch"] is None:
+        why = "; ".join(f"validation set {name!r}: {m.get('undefined', 'no score')}" for name, m in last["val"].items())
+        raise ValueError(f"no epoch of the run could be scored ({metric} of every epoch undefined; last epoch: "
+                         f"{why}), nothing exported")
+    best = next(r for r in history if r["epoch"] == last["best_epoch"])
     return {"model": plan.model_url, "best_epoch": best["epoch"], "metric": metric, "score": best["score"],
             "val": printable(best)["val"], "epochs": len(history)}

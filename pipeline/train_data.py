@@ -21,7 +21,8 @@ from perceptclip.tasks import get_task
 
 def shard_rows(row: dict, task_name: str, pre: PreprocessConfig, aug: AugmentConfig | None,
                storage_options: dict | None = None) -> list[dict]:
-    """One shard URL -> one row per sample: ``pixels`` uint8 (n, 3, S, S), ``target``, ``key``, ``error``.
+    """One shard URL -> one row per sample: ``pixels`` uint8 (n, 3, S, S), ``target``, ``key``, ``error``
+    and ``reason`` (why the sample cannot be used, as ``perceptclip.labels`` names it; "" when it can).
 
     ``aug`` None gives the inference preprocessing (validation); otherwise one random crop per sample.
     A sample that cannot be used (bad image, no label) becomes a row with ``error`` set and zero
@@ -35,7 +36,8 @@ def shard_rows(row: dict, task_name: str, pre: PreprocessConfig, aug: AugmentCon
     def transform(img):
         return np.asarray(random_crop(img, pre, aug, rng) if aug is not None else preprocess(img, pre))
 
-    return [{"key": s.key, "pixels": s.image if s.ok else blank, "target": s.target, "error": s.error}
+    return [{"key": s.key, "pixels": s.image if s.ok else blank, "target": s.target, "error": s.error,
+             "reason": s.reason}
             for s in labelled_samples(row["url"], get_task(task_name), transform, storage_options)]
 
 

@@ -4,8 +4,13 @@
     restore     the latest checkpoint, if any: LoRA + heads, the best epoch's, AdamW's state, the history
     each epoch  train on this worker's rows of every training set (DDP), one head per set; validate
                 every set, the predictions of all workers gathered, metrics over the whole set
+                (perceptclip.validation)
     checkpoint  rank 0: the epoch's state -> Ray Train (DEST/checkpoints), the history -> metrics.json
     export      rank 0, after the last epoch: the best epoch -> a model artifact (DEST/model)
+
+A set that cannot be used (a training set without a usable sample, a validation set whose labels
+give no metric) stops the run after the epoch that found it: rank 0 writes that epoch's record, with
+its ``failure``, to metrics.json, and nothing is checkpointed or exported. The driver raises it.
 
 An epoch depends only on the seed, its number, the worker's rank and the checkpoint it starts from:
 the rows (``perceptclip.train_data``), the batch shuffle and the dropout masks are drawn from
@@ -18,11 +23,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,11 +36,13 @@ import torch
 from perceptclip.artifact import ArtifactMeta, load_artifact, save_artifact
 from perceptclip.augment import AugmentConfig
 from perceptclip.losses import task_loss
+from perceptclip.metrics import json_ready
 from perceptclip.model import ClipLoraModel, ModelConfig
 from perceptclip.official import resolve_model
 from perceptclip.preprocess import normalize
-from perceptclip.tasks import Task, get_task
-from perceptclip.train_data import derive_seed, epoch_rows, shuffled_batches, val_rows
+from perceptclip.tasks import get_task
+from perceptclip.train_data import derive_seed, epoch_rows, shuffled_batches
+from perceptclip.validation import epoch_score, gather, primary_metric, run_problems, validate
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +74,7 @@ class RunState:
     """What an epoch hands the next besides the weights: ``state.json`` in every checkpoint."""
 
     epoch: int = -1                     # the last finished epoch
-    best_score: float | None = None
+    best_score: float | None = None     # None until an epoch has a score
     best_epoch: int | None = None
     history: list[dict] = field(default_factory=list)     # one record per finished epoch
 
@@ -83,8 +90,12 @@ def train_loop(config: dict) -> None:
         started = time.monotonic()
         counts = worker.train_epoch(epoch)
         record = worker.validate_epoch(epoch, started, counts)
+        problems = run_problems(record, worker.plan.artifact.provenance)   # the same on every worker
+        if problems:
+            worker.fail(record, problems)
+            return
         worker.checkpoint(record)
-    if worker.rank == 0:
+    if worker.rank == 0 and worker.state.best_epoch is not None:   # else no epoch had a score: the driver says so
         worker.export()
 
 
@@ -133,7 +144,8 @@ class Worker:
         self.per_worker = plan.batch_size // self.world
         self.val_parts = {name: urls[self.rank::self.world] for name, urls in plan.val.items()}
         self.blank = {"pixels": np.zeros((1, 1, 3, self.pre.size, self.pre.size), dtype=np.uint8),
-                      "target": np.zeros(1, dtype=np.float32), "error": np.array(["no batch left on this worker"])}
+                      "target": np.zeros(1, dtype=np.float32), "error": np.array(["no batch left on this worker"]),
+                      "reason": np.array(["no_batch"])}
         self.net = self.model                     # the model as DDP wraps it, once ``distribute`` has
 
     def restore(self, checkpoint) -> None:
@@ -157,8 +169,9 @@ class Worker:
         multi = len(self.plan.train) > 1     # each step trains one head: the others get no gradient
         self.net = ray.train.torch.prepare_model(self.model, parallel_strategy_kwargs={"find_unused_parameters": multi})
 
-    def train_epoch(self, epoch: int) -> tuple[float, int, int, int]:
-        """One pass over this worker's rows of every training set: its (loss sum, steps, samples, errors)."""
+    def train_epoch(self, epoch: int) -> tuple[float, int, dict[str, int], dict[str, Counter]]:
+        """One pass over this worker's rows of every training set: its (loss sum, steps, usable samples
+        per set, unusable ones per set by reason)."""
         plan = self.plan
         self.net.train()
         seed_globals(derive_seed(plan.seed, epoch, self.rank))
@@ -167,18 +180,19 @@ class Worker:
                                                             plan.storage_options),
                                                  self.per_worker, derive_seed(plan.seed, epoch, self.rank)))
                      for name, urls in plan.train.items()}
-        loss_sum, steps, seen, errors = 0.0, 0, 0, 0
+        loss_sum, steps = 0.0, 0
+        seen, reasons = dict.fromkeys(plan.train, 0), {name: Counter() for name in plan.train}
         for name, batch in _interleave(iterators, self.blank, self.device):
             valid, loss = self.step(name, batch)
             if batch is self.blank:          # a step this worker only took part in: nothing of its own to count
                 continue
-            errors += int((~valid).sum())
+            reasons[name].update(batch["reason"][~valid.numpy()].tolist())
             for message in batch["error"][~valid.numpy()][:3]:
                 log.warning("skipped: %s", message)
             loss_sum += float(loss.detach())
             steps += 1
-            seen += int(valid.sum())
-        return loss_sum, steps, seen, errors
+            seen[name] += int(valid.sum())
+        return loss_sum, steps, seen, reasons
 
     def step(self, head: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step of ``head`` on ``batch``: (which rows were valid, the loss)."""
@@ -194,28 +208,31 @@ class Worker:
         self.optimizer.step()
         return valid, loss
 
-    def validate_epoch(self, epoch: int, started: float, counts: tuple[float, int, int, int]) -> dict:
-        """The epoch's record (training totals over all workers, validation metrics), added to the
-        history; the epoch's weights become the best if its score beats the best so far."""
+    def validate_epoch(self, epoch: int, started: float, counts: tuple) -> dict:
+        """The epoch's record (training totals over all workers, per set and in all, validation metrics),
+        added to the history; the epoch's weights become the best if its score beats the best so far."""
         train_seconds = time.monotonic() - started
         val = validate(self.model, self.val_parts, self.task, self.pre, self.device, self.autocast,
                        self.plan.batch_size, self.plan.storage_options)
-        totals = _gather(counts)
-        record = {
+        totals = gather(counts)
+        sets = {}
+        for name in self.plan.train:
+            reasons = sum((t[3][name] for t in totals), Counter())
+            sets[name] = {"n": sum(t[2][name] for t in totals), "errors": sum(reasons.values()),
+                          "error_reasons": dict(reasons)}
+        record = json_ready({
             "epoch": epoch,
             "train_loss": sum(t[0] for t in totals) / max(1, sum(t[1] for t in totals)),
-            "train_samples": sum(t[2] for t in totals),
-            "train_errors": sum(t[3] for t in totals),
+            "train_samples": sum(s["n"] for s in sets.values()),
+            "train_errors": sum(s["errors"] for s in sets.values()),
+            "train_sets": sets,
             "val": val,
             "train_seconds": round(train_seconds, 2),
             "seconds": round(time.monotonic() - started, 2),
-        }
-        scores = [v[primary_metric(self.task)] for v in val.values()]
-        record["score"] = float(np.mean(scores)) if scores and not any(np.isnan(scores)) else float("nan")
-        # a score that is NaN (a validation set too small or too uniform to rank) never beats a real
-        # one, but the first epoch still counts as the best so far: a run always has a model to export
+            "score": epoch_score(val, self.task),    # None: an epoch whose predictions could not be ranked
+        })
         state = self.state
-        if state.best_epoch is None or _beats(record["score"], state.best_score):
+        if record["score"] is not None and (state.best_score is None or record["score"] > state.best_score):
             state.best_score, state.best_epoch = record["score"], epoch
             self.best = {k: v.detach().cpu().clone() for k, v in self.model.trainable_state_dict().items()}
         state.epoch = epoch
@@ -240,11 +257,19 @@ class Worker:
             _save_tensors(self.best, os.path.join(d, "best.safetensors"))
             torch.save(self.optimizer.state_dict(), os.path.join(d, "optimizer.pt"))
             with open(os.path.join(d, "state.json"), "w") as f:
-                json.dump(dataclasses.asdict(self.state), f)
+                json.dump(json_ready(dataclasses.asdict(self.state)), f, allow_nan=False)
             ray.train.report(flat, checkpoint=Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch-{record['epoch']:04d}")
         _write_json(self.plan.metrics_url, self.state.history, self.plan.storage_options)
         print(json.dumps(printable(record)), flush=True)
+
+    def fail(self, record: dict, problems: str) -> None:
+        """Stop the run at this epoch: rank 0 writes the epoch's record, with why, after the history;
+        nothing is checkpointed, so a rerun after the data is fixed starts from the last good epoch."""
+        if self.rank == 0:
+            failed = {**record, "failure": problems}
+            _write_json(self.plan.metrics_url, [*self.state.history[:-1], failed], self.plan.storage_options)
+            print(json.dumps(printable(failed)), flush=True)
 
     def export(self) -> None:
         """The best epoch's weights as a model artifact at ``plan.model_url`` (rank 0, after the last epoch)."""
@@ -254,46 +279,6 @@ class Worker:
             **meta.provenance, "best_epoch": self.state.best_epoch, "best_score": self.state.best_score,
             "metric": primary_metric(self.task)})
         save_artifact(self.model.cpu(), meta, self.plan.model_url, self.plan.storage_options)
-
-
-@torch.no_grad()
-def validate(model: ClipLoraModel, parts: dict[str, list[str]], task: Task, pre, device: torch.device, autocast,
-             batch_size: int, storage_options: dict) -> dict[str, dict]:
-    """Metrics of each validation set over all its samples: this worker scores its shards, the
-    (output, target) pairs of all workers are gathered and every worker computes the same metrics."""
-    model.eval()
-    results = {}
-    for name, urls in parts.items():
-        outputs, targets, errors = [], [], 0
-        if urls:
-            for batch in val_rows(urls, task.name, pre, storage_options).iter_batches(batch_size=batch_size,
-                                                                                       batch_format="numpy"):
-                valid = batch["error"] == ""
-                errors += int((~valid).sum())
-                if not valid.any():
-                    continue
-                pixels = torch.from_numpy(batch["pixels"][valid]).to(device)        # (B, n, 3, S, S)
-                b, n = pixels.shape[:2]
-                x = normalize(pixels.flatten(0, 1), pre.mean, pre.std)
-                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    out = model(x, head=name if name in model.heads else None).float()
-                outputs.append(out.view(b, n, -1).mean(1).cpu().numpy())           # crops averaged, as Scorer does
-                targets.append(batch["target"][valid])
-        gathered = _gather((outputs, targets, errors))
-        all_out = [o for part in gathered for o in part[0]]
-        all_target = [t for part in gathered for t in part[1]]
-        if all_out:
-            metrics = _val_metrics(task, np.concatenate(all_out), np.concatenate(all_target))
-        else:
-            metrics = {primary_metric(task): float("nan"), "n": 0}
-        metrics["errors"] = sum(part[2] for part in gathered)
-        results[name] = metrics
-    model.train()
-    return results
-
-
-def primary_metric(task: Task) -> str:
-    return "accuracy" if task.is_classification else "srcc"
 
 
 def printable(record: dict) -> dict:
@@ -339,28 +324,6 @@ def _on_any_worker(flag: bool, device: torch.device) -> bool:
     return bool(flags.item())
 
 
-def _gather(obj):
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _val_metrics(task: Task, outputs: np.ndarray, targets: np.ndarray) -> dict:
-    from perceptclip.metrics import classification_metrics, regression_metrics
-
-    if task.is_classification:
-        return classification_metrics(outputs, targets.astype(np.int64), task.labels)
-    return regression_metrics(outputs[:, 0], targets)
-
-
-def _beats(score: float, best: float | None) -> bool:
-    return not math.isnan(score) and (best is None or math.isnan(best) or score > best)
-
-
 # --- files ----------------------------------------------------------------------------------------------
 
 def _save_tensors(state: dict, path: str) -> None:
@@ -380,4 +343,4 @@ def _write_json(url: str, obj, storage_options: dict) -> None:
 
     fs, path = filesystem(url, storage_options)
     with fs.open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(json_ready(obj), f, indent=1, allow_nan=False)

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from perceptclip.cli import main
-from perceptclip.convert import convert, make_key, parse_fractions
+from perceptclip.convert import convert, parse_fractions
+from perceptclip.datasets import make_key
 
 from support.images import image_bytes, make_image
 
@@ -149,14 +150,14 @@ def test_an_emoset_split_file_that_is_not_json_is_a_clear_error(tmp_path, text, 
         convert("emoset", str(root), str(tmp_path / "out"), split="val")
 
 
-def test_manifest_csv_and_parquet_with_numbers_class_names_and_urls(tmp_path):
+def test_manifest_csv_and_parquet_with_paths_and_urls(tmp_path):
     images = tmp_path / "pics"
     a = write_image(images / "a.jpg", 1)
     b = write_image(images / "sub" / "b.png", 2, fmt="PNG")
     c = write_image(tmp_path / "elsewhere" / "a.jpg", 3)      # same file name, other folder
     noext = images / "raw"
     noext.write_bytes(image_bytes(make_image(4, (20, 20)), "PNG"))
-    rows = [("pics/a.jpg", "0.25"), ("pics/sub/b.png", "awe"), (f"file://{tmp_path}/elsewhere/a.jpg", "3"),
+    rows = [("pics/a.jpg", "0.25"), ("pics/sub/b.png", "0.75"), (f"file://{tmp_path}/elsewhere/a.jpg", "3"),
             ("pics/raw", "1"), ("pics/nothing.jpg", "2"), ("", "1"), ("pics/a.jpg", "")]
     with open(tmp_path / "m.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -167,7 +168,7 @@ def test_manifest_csv_and_parquet_with_numbers_class_names_and_urls(tmp_path):
     assert samples["a"]["jpg"] == a and samples["b"]["png"] == b and samples["a-2"]["jpg"] == c
     assert "png" in samples["raw"]                               # format sniffed when the name has no extension
     assert json.loads(samples["a"]["json"])["label"] == 0.25
-    assert json.loads(samples["b"]["json"])["label"] == "awe"
+    assert json.loads(samples["b"]["json"])["label"] == 0.75 and json.loads(samples["a-2"]["json"])["label"] == 3
     m = tmp_path / "m.csv"
     assert [str(p).split(": ")[0] for p in report.problems] == [f"{m}:7", f"{m}:8", f"{m}:6"]
 
@@ -296,4 +297,4 @@ def test_a_class_manifest_reports_a_number_among_its_class_names(tmp_path):
     samples = read_shards(report.shards)
     assert sorted(samples) == ["p000", "p001", "p003"] and json.loads(samples["p001"]["json"])["label"] == "fear"
     assert [str(p) for p in report.problems] == [
-        f"{manifest}:4: label '3' is a number; the manifest's other labels are class names"]
+        f"{manifest}:4: label 3 is a number; the manifest's other labels are class names"]

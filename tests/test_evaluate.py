@@ -76,3 +76,74 @@ def test_cli_evaluate_reads_shards_from_s3_and_writes_the_metrics_there(iqa_arti
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"srcc", "plcc", "mse", "srcc_ci", "plcc_ci"} <= set(printed) and printed["n"] == 24
     assert json.loads(fs.cat(f"{bucket[5:]}/metrics.json")) == printed
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses NaN and Infinity, which are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not valid JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("data", ["no labels", "a folder"])
+def test_evaluate_with_no_usable_sample_fails_naming_the_reasons_and_writes_nothing(iqa_artifact, tmp_path, data):
+    """Case 9 of "No silent harm": NaN metrics, n 0, exit 0, and NaN written into --output."""
+    folder = tmp_path / "shards"
+    shard = write_labelled_shard(folder / "eval-000000.tar",
+                                 [(f"k{i}", image_bytes(make_image(i)), {"other": i}) for i in range(8)])
+    spec = shard if data == "no labels" else str(folder)
+    out = tmp_path / "metrics.json"
+    result = CliRunner().invoke(main, ["evaluate", "--model", iqa_artifact, "--data", spec, "--device", "cpu",
+                                       "--output", str(out)])
+    assert result.exit_code != 0
+    assert "no usable sample" in result.output and spec in result.output
+    assert ("bad_label 8" if data == "no labels" else "shard_missing 1") in result.output
+    assert not out.exists()
+
+
+def test_evaluate_fails_when_the_labels_cannot_be_ranked(iqa_artifact, tmp_path):
+    shard = write_labelled_shard(tmp_path / "same-000000.tar",
+                                 [(f"k{i}", image_bytes(make_image(i)), {"label": 0.5}) for i in range(5)])
+    with pytest.raises(ValueError, match=r"srcc cannot be computed: all 5 usable labels are equal \(0.5\)"):
+        evaluate(iqa_artifact, shard, device="cpu", resamples=0)
+
+
+def test_metrics_that_cannot_be_computed_are_written_as_null_never_nan(iqa_artifact, tmp_path):
+    """Two samples rank (srcc is +-1) but leave too few to bootstrap: the intervals are null."""
+    shard = write_labelled_shard(tmp_path / "two-000000.tar",
+                                 [(f"k{i}", image_bytes(make_image(i)), {"label": float(i)}) for i in range(2)])
+    out = tmp_path / "metrics.json"
+    result = CliRunner().invoke(main, ["evaluate", "--model", iqa_artifact, "--data", shard, "--device", "cpu",
+                                       "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    printed = strict_json(result.stdout.strip().splitlines()[-1])
+    assert printed["n"] == 2 and printed["srcc_ci"] == [None, None]
+    assert strict_json(out.read_text()) == printed
+
+
+def test_evaluate_refuses_an_output_that_is_one_of_its_inputs(iqa_artifact, regression_shards, tmp_path):
+    shards, _, _ = regression_shards
+    before = open(shards[0], "rb").read()
+    result = CliRunner().invoke(main, ["evaluate", "--model", iqa_artifact, "--data", shards[0], "--device", "cpu",
+                                       "--output", shards[0]])
+    assert result.exit_code != 0 and "apart" in result.output
+    assert open(shards[0], "rb").read() == before
+    inside = CliRunner().invoke(main, ["evaluate", "--model", iqa_artifact, "--data", shards[0], "--device", "cpu",
+                                       "--output", f"{iqa_artifact}/config.json"])
+    assert inside.exit_code != 0 and "apart" in inside.output
+
+
+def test_a_float_is_not_a_class_label(emotion_artifact, tmp_path):
+    """Case 10: an emotion model on float labels 0.0-4.0 used them as class indices (accuracy 0.0, n 8)."""
+    shard = write_labelled_shard(tmp_path / "floats-000000.tar",
+                                 [(f"e{i}", image_bytes(make_image(200 + i)), {"label": i / 2}) for i in range(9)])
+    with pytest.raises(ValueError, match=r"no usable sample .*bad_label 9"):
+        evaluate(emotion_artifact, shard, device="cpu")
+    mixed = write_labelled_shard(tmp_path / "mixed-000000.tar",
+                                 [("name", image_bytes(make_image(1)), {"label": "awe"}),
+                                  ("index", image_bytes(make_image(2)), {"label": 3}),
+                                  ("float", image_bytes(make_image(3)), {"label": 3.0}),
+                                  ("true", image_bytes(make_image(4)), {"label": True})])
+    result = evaluate(emotion_artifact, mixed, device="cpu")
+    assert result["n"] == 2 and result["error_reasons"] == {"bad_label": 2}

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from perceptclip.metrics import (bootstrap_ci, classification_metrics, confusion_matrix, macro_f1, plcc,
-                              regression_metrics, srcc)
+from perceptclip.metrics import (bootstrap_ci, classification_metrics, confusion_matrix, json_ready, macro_f1,
+                                 plcc, regression_metrics, srcc, undefined)
 
 
 def test_correlations_of_known_pairs():
@@ -60,3 +60,22 @@ def test_classification_metrics_from_logits():
     assert m["accuracy"] == pytest.approx(0.75)
     assert m["confusion"] == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
     assert m["labels"] == ["a", "b", "c"] and m["n"] == 4
+
+
+def test_why_a_metric_cannot_be_computed_names_the_labels_or_the_predictions():
+    assert undefined([0.1, 0.2], [1.0, 2.0], classification=False) is None
+    assert undefined([], [], classification=False) == ("labels", "no usable sample")
+    assert undefined([0.3], [1.0], classification=False) == ("labels", "1 usable sample; a correlation needs 2 or more")
+    assert undefined([0.1, 0.2, 0.3], [2, 2, 2], classification=False) == ("labels", "all 3 usable labels are equal (2)")
+    assert undefined([0.5, 0.5], [1, 2], classification=False) == ("predictions", "all 2 predictions are equal (0.5)")
+    assert undefined(np.zeros((0, 8)), [], classification=True) == ("labels", "no usable sample")
+    assert undefined(np.zeros((1, 8)), [3], classification=True) is None
+
+
+def test_json_ready_writes_what_cannot_be_computed_as_null():
+    import json
+
+    metrics = regression_metrics([0.1, 0.9], [1.0, 2.0], resamples=10)
+    assert math.isnan(metrics["srcc_ci"][0])
+    text = json.dumps(json_ready({**metrics, "n": np.int64(2), "inf": float("inf")}), allow_nan=False)
+    assert json.loads(text)["srcc_ci"] == [None, None] and json.loads(text)["inf"] is None

@@ -205,8 +205,10 @@ def test_shard_rows_turn_every_sample_into_a_row(tmp_path):
     assert "not_an_image" in rows["broken"]["error"] and "no label" in rows["nolabel"]["error"]
     assert "boredom" in rows["unknown"]["error"] and rows["unknown"]["pixels"].shape == (1, 3, 32, 32)
     assert "nested too deeply" in rows["deep"]["error"]
+    assert [r["reason"] for r in rows.values()] == ["", "", "not_an_image", "bad_label", "bad_label", "bad_label"]
     missing = shard_rows({"url": str(tmp_path / "nope.tar")}, "emotion", pre, None)
     assert len(missing) == 1 and missing[0]["error"].startswith("missing")
+    assert missing[0]["reason"] == "shard_missing"
 
 
 def test_training_crops_are_drawn_from_the_rows_seed(tmp_path):
@@ -461,3 +463,165 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_exports_the_uninterr
         scorer = Scorer.load(str(d / "model"))
         scores.append(scorer.score([scorer.preprocess(img) for img in images]))
     np.testing.assert_allclose(scores[0], scores[1], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- no silent harm
+
+def smoke_config(tmp_path: Path, **changes) -> Path:
+    """The smoke config with ``changes``, as a file for the command line."""
+    import yaml
+
+    raw = {**yaml.safe_load(SMOKE.read_text()), **changes}
+    path = tmp_path / f"smoke-{len(list(tmp_path.glob('smoke-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def unlabelled_shard(path: Path, count: int = 10) -> str:
+    return write_labelled_shard(path, [(f"u{i:03d}", image_bytes(noisy_image(i), "PNG"), {"other": i})
+                                       for i in range(count)], ext="png")
+
+
+def test_the_output_may_not_hold_the_runs_shards(synthetic, tmp_path):
+    """Checked before Ray starts or anything is written."""
+    cfg = TrainConfig.load(str(SMOKE))
+    shards = Path(synthetic["train"][0]).parent
+    with pytest.raises(ValueError, match="--output: .* holds the training shards .* apart"):
+        train(cfg, {"default": synthetic["train"][0]}, {"default": synthetic["val"][0]}, str(shards))
+    assert not (shards / "run.json").exists() and not (shards / "checkpoints").exists()
+
+
+def test_a_run_record_refuses_another_config_or_other_data_and_names_what_changed(synthetic, tmp_path):
+    from perceptclip.train import begin_run
+
+    cfg = TrainConfig.load(str(SMOKE))
+    sets = {"default": synthetic["train"][:2]}, {"default": synthetic["val"][:1]}
+    dest = str(tmp_path / "run")
+    other = TrainConfig.load(str(SMOKE))
+    other.seed = 7
+    begin_run(other, *sets, dest, restart=False)
+    begin_run(cfg, *sets, dest, restart=False)      # nothing trained yet (the run failed at start): replaced
+    (tmp_path / "run" / "checkpoints" / "epoch-0000").mkdir(parents=True)      # as the first epoch leaves it
+    begin_run(cfg, *sets, dest, restart=False)                  # the same run: resumed
+    operational = TrainConfig.load(str(SMOKE))
+    operational.max_failures, operational.keep_checkpoints = 2, 5
+    begin_run(operational, *sets, dest, restart=False)          # how it is run, not what it trains
+    fewer = TrainConfig.load(str(SMOKE))
+    fewer.epochs, fewer.learning_rate = 2, 0.1
+    with pytest.raises(ValueError) as info:
+        begin_run(fewer, *sets, dest, restart=False)
+    assert "epochs: 15 -> 2" in str(info.value) and "learning_rate: 0.002 -> 0.1" in str(info.value)
+    assert "--restart" in str(info.value)
+    with pytest.raises(ValueError, match=r"train.default: 2 shards -> 3 shards"):
+        begin_run(cfg, {"default": synthetic["train"][:3]}, sets[1], dest, restart=False)
+    with pytest.raises(ValueError, match=r"val.default: other shards"):
+        begin_run(cfg, sets[0], {"default": synthetic["val"][1:2]}, dest, restart=False)
+    begin_run(fewer, *sets, dest, restart=True)                 # discarded, and recorded anew
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["epochs"] == 2
+
+
+def test_an_earlier_run_without_a_record_is_not_resumed(tmp_path, synthetic):
+    from perceptclip.train import begin_run
+
+    cfg = TrainConfig.load(str(SMOKE))
+    (tmp_path / "run" / "checkpoints" / "epoch-0003").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no record of its settings.*--restart"):
+        begin_run(cfg, {"default": synthetic["train"][:1]}, {"default": synthetic["val"][:1]}, str(tmp_path / "run"),
+                  restart=False)
+    assert (tmp_path / "run" / "checkpoints" / "epoch-0003").exists()
+
+
+def test_a_set_that_cannot_be_used_stops_the_run(tmp_path):
+    """The decision after every epoch, from the epoch's record (the same on every worker)."""
+    from perceptclip.validation import run_problems
+
+    provenance = {"train": {"a": "a/*.tar", "b": "b/"}, "val": {"a": "va/*.tar"}}
+    record = {"train_sets": {"a": {"n": 40, "errors": 0, "error_reasons": {}},
+                             "b": {"n": 0, "errors": 1, "error_reasons": {"shard_missing": 1}}},
+              "val": {"a": {"srcc": None, "n": 20, "unusable": "all 20 usable labels are equal (0.5)",
+                            "errors": 0, "error_reasons": {}}}}
+    problems = run_problems(record, provenance)
+    assert problems == ("training set 'b' (b/): no usable sample (shard_missing 1); validation set 'a' (va/*.tar): "
+                        "all 20 usable labels are equal (0.5) (unusable samples: none)")
+    record["train_sets"]["b"]["n"] = 3
+    record["val"]["a"] = {"srcc": None, "n": 20, "undefined": "all 20 predictions are equal (0.1)", "errors": 0,
+                          "error_reasons": {}}
+    assert run_problems(record, provenance) is None             # the model's doing: that epoch has no score
+
+
+@pytest.mark.slow
+def test_training_sets_without_a_usable_sample_fail_the_run_naming_them_and_export_nothing(ray_local, synthetic,
+                                                                                          tmp_path):
+    """Case 7 of "No silent harm": 15 epochs on nothing (train_samples 0), an exported model, exit 0."""
+    unlabelled_shard(tmp_path / "unlabelled" / "train-000000.tar")
+    dest = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "train", "--config", str(smoke_config(tmp_path, epochs=2)),
+        "--train", f"nolabels={tmp_path / 'unlabelled' / 'train-000000.tar'}",
+        "--train", f"folder={tmp_path / 'unlabelled'}/", "--train", f"good={synthetic['train'][0]}",
+        "--val", f"good={synthetic['val'][0]}", "--output", str(dest)])
+    assert result.exit_code != 0
+    assert "training set 'nolabels'" in result.output and "no usable sample (bad_label 10)" in result.output
+    assert "training set 'folder'" in result.output and "(shard_missing 1)" in result.output
+    assert "'good'" not in result.output
+    assert not (dest / "model").exists()
+    history = json.loads((dest / "metrics.json").read_text())
+    assert len(history) == 1 and history[0]["train_sets"]["nolabels"]["error_reasons"] == {"bad_label": 10}
+
+
+@pytest.mark.slow
+def test_a_validation_set_without_a_usable_sample_fails_the_run_and_exports_nothing(ray_local, synthetic, tmp_path):
+    """Case 8: every epoch srcc NaN with n 0, a "best" epoch of score NaN, an exported model."""
+    val = unlabelled_shard(tmp_path / "val" / "val-000000.tar", count=12)
+    dest = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--config", str(smoke_config(tmp_path, epochs=2)),
+                                       "--train", synthetic["train"][0], "--val", val, "--output", str(dest)])
+    assert result.exit_code != 0
+    assert f"validation set 'default' ({val}): no usable sample (unusable samples: bad_label 12)" in result.output
+    assert not (dest / "model").exists()
+    text = (dest / "metrics.json").read_text()
+    assert "NaN" not in text and json.loads(text)[0]["val"]["default"]["srcc"] is None
+
+
+@pytest.mark.slow
+def test_a_rerun_with_another_config_is_refused_and_restart_starts_afresh(ray_local, synthetic, tmp_path):
+    """Case 6: a rerun with 2 epochs instead of 15 "resumed after epoch 14", reported 15 epochs and
+    rewrote model/."""
+    dest = tmp_path / "run"
+    sets = ["--train", synthetic["train"][0], "--val", synthetic["val"][0], "--output", str(dest)]
+    first = CliRunner().invoke(main, ["train", "--config", str(smoke_config(tmp_path, epochs=2)), *sets])
+    assert first.exit_code == 0, first.output
+    model = (dest / "model" / "model.safetensors").read_bytes()
+    changed = smoke_config(tmp_path, epochs=1)
+    refused = CliRunner().invoke(main, ["train", "--config", str(changed), *sets])
+    assert refused.exit_code != 0 and "epochs: 2 -> 1" in refused.output and "--restart" in refused.output
+    assert (dest / "model" / "model.safetensors").read_bytes() == model
+    assert len(json.loads((dest / "metrics.json").read_text())) == 2
+
+    restarted = CliRunner().invoke(main, ["train", "--config", str(changed), *sets, "--restart"])
+    assert restarted.exit_code == 0, restarted.output
+    assert json.loads(restarted.stdout.strip().splitlines()[-1])["epochs"] == 1
+    history = json.loads((dest / "metrics.json").read_text())
+    assert [r["epoch"] for r in history] == [0] and "resumed_after_epoch" not in history[0]
+    assert sorted(p.name for p in (dest / "checkpoints").iterdir() if p.name.startswith("epoch-")) == ["epoch-0000"]
+    assert json.loads((dest / "run.json").read_text())["config"]["epochs"] == 1
+
+
+def test_an_epoch_whose_predictions_cannot_be_ranked_has_no_score_and_never_becomes_the_best():
+    """Case 8's other half: a metric that cannot be computed is null (never NaN), and a model whose
+    predictions are all equal is the model's doing: the run goes on, but that epoch has no score."""
+    from collections import Counter
+
+    from perceptclip.tasks import get_task
+    from perceptclip.validation import epoch_score, set_metrics
+
+    iqa = get_task("iqa")
+    flat = set_metrics(iqa, [np.full((4, 1), 0.3)], [np.array([1.0, 2.0, 3.0, 4.0])], Counter({"bad_label": 1}))
+    assert flat["srcc"] is None and flat["undefined"] == "all 4 predictions are equal (0.3)"
+    assert flat["error_reasons"] == {"bad_label": 1} and "unusable" not in flat
+    assert json.dumps(flat, allow_nan=False)
+    ranked = set_metrics(iqa, [np.array([[0.1], [0.2]])], [np.array([1.0, 2.0])], Counter())
+    assert epoch_score({"a": ranked, "b": flat}, iqa) is None and epoch_score({"a": ranked}, iqa) == pytest.approx(1.0)
+    same = set_metrics(iqa, [np.array([[0.1], [0.2]])], [np.array([2.0, 2.0])], Counter())
+    assert same["unusable"] == "all 2 usable labels are equal (2)"
