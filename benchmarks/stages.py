@@ -14,6 +14,14 @@ Stages (one process, the job's own functions, every image of the workload):
     write       perceptclip.commit.ScoreWriter: Parquet + marker per shard (skipped with --no-write)
 
 Each line gives the stage's seconds, milliseconds per image and images/s on one core (or one device).
+
+Then (not with --skip-stages) what the read tasks send to the model actors, per image, for each decode
+mode and preprocessing (``decode: cpu`` with one 224 px crop, as memorability and emotion take, and
+with iqa's five crops of 224; ``decode: device``, the encoded bytes): the job's own block functions on
+the workload's images (at most 256), each block turned into the Arrow table that Ray Data stores
+(``batch_to_block``), its bytes divided by its rows; and the read task's CPU time per image for that
+block, one core.
+
 Then the job end to end on a local Ray cluster with ``--cpus`` CPUs (``run_score``; with --no-write the
 same Ray Data pipeline, ``score_dataset``, consumed and discarded): start-up (from ``ray.init`` to the
 first committed shard, or the first scored block with --no-write), total images/s, and the sustained
@@ -32,6 +40,10 @@ from pathlib import Path
 from workload import commit_timeline, describe_rates, rates, workload_model, write_workload
 
 STAGES = ("read", "decode", "preprocess", "model", "write")
+# What a read task can send to the model actors: (decode mode, what it holds, preprocessing)
+TRANSFERS = (("cpu", "one 224 px crop (memorability, emotion)", dict(kind="resize_center_crop", size=224)),
+             ("cpu", "iqa: 5 crops of 224 px", dict(kind="multi_crop", size=224, crops=5)),
+             ("device", "the encoded image (any task)", None))
 
 
 @contextmanager
@@ -88,6 +100,47 @@ def stage_times(urls: list[str], model: str, batch_size: int, write_to: Path | N
     finally:
         decode.decode_image, decode.preprocess = decode_image, preprocess
     return images, dict(totals)
+
+
+def block_bytes(urls: list[str], block_rows: int, limit: int = 256) -> tuple[int, int, list[dict]]:
+    """Per ``TRANSFERS`` entry: the bytes per image of the blocks a read task sends (``bytes``: the whole
+    Arrow table as Ray Data stores it; ``payload``: its crops or encoded-image column alone) and the
+    read task's milliseconds per image for them (decode, crop, table: ``ms``). Over the first ``limit`` images."""
+    from ray.data.block import BlockAccessor
+
+    from perceptclip.decode import decode_samples, encoded_samples
+    from perceptclip.preprocess import PreprocessConfig
+    from perceptclip.shards import read_shard
+
+    samples: list[tuple[str, list[dict]]] = []
+    count = 0
+    for url in urls:
+        if count >= limit:
+            break
+        part = read_shard(url)[:limit - count]
+        samples.append((url, part))
+        count += len(part)
+    jpeg = sum(len(s["jpg"]) for _, part in samples for s in part)
+    results = []
+    for decode, holds, preprocessing in TRANSFERS:
+        pre = [PreprocessConfig(**preprocessing)] if preprocessing else None
+
+        def block(url: str, rows: list[dict], start: int):
+            batch = decode_samples(url, rows, start, pre) if pre else encoded_samples(url, rows, start)
+            return BlockAccessor.batch_to_block(batch)      # the table the task puts in the object store
+
+        block(samples[0][0], samples[0][1][:block_rows], 0)     # warm-up, untimed
+        total = payload = 0
+        started = time.perf_counter()
+        for url, part in samples:
+            for start in range(0, len(part), block_rows):
+                table = block(url, part[start:start + block_rows], start)
+                total += BlockAccessor.for_block(table).size_bytes()
+                payload += table.column("crops_0" if pre else "data").nbytes
+        seconds = time.perf_counter() - started
+        results.append({"decode": decode, "holds": holds, "bytes": total / count, "payload": payload / count,
+                        "ms": 1000 * seconds / count})
+    return count, jpeg // count, results
 
 
 def end_to_end(urls: list[str], model: str, cpus: int | None, batch_size: int, write_to: Path | None,
@@ -157,6 +210,14 @@ def main() -> None:
                     print(f"{stage:11s} {s:8.2f} {1000 * s / images:9.3f} {images / s:9.0f}")
             print(f"{'all':11s} {sum(totals.values()):8.2f} {1000 * sum(totals.values()) / images:9.3f} "
                   f"{images / sum(totals.values()):9.0f}", flush=True)
+            count, jpeg, transfers = block_bytes(urls, args.batch_size)
+            print(f"\nsent by the read tasks to the model actors, per image ({count} images, blocks of "
+                  f"{args.batch_size} rows; the JPEGs average {jpeg:,} bytes):")
+            print(f"{'decode':7s} {'holding':41s} {'bytes/image':>12s} {'of which image':>15s} "
+                  f"{'read task ms/image':>19s}")
+            for t in transfers:
+                print(f"{t['decode']:7s} {t['holds']:41s} {t['bytes']:12,.0f} {t['payload']:15,.0f} {t['ms']:19.2f}")
+            print(flush=True)
         r = end_to_end(urls, model, args.cpus, args.batch_size, None if args.no_write else root / "scores",
                        args.decode)
     print(f"end to end: {r['images']} images in {r['total_s']:.1f} s = {r['images'] / r['total_s']:.0f} images/s; "

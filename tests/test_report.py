@@ -24,6 +24,7 @@ from perceptclip.score import ScoreConfig, run_score
 from perceptclip.shards import write_shard
 
 from support.images import image_bytes, make_image
+from support.scoring import score_here
 
 CHROMIUM = "/usr/bin/chromium"
 HOSTILE_KEY = "x<img src=q onerror=alert(1)>&amp"
@@ -241,6 +242,31 @@ def test_report_without_thumbnails(scored, tmp_path):
     assert result.exit_code == 0 and "0 thumbnails" in result.stdout
     page = output.read_text()
     assert "<img" not in page and "<h3>Top" not in page and page.count('<svg class="chart"') == 2
+
+
+def test_quantiles_and_report_read_a_dest_scored_without_a_cluster(iqa_artifact, emotion_artifact, tmp_path):
+    """The quick tier's pass through quantiles and the report, on a DEST that the scoring job's own stages
+    wrote in this process (``support.scoring``); the tests above read what the Ray job wrote."""
+    shard = str(tmp_path / "shards" / "part-000000.tar")
+    write_shard(shard, samples(0, 6) + [{"__key__": "broken", "jpg": b"\xff\xd8 this is not a jpeg"}])
+    dest = tmp_path / "scores"
+    results = score_here([shard], [iqa_artifact, emotion_artifact], str(dest))
+    assert [(r.rows, r.ok, r.failed) for r in results] == [(7, 6, None)]
+    table = pq.read_table(dest / "part-000000.parquet")
+
+    result = cli("quantiles", "--scores", str(dest), "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["samples"] == {"total": 7, "ok": 6, "error": 1}
+    assert out["quantiles"]["iqa"]["mean"] == pytest.approx(scored_values(table, "iqa").mean())
+
+    result = cli("report", "--scores", str(dest), "--output", str(tmp_path / "report.html"), "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    top, bottom = figures((tmp_path / "report.html").read_text(), "iqa")
+    values = sorted(scored_values(table, "iqa"))
+    assert [f["score"] for f in top] == pytest.approx(values[::-1][:2])
+    assert [f["score"] for f in bottom] == pytest.approx(values[:2])
+    assert all(f["img"].startswith("data:image/jpeg;base64,") for f in top + bottom)   # read from the shard
 
 
 @pytest.mark.slow

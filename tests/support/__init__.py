@@ -6,6 +6,7 @@
 - ``hostile``: hostile input for the scoring job, each case with its promised outcome (also printed by
   ``scripts/hostile_input_table.py`` into docs/reliability.md);
 - ``shards``: labelled shards, the layout ``evaluate`` and ``train`` read;
+- ``scoring``: a score output written by the scoring job's stages in this process, without Ray;
 - ``processes``: Ray's worker processes by role, process sessions, and ending them;
 - ``waiting``: polling for a condition with a deadline that fails naming what it waited for.
 
