@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from perceptclip.commit import (BASE_COLUMNS, RunSummary, ScoreWriter, check_destination, committed_names, utc_now,
-                                write_summary)
+from perceptclip.commit import (BASE_COLUMNS, COMMIT_WORKERS, RunProgress, RunSummary, ScoreWriter, check_destination,
+                                committed_names, utc_now, write_summary)
 from perceptclip.config import Config, require, setting
 from perceptclip.decode import read_and_decode
 from perceptclip.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
@@ -368,23 +368,16 @@ def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dic
     try:
         ds = score_dataset(cfg, plan.todo, models, options)
 
-        writer = ScoreWriter(cfg.output, options, models, summary.run_id, cfg.overwrite)
-        first_at, first_rows, rows = None, 0, 0
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for result in writer.add(block):
-                (summary.failed if result.failed else summary.done).append(result)
-                rows += result.rows
-                if first_at is None and result.rows:     # start-up: until the first shard is committed
-                    first_at, first_rows = time.perf_counter(), rows
-                    summary.startup_s = first_at - started
-                done = len(summary.done) + len(summary.failed)
-                elapsed = time.perf_counter() - started
-                status = f"FAILED {result.failed}" if result.failed else \
-                    f"{result.rows} rows, {sum(result.errors.values())} errors"
-                progress(f"[{done}/{len(plan.todo)}] {shard_name(result.shard)}: {status} "
-                         f"({rows / elapsed:.1f} images/s)")
-        if first_at is not None and rows > first_rows:
-            summary.steady_images_per_s = (rows - first_rows) / max(time.perf_counter() - first_at, 1e-9)
+        # commits run on a few threads of the driver while it goes on pulling rows (docs/scoring.md)
+        writer = ScoreWriter(cfg.output, options, models, summary.run_id, cfg.overwrite, workers=COMMIT_WORKERS)
+        report = RunProgress(summary, len(plan.todo), started, progress)
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                report(writer.add(block))
+            report(writer.finish())
+        finally:
+            report(writer.close())      # stopped early: the commits in flight settle, and count
+        report.finish()
         lost = writer.pending()
         if lost:
             raise RuntimeError(f"shards with missing rows at the end of the run: {', '.join(lost)}")

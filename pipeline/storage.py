@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from perceptclip.config import Config, require, setting
 
 REDACTED = "***"
+MAX_POOL_CONNECTIONS = 64
 SECRET_OPTION_NAMES = frozenset({"key", "secret", "token", "password", "aws_access_key_id",
                                  "aws_secret_access_key", "aws_session_token"})
 
@@ -62,7 +63,12 @@ def storage_options(cfg: StorageConfig | None = None) -> dict[str, dict]:
 
 def _s3_options(cfg: StorageConfig) -> dict:
     env = os.environ.get
-    opts: dict = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": cfg.max_attempts}}}
+    # connections: botocore keeps 10, fewer than the scoring job's commit threads use at once. Checksums
+    # only where the operation requires one: newer botocore adds them to every upload, which costs CPU and
+    # which some S3-compatible stores reject (each marker records its table's SHA-256 anyway)
+    opts: dict = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": cfg.max_attempts},
+                                    "max_pool_connections": MAX_POOL_CONNECTIONS,
+                                    "request_checksum_calculation": "when_required"}}
     endpoint = cfg.endpoint_url or env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL")
     if endpoint:
         opts["endpoint_url"] = endpoint

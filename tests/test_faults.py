@@ -9,15 +9,14 @@ or a table still being stored keeps the run going while the test breaks somethin
 of the machine."""
 
 import hashlib
-import http.client
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import fsspec
@@ -31,6 +30,7 @@ from perceptclip.storage import StorageError
 
 from support.images import image_bytes, make_image
 from support.processes import kill_session, raylet_pid, session_pids, worker_pids
+from support.store_proxy import StoreProxy
 from support.waiting import wait_for
 
 # every test injects a fault into a real run or runs a job against the fault-injecting store
@@ -43,107 +43,6 @@ PER_SHARD = 4
 
 
 # ------------------------------------------------------------------------------------- the store proxy
-
-class StoreProxy:
-    """An S3 endpoint on loopback that forwards to moto and injects faults.
-
-    ``mode``: ``ok`` forwards; ``flaky`` answers every other request with 503 SlowDown (throttling);
-    ``down`` drops every connection without an answer (the store is gone). ``deny`` maps a path
-    substring to a method whose requests get 403 AccessDenied. ``hold(method, part)`` keeps the next
-    matching requests waiting until ``release()``; ``arrived`` is set when one is waiting."""
-
-    def __init__(self, upstream: str):
-        self.upstream = upstream.removeprefix("http://")
-        self.mode = "ok"
-        self.deny: dict[str, str] = {}
-        self.log: list[tuple[str, str, int | None]] = []    # method, path, status (None: dropped)
-        self._hold: tuple[str, str] | None = None
-        self._gate = threading.Event()
-        self.arrived = threading.Event()
-        self._lock = threading.Lock()
-        self._count = 0
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.server.handle_error = lambda request, address: None   # clients that gave up hang up on us
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def hold(self, method: str, part: str) -> None:
-        self._gate.clear()
-        self.arrived.clear()
-        self._hold = (method, part)
-
-    def release(self) -> None:
-        self._hold = None
-        self._gate.set()
-
-    def stop(self) -> None:
-        self.release()
-        self.server.shutdown()
-        self.server.server_close()
-
-    def statuses(self, method: str, part: str) -> list[int | None]:
-        """What the proxy answered to ``method`` requests whose path holds ``part``."""
-        return [s for m, p, s in list(self.log) if m == method and part in p]
-
-    def _handler(self):
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                self._forward()
-
-            do_PUT = do_POST = do_HEAD = do_DELETE = do_GET
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy._hold and self.command == proxy._hold[0] and proxy._hold[1] in self.path:
-                    proxy.arrived.set()
-                    proxy._gate.wait(timeout=120)
-                with proxy._lock:
-                    proxy._count += 1
-                    throttled = proxy.mode == "flaky" and proxy._count % 2 == 0
-                denied = any(part in self.path and method == self.command for part, method in proxy.deny.items())
-                if proxy.mode == "down":
-                    proxy.log.append((self.command, self.path, None))
-                    self.close_connection = True
-                    return
-                if throttled:
-                    return self._error(503, "SlowDown", "Please reduce your request rate.")
-                if denied:
-                    return self._error(403, "AccessDenied", "Access Denied")
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                reply = conn.getresponse()
-                data = reply.read()
-                conn.close()
-                self._reply(reply.status, [(k, v) for k, v in reply.getheaders()
-                                           if k.lower() not in ("connection", "transfer-encoding", "content-length")
-                                           or (k.lower() == "content-length" and self.command == "HEAD")], data)
-
-            def _error(self, status: int, code: str, message: str):
-                xml = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
-                self._reply(status, [("Content-Type", "application/xml")], xml.encode())
-
-            def _reply(self, status: int, headers: list, data: bytes):
-                proxy.log.append((self.command, self.path, status))
-                self.send_response(status)
-                for name, value in headers:
-                    self.send_header(name, value)
-                if self.command != "HEAD":
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-        return Handler
-
 
 @pytest.fixture
 def proxy(s3_server, monkeypatch):
@@ -369,33 +268,36 @@ def test_a_throttling_store_is_retried_and_what_it_refuses_is_redone_by_the_next
 
 def test_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_completes(
         proxy, s3_server, iqa_artifact, ray_local):
-    """The store goes away while a table is being stored (its put held at the proxy, then every
-    connection dropped): the run stops with an error naming the store and the shard, keeps every
-    committed shard, leaves no marker without its whole table, and still says why when even its
-    summary cannot be written; the next run, with the store back, scores exactly the rest."""
+    """The store goes away while tables are being stored (after the first commit, every upload of a table
+    or marker is held at the proxy, then every connection dropped): the run stops with an error naming
+    the store and a shard it could not commit, keeps every committed shard, leaves no marker without its
+    whole table, and still says why when even its summary cannot be written; the next run, with the
+    store back, scores exactly the rest."""
     bucket, contents, model = upload(s3_server, iqa_artifact)
     out, fs = f"{bucket}/scores", s3_server.filesystem()
-    proxy.hold("PUT", "/scores/shard-000007.parquet")
     # one try a request (s3fs adds a few of its own): the outage surfaces in seconds, not minutes
     cfg = score_config(bucket, model, out, storage={"max_attempts": 1})
     result = {}
     thread = threading.Thread(target=_run_into, args=(result, cfg))
     thread.start()
+    wait_for(lambda: markers(fs, out[5:]) or "error" in result, 240, "the first commit")
+    # shards are committed several at a time: from here on none completes, whichever are in flight
+    proxy.hold("PUT", "/scores/")
     assert proxy.arrived.wait(timeout=240), result
-    committed = markers(fs, out[5:])
     proxy.mode = "down"
     proxy.release()
     thread.join(timeout=240)
 
     error = result["error"]
     assert isinstance(error, StorageError)
-    assert str(error).startswith(f"{out}: cannot commit shard-000007: ") and proxy.url in str(error)
+    failed = re.match(rf"{re.escape(out)}: cannot commit (shard-\d+): ", str(error))
+    assert failed and proxy.url in str(error), error
     assert SECRET not in str(error)
+    committed = markers(fs, out[5:])
     lines = result["lines"]
     assert any("cannot write the run summary" in line for line in lines)    # said, not raised over the error
     assert any(line.startswith(f"stopped with {len(committed)} of {SHARDS} shards committed") for line in lines)
-    assert committed                        # some shards were committed before the table that was held
-    assert markers(fs, out[5:]) == committed and not fs.exists(f"{out[5:]}/shard-000007.parquet")
+    assert committed and failed[1] not in committed     # what was committed before the outage is kept
     assert not fs.exists(f"{out[5:]}/_runs")
 
     proxy.mode = "ok"

@@ -209,7 +209,8 @@ def test_storage_options_from_environment_and_config(monkeypatch):
     s3 = storage_options()["s3"]
     assert s3 == {"endpoint_url": "http://s3-only:2", "client_kwargs": {"region_name": "eu-west-3"},
                   "key": "AKIDEXAMPLE", "secret": "very-secret",
-                  "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 8}}}
+                  "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 8},
+                                    "max_pool_connections": 64, "request_checksum_calculation": "when_required"}}
     assert storage_options(StorageConfig(endpoint_url="http://cfg:3"))["s3"]["endpoint_url"] == "http://cfg:3"
     shown = redact(storage_options())
     assert "very-secret" not in json.dumps(shown) and "AKIDEXAMPLE" not in json.dumps(shown)
