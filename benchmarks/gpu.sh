@@ -118,6 +118,9 @@ vit=random:ViT-L-14-quickgelu
 step "GPU tests" 75 "$py" -m pytest -q -p no:cacheprovider -m gpu $gpu_tests
 step "ViT-L/14 alone" 75 "$py" benchmarks/model_throughput.py --backbone ViT-L-14-quickgelu \
   --batch-sizes 64,128,256,512 --seconds 5
+# the same without the canonical padding: what calls of 256 crops would give instead of 64
+step "ViT-L/14 alone, unpadded calls" 40 "$py" benchmarks/model_throughput.py --backbone ViT-L-14-quickgelu \
+  --batch-sizes 64,256 --seconds 3 --model-batch 0
 step "decoding alone" 45 "$py" benchmarks/decode_throughput.py --device cuda --seconds 5
 step "stage times, 4,000 images" 90 "$py" benchmarks/stages.py --model $vit --images 4000 --shards 8 \
   --cpus "$CPUS" --batch-size 256

@@ -6,6 +6,8 @@ attention, uint8 input normalised on the device, bf16 autocast on GPU), with no 
 
 Weights are random (throughput does not depend on their values), so nothing is downloaded. Each
 batch size is warmed up, then timed over ``--seconds`` with the device synchronised around the clock.
+``--model-batch``: crops per model call (default: the canonical size the scoring job pads every call
+to, 64 on a GPU; 0: one unpadded call per batch, to see what another canonical size would give).
 The last line is the best figure: ``model alone: X images/s``.
 """
 
@@ -21,12 +23,13 @@ from perceptclip.model import BackboneConfig, ClipLoraModel, ModelConfig
 from perceptclip.scorer import Scorer
 
 
-def build_scorer(backbone: str, device: str, precision: str | None, compile: bool) -> Scorer:
+def build_scorer(backbone: str, device: str, precision: str | None, compile: bool,
+                 model_batch: int | None = None) -> Scorer:
     cfg = ModelConfig(backbone=BackboneConfig.from_open_clip(backbone, pretrained=None))
     model = ClipLoraModel(cfg)
     meta = ArtifactMeta.for_task("iqa", cfg)
     meta.preprocess.kind = "resize_center_crop"        # one crop per image: the per-image model cost
-    return Scorer(model, meta, device=device, precision=precision, compile=compile)
+    return Scorer(model, meta, device=device, precision=precision, compile=compile, batch=model_batch)
 
 
 def measure(scorer: Scorer, batch_size: int, seconds: float) -> float:
@@ -53,11 +56,14 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="64,128,256,512")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--model-batch", type=int, default=None,
+                        help="crops per model call (default: the canonical size; 0: unpadded)")
     args = parser.parse_args()
 
-    scorer = build_scorer(args.backbone, args.device, args.precision, args.compile)
+    scorer = build_scorer(args.backbone, args.device, args.precision, args.compile, args.model_batch)
     name = torch.cuda.get_device_name() if scorer.device.type == "cuda" else "cpu"
-    print(f"{args.backbone} on {name}, precision {scorer.precision}, compile={args.compile}")
+    calls = f"model calls of {scorer.batch} crops" if scorer.batch else "one unpadded model call per batch"
+    print(f"{args.backbone} on {name}, precision {scorer.precision}, compile={args.compile}, {calls}")
     best = 0.0
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         rate = measure(scorer, batch_size, args.seconds)

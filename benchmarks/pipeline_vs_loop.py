@@ -33,14 +33,14 @@ from pathlib import Path
 from workload import commit_timeline, describe_rates, rates, workload_model, write_workload
 
 
-def plain_loop(urls: list[str], model: str, batch_size: int) -> dict:
+def plain_loop(urls: list[str], model: str, batch_size: int, model_batch: int | None = None) -> dict:
     """Read each tar, decode, preprocess, batch, score: one process, as a user would write it."""
     started = time.perf_counter()
     from perceptclip.preprocess import ImageError, decode_image
     from perceptclip.scorer import Scorer
     from perceptclip.shards import read_shard
 
-    scorer = Scorer.load(model)
+    scorer = Scorer.load(model, batch=model_batch)
     scores, timeline = [], []
 
     def flush(batch):
@@ -63,7 +63,8 @@ def plain_loop(urls: list[str], model: str, batch_size: int) -> dict:
     return {"images": len(scores), "total_s": total, "startup_s": timeline[0][0] - started, "rates": rates(timeline)}
 
 
-def pipeline(urls: list[str], model: str, out: Path, cpus: int, batch_size: int) -> dict:
+def pipeline(urls: list[str], model: str, out: Path, cpus: int, batch_size: int,
+             model_batch: int | None = None) -> dict:
     import ray
 
     from perceptclip.score import ScoreConfig, run_score
@@ -74,7 +75,7 @@ def pipeline(urls: list[str], model: str, out: Path, cpus: int, batch_size: int)
     # On a machine without GPUs the model actor shares the cores with decoding: it reserves none, so
     # every core can run a decode task, and it uses one torch thread.
     cfg = ScoreConfig(input=urls, output=str(out), models=[model], batch_size=batch_size,
-                      cpus_per_actor=0, torch_threads=1)
+                      cpus_per_actor=0, torch_threads=1, model_batch=model_batch)
     timeline, committed = commit_timeline()
     summary = run_score(cfg, progress=committed)
     total = time.perf_counter() - started
@@ -93,6 +94,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--model-batch", type=int, default=None,
+                        help="crops per model call (default: the canonical size; 0: unpadded, as before)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,12 +103,13 @@ def main() -> None:
         model = workload_model("tiny", root)
         urls = write_workload(root / "shards", args.images, args.shards, args.size)
         print(f"workload: {args.images} JPEGs of {args.size}x{args.size} px in {args.shards} shards, "
-              f"tiny memorability model (32 px input), {args.cpus} CPUs", flush=True)
+              f"tiny memorability model (32 px input), {args.cpus} CPUs, model calls: "
+              f"{'canonical' if args.model_batch is None else args.model_batch or 'unpadded'}", flush=True)
         # The loop runs before and after the pipeline and its better run counts: other work on the
         # machine slows whichever happens to overlap it, and this way it never favours the pipeline.
-        before = plain_loop(urls, model, args.batch_size)
-        pipe = pipeline(urls, model, root / "scores", args.cpus, args.batch_size)
-        after = plain_loop(urls, model, args.batch_size)
+        before = plain_loop(urls, model, args.batch_size, args.model_batch)
+        pipe = pipeline(urls, model, root / "scores", args.cpus, args.batch_size, args.model_batch)
+        after = plain_loop(urls, model, args.batch_size, args.model_batch)
         if not all(r["rates"] for r in (before, pipe, after)):
             raise SystemExit("too few shards to measure a sustained throughput: use --shards 8 or more")
         loop = max(before, after, key=lambda r: r["rates"]["sustained_images_per_s"])

@@ -13,7 +13,8 @@ from perceptclip import __version__
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="perceptclip")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug); score and train also print "
+              "Ray's own output, which otherwise goes to the Ray session's logs.")
 def main(verbose: int) -> None:
     """Perceptual scores (image quality, memorability, evoked emotion) for images at scale.
 
@@ -142,7 +143,8 @@ def convert(dataset, source, output, split, fractions, seed, shard_size, overwri
 @main.command()
 @click.option("--input", "-i", "inputs", multiple=True,
               help="Shards: paths or URLs (s3://, gs://, any fsspec URL), brace ranges "
-                   "(shard-{000000..000999}.tar), globs, or a .txt file of URLs. Repeatable.")
+                   "(shard-{000000..000999}.tar), globs, a folder or prefix (its shards), or a .txt file "
+                   "of URLs. Repeatable.")
 @click.option("--output", "-o", default=None, help="Destination folder or object-store prefix.")
 @click.option("--model", "-m", "models", multiple=True,
               help="Built-in name, model directory or s3:// URI; NAME=MODEL renames its columns. Repeat to "
@@ -151,10 +153,14 @@ def convert(dataset, source, output, split, fractions, seed, shard_size, overwri
               help="YAML score config (see configs/score.yaml); the options above override it.")
 @click.option("--address", default=None, help="Ray cluster to join; default RAY_ADDRESS, else a local cluster.")
 @click.option("--overwrite", is_flag=True, default=None, help="Score every shard again, committed or not.")
+@click.option("--input-format", default=None,
+              help="What the inputs are: webdataset (tars), parquet (Parquet files with the images inside), "
+                   "table (Parquet, CSV or JSONL of image paths or URIs) or auto (the default: told by each "
+                   "file's name and columns).")
 @click.option("--sample-fraction", type=float, default=None,
               help="Dry run: score only this seeded random share of the shards (0 < F <= 1; the seed is "
                    "the config's sample_seed), to estimate cost and distributions before the full run.")
-def score(inputs, output, models, config_path, address, overwrite, sample_fraction):
+def score(inputs, output, models, config_path, address, overwrite, input_format, sample_fraction):
     """Score WebDataset shards: one Parquet file and one commit marker per shard under OUTPUT.
 
     \b
@@ -162,8 +168,9 @@ def score(inputs, output, models, config_path, address, overwrite, sample_fracti
       perceptclip score --input 's3://bucket/shards/shard-{000000..000999}.tar' \\
           --output s3://bucket/scores --model perceptclip-iqa --model perceptclip-emotion
 
-    A rerun skips the shards already committed. Progress goes to stderr; the run summary (also written
-    under OUTPUT/_runs/) is printed as JSON at the end. The exit status is 1 when a shard failed.
+    A rerun skips the shards already committed. Progress goes to stderr (a bar on a terminal, a line
+    every 30 s in a log; a failed shard always); the run summary (also written under OUTPUT/_runs/) is
+    printed as JSON at the end. The exit status is 1 when a shard failed.
     --sample-fraction 0.01 scores a seeded 1% of the shards first, to see cost and distributions.
     """
     import json
@@ -172,11 +179,21 @@ def score(inputs, output, models, config_path, address, overwrite, sample_fracti
 
     cfg = _or_fail(lambda: load_score_config(config_path, input=list(inputs) or None, output=output,
                                              models=list(models) or None, address=address, overwrite=overwrite,
-                                             sample_fraction=sample_fraction))
-    summary = _or_fail(lambda: run_score(cfg, progress=lambda line: click.echo(line, err=True)))
+                                             input_format=input_format, sample_fraction=sample_fraction))
+    with _console("shards", "images") as console:
+        summary = _or_fail(lambda: run_score(cfg, progress=console))
     click.echo(json.dumps(summary.to_dict(), indent=2))
     if not summary.ok:
         raise SystemExit(1)
+
+
+def _console(unit: str, item: str | None):
+    """The progress and messages of a long run on stderr: a bar on a terminal, lines in a log. Under -v
+    Ray's own output prints too, and progress goes as lines."""
+    from perceptclip.console import Console
+
+    verbose = click.get_current_context().find_root().params.get("verbose", 0) > 0
+    return Console(sys.stderr, unit=unit, item=item, verbose=verbose)
 
 
 class _Progress:
@@ -288,8 +305,8 @@ def train(config_path, train_sets, val_sets, dest, init, address, restart):
           --val s3://b/koniq/val-000000.tar --output s3://b/runs/iqa-1
       perceptclip score --model s3://b/runs/iqa-1/model ...
 
-    Each epoch's metrics are printed and kept in OUTPUT/metrics.json; the last line printed is the
-    run's summary as JSON. A rerun with another config or other shards is refused (--restart starts
+    Each epoch's score and loss are printed on stderr (with a progress bar on a terminal), its metrics
+    kept in OUTPUT/metrics.json; the line on stdout is the run's summary as JSON. A rerun with another config or other shards is refused (--restart starts
     afresh); a set without a usable sample fails the run, naming it, and nothing is exported.
     """
     import dataclasses
@@ -302,7 +319,9 @@ def train(config_path, train_sets, val_sets, dest, init, address, restart):
         cfg = dataclasses.replace(cfg, init=init)
     train_map = _or_fail(lambda: parse_datasets(train_sets, "--train"))
     val_map = _or_fail(lambda: parse_datasets(val_sets, "--val"))
-    summary = _or_fail(lambda: run_train(cfg, train_map, val_map, dest, address=address, restart=restart))
+    with _console("epochs", None) as console:
+        summary = _or_fail(lambda: run_train(cfg, train_map, val_map, dest, address=address, restart=restart,
+                                             progress=console))
     click.echo(json.dumps(summary, allow_nan=False))
 
 

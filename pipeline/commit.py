@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from perceptclip import __version__
+from perceptclip.inputs import carried_columns
 from perceptclip.shards import shard_name
 from perceptclip.storage import StorageError, filesystem, join, protocol, redact_text, storage_error
 
@@ -214,7 +215,10 @@ class ScoreWriter:
             table = pa.concat_tables(parts).sort_by("ordinal")
         else:
             table = self.empty_table()
+        carried = carried_columns(table, columns)
         table = table.select(columns)
+        for i, (name, values) in enumerate(carried.items()):     # the input's own, after the base columns
+            table = table.add_column(len(BASE_COLUMNS) + i, name, values)
         metadata = {
             "format": "perceptclip-scores", "format_version": 1, "package_version": __version__,
             "run_id": self.run_id, "shard": shard, "models": self.described,
@@ -352,10 +356,11 @@ class RunSummary:
 
 class RunProgress:
     """Counts each finished shard into the run's summary as the driver learns of it, says one line per
-    shard, and times the run: start-up until the first committed shard, the steady rate after it."""
+    shard, hands ``show`` the summary, and times the run: start-up to the first committed shard, the rate after."""
 
-    def __init__(self, summary: RunSummary, todo: int, started: float, say: Callable[[str], None]):
-        self.summary, self.todo, self.started, self.say = summary, todo, started, say
+    def __init__(self, summary: RunSummary, todo: int, started: float, say: Callable[[str], None],
+                 show: Callable[[RunSummary], None] | None = None):
+        self.summary, self.todo, self.started, self.say, self.show = summary, todo, started, say, show
         self.rows = 0
         self.first: tuple[float, int] | None = None     # (time, rows) when the first shard was committed
 
@@ -372,6 +377,8 @@ class RunProgress:
                 f"{result.rows} rows, {sum(result.errors.values())} errors"
             self.say(f"[{len(summary.done) + len(summary.failed)}/{self.todo}] {shard_name(result.shard)}: "
                      f"{status} ({self.rows / (now - self.started):.1f} images/s)")
+            if self.show is not None:
+                self.show(summary)
 
     def finish(self) -> None:
         """The steady rate: the rows after the first committed shard over the time they took."""

@@ -8,7 +8,7 @@
     shard_row          the control row: how many samples the shard holds, or why it could not be read
 
 A sample that cannot be read or decoded is an error row with its reason: one row per sample, whatever
-it holds. Every task process imports this module, so it imports neither torch nor the model code
+it holds. What a shard holds, whatever its kind, comes from ``perceptclip.inputs``. Every task process imports this module, so it imports neither torch nor the model code
 (seconds of start-up per process).
 """
 
@@ -20,7 +20,8 @@ import numpy as np
 
 from perceptclip.commit import SHARD_ROW
 from perceptclip.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessConfig, decode_image, preprocess
-from perceptclip.shards import ShardError, image_member, read_shard, sample_info
+from perceptclip.inputs import InputSpec, carried_text, open_shard
+from perceptclip.shards import ShardError, image_member, sample_info
 
 
 def decode_samples(shard: str, samples: list[dict], start: int, preprocessing: list[PreprocessConfig],
@@ -62,12 +63,13 @@ def encoded_samples(shard: str, samples: list[dict], start: int) -> dict[str, np
 
 def sample_block(shard: str, samples: list[dict], start: int) -> tuple[dict[str, np.ndarray], list[bytes | None]]:
     """The columns every row has, and each sample's image bytes. A sample that the reader refused
-    (``__error__``: a link, a duplicated key) or that holds no image is already an error row (None)."""
+    (``__error__``: a link, a duplicated key, a null image) or that holds no image is already an error
+    row (None)."""
     n = len(samples)
     status, error = np.full(n, "ok", dtype=object), np.full(n, None, dtype=object)
     images: list[bytes | None] = []
     for i, sample in enumerate(samples):
-        ext = image_member(sample)
+        ext = "__image__" if "__image__" in sample else image_member(sample)
         if "__error__" in sample:
             status[i], error[i] = "error", sample["__error__"]
         elif ext is None:
@@ -81,8 +83,9 @@ def sample_block(shard: str, samples: list[dict], start: int) -> tuple[dict[str,
         "key": np.array([s["__key__"] for s in samples], dtype=object),
         "status": status, "error": error,
         "width": np.full(n, -1, np.int32), "height": np.full(n, -1, np.int32),
-        "url": np.array([x["url"] for x in info], dtype=object),
+        "url": np.array([s.get("__url__", x["url"]) for s, x in zip(samples, info)], dtype=object),
         "caption": np.array([x["caption"] for x in info], dtype=object),
+        "carried": np.array([carried_text(s.get("__carry__")) for s in samples], dtype=object),
         "shard_rows": np.full(n, -1, np.int64),
     }
     return block, images
@@ -97,26 +100,30 @@ def shard_row(shard: str, rows: int, error: ShardError | None, preprocessing: li
     row.update(shard=np.array([shard], dtype=object), ordinal=np.array([-1]), key=np.array([None], dtype=object),
                status=np.array([SHARD_ROW], dtype=object), error=np.array([str(error) if error else None], dtype=object),
                width=np.array([-1], np.int32), height=np.array([-1], np.int32), url=np.array([None], dtype=object),
-               caption=np.array([None], dtype=object), shard_rows=np.array([rows]))
+               caption=np.array([None], dtype=object), carried=np.array([None], dtype=object),
+               shard_rows=np.array([rows]))
     if "data" in row:
         row["data"] = np.array([b""], dtype=object)
     return row
 
 
 def read_and_decode(batch: dict[str, np.ndarray], preprocessing: list[PreprocessConfig], options: dict,
-                    block_rows: int, max_pixels: int, decode: str = "cpu") -> Iterator[dict[str, np.ndarray]]:
+                    block_rows: int, max_pixels: int, decode: str = "cpu",
+                    inputs: InputSpec | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data stage: a batch naming shards -> blocks of each shard's samples, then its control row.
-    ``decode: cpu`` decodes and crops here; ``device`` sends the encoded images to the model actors."""
+    ``decode: cpu`` decodes and crops here; ``device`` sends the encoded images to the model actors.
+    ``inputs``: what kind of shards they are (default: told by their names)."""
     for shard in batch["shard"]:
         shard = str(shard)
         try:
-            samples = read_shard(shard, options)
+            reader = open_shard(shard, inputs or InputSpec(), options)
         except ShardError as e:
             yield shard_row(shard, 0, e, preprocessing, decode)
             continue
-        for start in range(0, len(samples), block_rows):
-            part = samples[start:start + block_rows]
-            yield decode_samples(shard, part, start, preprocessing, max_pixels) if decode == "cpu" \
-                else encoded_samples(shard, part, start)
-        yield shard_row(shard, len(samples), None, preprocessing, decode)
-
+        rows = 0
+        with reader:
+            for part in reader.blocks(block_rows):
+                yield decode_samples(shard, part, rows, preprocessing, max_pixels) if decode == "cpu" \
+                    else encoded_samples(shard, part, rows)
+                rows += len(part)
+        yield shard_row(shard, rows, None, preprocessing, decode)

@@ -199,12 +199,26 @@ def resolve_model(ref: str) -> str:
     target = cache_dir() / "releases" / ref
     if (target / CONFIG_FILE).exists():
         return str(target)
-    from huggingface_hub import hf_hub_download
-
     try:
-        local = hf_hub_download(repo_id=repo, filename=filename)
-    except Exception as e:  # offline mode, no network, missing from cache, hub errors
+        local = fetch_release(repo, filename)
+    except Exception as e:  # offline mode, no network, hub errors
         raise ArtifactError(_offline_message(ref, repo, filename, task, e)) from None
     publish_once(target, lambda staging: import_official(local, task, str(staging),
                                                          source=f"huggingface.co/{repo}/{filename}"))
     return str(target)
+
+
+def fetch_release(repo: str, filename: str, timeout: float = 5.0) -> str:
+    """The release file, from the Hugging Face cache if it is there, else from the hub. The hub is asked
+    once first, without retries: a machine that cannot reach it fails at once, where the download's own
+    retries would take half a minute and warn at each one (``timeout``: what a network that drops the
+    packets costs). A release file never changes, so a cached copy is used without asking the hub."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(repo_id=repo, filename=filename, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    get_hf_file_metadata(hf_hub_url(repo, filename), timeout=timeout, retry_on_errors=False)
+    return hf_hub_download(repo_id=repo, filename=filename)

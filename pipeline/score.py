@@ -1,7 +1,7 @@
-"""The scoring job: WebDataset shards in, one Parquet table of scores per shard out.
+"""The scoring job: shards in (tars, Parquet files of images), one Parquet table of scores per shard out.
 
-    plan       list the shards, drop those already committed (before reading any)         driver      here
-    read       one task per shard reads the whole tar (a shard is a unit)                 CPU tasks   decode.py
+    plan       list the shards, drop those already committed (before reading any)         driver      plan.py
+    read       one task per shard reads it (a shard is a unit), whatever its kind         CPU tasks   inputs.py
     decode     bytes -> image -> uint8 crops, once per distinct preprocessing; a bad
                image becomes an error row, a broken shard one ``shard`` row with why      same tasks  decode.py
     score      every model on the crops, one backbone pass per model                      actor pool  here
@@ -13,15 +13,16 @@ Every shard sends exactly one control row (``status == "shard"``) carrying its s
 reason it could not be read, so the driver knows when a shard is complete without a shuffle and
 reports a broken shard instead of losing it. Images stay in the workers; only scores reach the driver.
 
-This module holds the job's configuration, the models as the driver sees them, the plan, the model
-actor, and all the job's Ray wiring (``run_score``, ``score_dataset``); the stages are plain functions
-and classes. ``commit.py`` is the one place that knows the output layout.
+This module holds the job's configuration, the models as the driver sees them, the model actor, and
+all the job's Ray wiring (``run_score``, ``score_dataset``); the stages are plain functions and classes. ``commit.py`` is the one place that knows the output layout.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
+import types
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,12 +33,13 @@ import numpy as np
 import pyarrow as pa
 
 from perceptclip.commit import (BASE_COLUMNS, COMMIT_WORKERS, RunProgress, RunSummary, ScoreWriter, check_destination,
-                                committed_names, utc_now, write_summary)
+                                utc_now, write_summary)
 from perceptclip.config import Config, require, setting
 from perceptclip.decode import read_and_decode
+from perceptclip.inputs import INPUT_FORMATS, InputSpec
+from perceptclip.plan import Plan, plan_shards
 from perceptclip.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
-from perceptclip.shards import expand_shards, shard_name
-from perceptclip.storage import (StorageConfig, StorageError, check_apart, redact, redact_text,
+from perceptclip.storage import (StorageConfig, StorageError, redact, redact_text,
                                  storage_options)
 
 if TYPE_CHECKING:   # annotations only: importing the job loads neither torch nor the model code
@@ -59,7 +61,7 @@ class ScoreConfig(Config):
     models: list[str] = field(default_factory=list)
     address: str | None = None           # None: RAY_ADDRESS if set, else a local cluster
     overwrite: bool = False
-    batch_size: int = setting(64, minimum=1)          # images per model call
+    batch_size: int = setting(64, minimum=1)          # images per actor call; model calls: model_batch
     block_rows: int = setting(64, minimum=1)          # decoded images per block sent to the model actors
     batches_in_flight: int = setting(4, minimum=1)    # blocks sent to each model actor at a time
     decode: str = setting("cpu", choices=DECODE_MODES)  # "cpu": PIL in the read tasks; "device": on the model actors' device
@@ -73,7 +75,25 @@ class ScoreConfig(Config):
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, minimum=1)  # larger images become error rows (too_large)
     sample_fraction: float | None = setting(None, above=0, maximum=1)   # dry run: score this seeded share of the shards
     sample_seed: int = setting(0, minimum=0)
+    model_batch: int | None = setting(None, minimum=0)   # crops per model call; None: canonical; 0: unpadded
+    input_format: str = setting("auto", choices=INPUT_FORMATS)   # auto: told by each shard's name and content
+    image_column: str | None = None      # the column of images (Parquet) or of their locations (tables)
+    key_column: str | None = None        # Parquet: the key; None: __key__, key or id when present, else the row number
+    carry_columns: list[str] = field(default_factory=list)    # input columns copied into the score table
+    fetch_workers: int = setting(32, minimum=1)       # tables: image requests in flight per read task
+    fetch_timeout_s: float = setting(30.0, above=0)   # tables: a request unanswered by then is an error row
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def check(self):
+        clash = sorted(set(self.carry_columns) & (set(BASE_COLUMNS) | {"ordinal", "shard_rows"}))
+        require(not clash, "carry_columns", f"{', '.join(clash)}: already a column of the score table")
+        require(len(set(self.carry_columns)) == len(self.carry_columns), "carry_columns", "a column named twice")
+
+    def input_spec(self) -> InputSpec:
+        """What the read tasks need of this config."""
+        return InputSpec(format=self.input_format, image_column=self.image_column, key_column=self.key_column,
+                         carry_columns=tuple(self.carry_columns), fetch_workers=self.fetch_workers,
+                         fetch_timeout_s=self.fetch_timeout_s)
 
     def validate(self) -> "ScoreConfig":
         """What a run needs beyond well-formed values; checked when a run starts."""
@@ -111,9 +131,10 @@ class ModelSpec:
     ref: str                  # resolved: an absolute path, a cache directory or a URI (what actors load)
     meta: ArtifactMeta
     given: str = ""           # as the user wrote it, for provenance
+    batch: int | None = None  # crops per model call (ScoreConfig.model_batch); None: the canonical size
 
     @classmethod
-    def resolve(cls, text: str, options: dict | None = None) -> "ModelSpec":
+    def resolve(cls, text: str, options: dict | None = None, batch: int | None = None) -> "ModelSpec":
         from perceptclip.official import parse_model_ref, resolve_model
 
         name, base, head = parse_model_ref(text)
@@ -122,7 +143,7 @@ class ModelSpec:
 
         meta = read_meta(resolved, options)
         return cls(name=name or meta.task, ref=resolved + (f"#{head}" if head else ""), meta=meta,
-                   given=base + (f"#{head}" if head else ""))
+                   given=base + (f"#{head}" if head else ""), batch=batch)
 
     @property
     def columns(self) -> list[str]:
@@ -135,7 +156,15 @@ class ModelSpec:
 
         head = self.ref.rsplit("#", 1)[1] if "#" in self.ref else None
         return {"name": self.name, "ref": self.given or self.ref, "resolved": self.ref, "head": head,
-                "columns": self.columns, **describe(self.meta)}
+                "columns": self.columns, "model_batch": self.model_batch(), **describe(self.meta)}
+
+    def model_batch(self) -> int | dict[str, int]:
+        """Crops per model call: as configured, else the canonical size for each device type."""
+        from perceptclip.scorer import canonical_batch
+
+        if self.batch is not None:
+            return self.batch
+        return {device: canonical_batch(device, self.meta.model) for device in ("cpu", "cuda")}
 
 
 def check_columns(models: list[ModelSpec]) -> None:
@@ -159,61 +188,12 @@ def distinct_preprocessing(models: list[ModelSpec]) -> tuple[list[PreprocessConf
     return configs, index
 
 
-# --- plan ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Plan:
-    todo: list[str]
-    skipped: list[str]
-    not_sampled: int = 0       # shards left out by sample_fraction
-
-    @property
-    def total(self) -> int:
-        return len(self.todo) + len(self.skipped)
-
-
-def input_shards(cfg: ScoreConfig, options: dict) -> list[str]:
-    """Every shard the input names, checked: no two share a name, and the output holds none of them."""
-    urls = expand_shards(cfg.input, options)
-    by_name: dict[str, str] = {}
-    for url in urls:
-        other = by_name.setdefault(shard_name(url), url)
-        if other != url:
-            # outputs are named after shards so users can join them; two shards cannot share one
-            raise ValueError(f"input: {other} and {url} would both write {shard_name(url)}.parquet; "
-                             f"score them into different outputs")
-    # a folder holding its inputs would mix score tables with them (a later run over the folder reads both)
-    check_apart("output", cfg.output, {"input shards": urls})
-    return urls
-
-
-def plan_shards(cfg: ScoreConfig, options: dict) -> Plan:
-    """The shards to score and those already committed under the output, which are skipped unread."""
-    urls = input_shards(cfg, options)
-    listed = len(urls)
-    if cfg.sample_fraction is not None:
-        urls = sample_shards(urls, cfg.sample_fraction, cfg.sample_seed)
-    done = set() if cfg.overwrite else committed_names(cfg.output, options)
-    return Plan(todo=[u for u in urls if shard_name(u) not in done],
-                skipped=[u for u in urls if shard_name(u) in done], not_sampled=listed - len(urls))
-
-
-def sample_shards(urls: list[str], fraction: float, seed: int) -> list[str]:
-    """A seeded random share of ``urls`` (at least one), in listing order. Drawn by shard name, so the
-    same listing and seed give the same sample wherever the shards live and whatever ran before."""
-    import random
-
-    count = max(1, round(fraction * len(urls)))
-    chosen = set(random.Random(seed).sample(sorted(shard_name(u) for u in urls), count))
-    return [u for u in urls if shard_name(u) in chosen]
-
-
 # --- score (actor pool) --------------------------------------------------------------------------------
 
 class ModelActor:
     """Ray Data stage: decoded blocks -> score rows. Loads every model once, when the actor starts."""
 
-    def __init__(self, models: list[tuple[str, str]], crops_index: list[int], torch_threads: int | None,
+    def __init__(self, models: list[tuple[str, str, int | None]], crops_index: list[int], torch_threads: int | None,
                  options: dict | None = None, preprocessing: list[PreprocessConfig] | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         from perceptclip.model import import_open_clip_for_scoring
@@ -226,7 +206,8 @@ class ModelActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         # the run's storage options travel with the job: workers may hold no credentials of their own
-        self.scorers = [Scorer.load(ref, name=name, storage_options=options) for name, ref in models]
+        self.scorers = [Scorer.load(ref, name=name, storage_options=options, batch=batch)
+                        for name, ref, batch in models]
         self.crops_index = crops_index
         self.preprocessing, self.max_pixels = preprocessing, max_pixels
 
@@ -265,7 +246,7 @@ def score_block(batch: dict[str, np.ndarray], scorers, crops_index: list[int]) -
     # A text column that is null in every row of a block comes back from Ray as floats: keep strings only.
     columns: dict[str, pa.Array] = {
         name: pa.array([v if isinstance(v, str) else None for v in batch[name]], type=pa.string())
-        for name in ("shard", "key", "status", "error", "url", "caption")
+        for name in ("shard", "key", "status", "error", "url", "caption", "carried") if name in batch
     }
     columns["ordinal"] = pa.array(batch["ordinal"], type=pa.int64())
     columns["shard_rows"] = pa.array(batch["shard_rows"], type=pa.int64())
@@ -274,10 +255,16 @@ def score_block(batch: dict[str, np.ndarray], scorers, crops_index: list[int]) -
     missing = np.ones(n, dtype=bool)
     missing[ok] = False
     for scorer, i in zip(scorers, crops_index):
-        crops = torch.as_tensor(batch[f"crops_{i}"])      # numpy from the read tasks, a tensor if decoded here
-        if len(ok) < n:                                   # error and control rows have no image
+        crops = batch[f"crops_{i}"]                       # numpy from the read tasks, a tensor if decoded here
+        if isinstance(crops, np.ndarray):
+            # Ray Data hands a block over as a read-only view of its object store, torch wants writable memory:
+            # the image rows, gathered in one copy (pinned for a GPU: the copy the scorer makes to pin them)
+            rows = torch.empty((len(ok), *crops.shape[1:]), dtype=torch.uint8, pin_memory=scorer.device.type == "cuda")
+            np.take(crops, ok, axis=0, out=rows.numpy(), mode="clip")    # clip: unbuffered (ok is in range)
+            crops = rows
+        elif len(ok) < n:                                 # error and control rows have no image
             crops = crops[torch.as_tensor(ok, device=crops.device)]
-        outputs = scorer.score(crops)                     # (rows, crops, 3, S, S) as one array: no copy
+        outputs = scorer.score(crops)                     # (rows, crops, 3, S, S) as one tensor
         for name, values in scorer.columns(outputs).items():
             full = np.empty(n, dtype=object if isinstance(values, list) else np.float32)
             full[ok] = values
@@ -294,7 +281,7 @@ def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> R
     started = time.perf_counter()
     options = storage_options(cfg.storage)
     check_destination(cfg.output, options)
-    models = [ModelSpec.resolve(m, options) for m in cfg.models]
+    models = [ModelSpec.resolve(m, options, batch=cfg.model_batch) for m in cfg.models]
     check_columns(models)
     plan = plan_shards(cfg, options)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
@@ -341,7 +328,7 @@ def score_dataset(cfg: ScoreConfig, shards: list[str], models: list[ModelSpec], 
     ds = ds.map_batches(read_and_decode, batch_size=1, batch_format="numpy",
                         fn_kwargs={"preprocessing": preprocessing, "options": options,
                                    "block_rows": cfg.block_rows, "max_pixels": cfg.max_pixels,
-                                   "decode": cfg.decode},
+                                   "decode": cfg.decode, "inputs": cfg.input_spec()},
                         num_cpus=cfg.cpus_per_reader,
                         # A read task holds a whole shard. Reserving memory for it also keeps Ray
                         # Data from fusing this stage into the model actors (it fuses stages with
@@ -349,7 +336,7 @@ def score_dataset(cfg: ScoreConfig, shards: list[str], models: list[ModelSpec], 
                         # on every CPU of the cluster.
                         memory=cfg.reader_memory_mb * 2**20)
     ds = ds.map_batches(ModelActor, batch_size=cfg.batch_size, batch_format="numpy",
-                        fn_constructor_args=([(m.name, m.ref) for m in models], crops_index, threads, options,
+                        fn_constructor_args=([(m.name, m.ref, m.batch) for m in models], crops_index, threads, options,
                                              preprocessing, cfg.max_pixels),
                         compute=ray.data.ActorPoolStrategy(size=actors,
                                                            max_tasks_in_flight_per_actor=cfg.batches_in_flight),
@@ -361,26 +348,52 @@ def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dic
              started: float, progress: Callable[[str], None]) -> None:
     import ray
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        # no address and no RAY_ADDRESS: ray.init starts a local cluster, the embedded default
-        ray.init(address=cfg.address, num_cpus=cfg.num_cpus, include_dashboard=False)
-    try:
-        ds = score_dataset(cfg, plan.todo, models, options)
+    from perceptclip.console import Console, ShardTally, ray_output
 
-        # commits run on a few threads of the driver while it goes on pulling rows (docs/scoring.md)
-        writer = ScoreWriter(cfg.output, options, models, summary.run_id, cfg.overwrite, workers=COMMIT_WORKERS)
-        report = RunProgress(summary, len(plan.todo), started, progress)
-        try:
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                report(writer.add(block))
-            report(writer.finish())
-        finally:
-            report(writer.close())      # stopped early: the commits in flight settle, and count
-        report.finish()
-        lost = writer.pending()
-        if lost:
-            raise RuntimeError(f"shards with missing rows at the end of the run: {', '.join(lost)}")
-    finally:
+    console = progress if isinstance(progress, Console) else None
+    started_ray = not ray.is_initialized()
+    # with a console, Ray's own output goes to the session's logs (unless verbose) and our bar replaces its
+    with ray_output(console) as output:
         if started_ray:
-            ray.shutdown()
+            # no address and no RAY_ADDRESS: ray.init starts a local cluster, the embedded default
+            ray.init(address=cfg.address, num_cpus=cfg.num_cpus, include_dashboard=False,
+                     log_to_driver=output.shown)
+        output.keep_in_session()
+        try:
+            ds = score_dataset(cfg, plan.todo, models, options)
+
+            # commits run on a few threads of the driver while it goes on pulling rows (docs/scoring.md)
+            writer = ScoreWriter(cfg.output, options, models, summary.run_id, cfg.overwrite, workers=COMMIT_WORKERS)
+            # with a console, the tally says a failed shard and shows the rest on the bar, not a line each
+            tally = ShardTally(console, len(plan.todo)) if console else None
+            report = RunProgress(summary, len(plan.todo), started, tally.say if tally else progress, show=tally)
+            try:
+                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    if tally is not None:
+                        tally.block(block["status"].to_pylist())
+                    report(writer.add(block))
+                report(writer.finish())
+            finally:
+                report(writer.close())      # stopped early: the commits in flight settle, and count
+            report.finish()
+            lost = writer.pending()
+            if lost:
+                raise RuntimeError(f"shards with missing rows at the end of the run: {', '.join(lost)}")
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+
+# --- ``perceptclip.score(...)`` ---------------------------------------------------------------------------
+
+class _CallableModule(types.ModuleType):
+    """This module is also the API's ``perceptclip.score``: once it is imported, Python makes it the
+    package's ``score`` attribute, so calling it runs ``perceptclip.api.score``."""
+
+    def __call__(self, *args, **kwargs) -> RunSummary:
+        from perceptclip.api import score
+
+        return score(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -6,6 +6,14 @@
                                                       # (or one (N, n, 3, S, S) array: no gathering copy)
     scorer.columns(out)                               # {"iqa": array}  or  {"emotion": [...], "emotion_awe": array, ...}
 
+**One image, one score.** Every model call has the same number of crops, the canonical batch
+(``canonical_batch``: per device type and model size), the last call of a batch padded with zero
+crops. Matrix kernels pick their blocking, and so their order of summation, by the shapes they are
+given: without the padding an image's score moves in its last bits with the batch it meets. With it an
+image's scores are bit-identical whatever batch, position, shard, block or actor, and through
+``predict``, the scoring job or ``add_scores``, given the same device type, precision and library
+versions (docs/scoring.md says what is and is not promised).
+
 LoRA is merged at load (no adapter cost at inference); attention runs through PyTorch's
 scaled-dot-product kernels. On a GPU the model runs in bf16 autocast by default, and images travel as
 uint8 through pinned memory with non-blocking copies, normalised on the device. ``compile=True``
@@ -23,6 +31,31 @@ from perceptclip.preprocess import normalize, preprocess
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Crops per model call on an accelerator: enough rows (64 x 257 tokens for ViT-L/14) to keep it busy.
+CANONICAL_BATCH_ACCELERATOR = 64
+# On a CPU a call is sized by its arithmetic: crops up to about this many FLOPs, at least one. A cheap
+# model (the debug ViT: 8 crops) keeps the calls' fixed costs shared; a ViT-B or ViT-L runs one crop a
+# call, which costs a CPU little (its matrices already have a row per token) and keeps scoring one
+# image as fast as before.
+CPU_CALL_FLOPS = 32e6
+
+
+def crop_flops(cfg) -> float:
+    """About how many FLOPs the backbone spends on one crop: per block and token, 24 x width^2 for the
+    projections and the MLP, 4 x tokens x width for attention."""
+    vision = cfg.backbone.vision
+    size, patch = cfg.backbone.image_size, vision.get("patch_size", 16)
+    tokens = (size // patch) ** 2 + 1
+    width, layers = vision.get("width", 768), vision.get("layers", 12)
+    return float(layers * tokens * (24 * width * width + 4 * tokens * width))
+
+
+def canonical_batch(device_type: str, cfg) -> int:
+    """Crops per model call for a model of ``cfg`` (a ``ModelConfig``) on ``device_type``; a power of two."""
+    if device_type != "cpu":
+        return CANONICAL_BATCH_ACCELERATOR
+    fits = max(1, int(CPU_CALL_FLOPS // crop_flops(cfg)))
+    return min(CANONICAL_BATCH_ACCELERATOR, 1 << (fits.bit_length() - 1))
 
 
 def default_device() -> torch.device:
@@ -32,7 +65,9 @@ def default_device() -> torch.device:
 class Scorer:
     def __init__(self, model: ClipLoraModel, meta: ArtifactMeta, name: str | None = None,
                  device: str | torch.device | None = None, head: str | None = None,
-                 precision: str | None = None, compile: bool = False):
+                 precision: str | None = None, compile: bool = False, batch: int | None = None):
+        """``batch``: crops per model call (None: ``canonical_batch`` for the device and model; 0: one call
+        for whatever is passed, unpadded, so that scores depend on the batch)."""
         self.meta = meta
         self.name = name or meta.task
         self.device = torch.device(device) if device is not None else default_device()
@@ -44,6 +79,9 @@ class Scorer:
         self.head = head or model.default_head
         if self.head not in model.heads:
             raise ValueError(f"model has no head {self.head!r}; heads: {', '.join(model.heads)}")
+        if batch is not None and batch < 0:
+            raise ValueError(f"batch must be >= 0 (0: unpadded calls), not {batch}")
+        self.batch = canonical_batch(self.device.type, meta.model) if batch is None else batch
         self.model = model.merge_lora().eval().to(self.device)
         self._forward = torch.compile(self.model, dynamic=True) if compile else self.model
 
@@ -67,7 +105,8 @@ class Scorer:
         return self.meta.labels
 
     def describe(self) -> dict:
-        return {"name": self.name, "head": self.head, **describe(self.meta)}
+        return {"name": self.name, "head": self.head, "batch": self.batch, "device": self.device.type,
+                "precision": self.precision, **describe(self.meta)}
 
     def preprocess(self, image) -> np.ndarray:
         return preprocess(image, self.meta.preprocess)
@@ -95,13 +134,22 @@ class Scorer:
         x = normalize(batch.to(self.device, non_blocking=True), self.meta.preprocess.mean, self.meta.preprocess.std)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            out = self._forward(x, head=self.head)
+            out = self._calls(x)
         out = out.float()
         if len(set(counts)) == 1:               # one reduction, not one small kernel per image
             per_image = out.view(len(counts), counts[0], -1).mean(1)
         else:
             per_image = torch.stack([chunk.mean(0) for chunk in out.split(counts)])
         return per_image.cpu().numpy()
+
+    def _calls(self, x: torch.Tensor) -> torch.Tensor:
+        """The model on ``x`` in calls of exactly ``self.batch`` crops, the last padded with zeros."""
+        size = self.batch or x.shape[0]
+        short = -x.shape[0] % size
+        if short:
+            x = torch.cat([x, x.new_zeros((short, *x.shape[1:]))])
+        out = torch.cat([self._forward(chunk, head=self.head) for chunk in x.split(size)])
+        return out[:out.shape[0] - short]
 
     def columns(self, outputs: np.ndarray) -> dict[str, object]:
         """Table columns for ``outputs`` (N, K): one float per regression model; for a classifier the

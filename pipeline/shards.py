@@ -2,7 +2,9 @@
 
 A spec is a local path or any fsspec URL (``s3://``, ``gs://``, ...), with brace ranges
 (``shard-{000000..000999}.tar``) and globs (``data/*.tar``), a list of such specs, or a ``.txt`` file
-holding one spec per line (blank lines and ``#`` comments ignored).
+holding one spec per line (blank lines and ``#`` comments ignored). A folder or object-store prefix
+means the shards inside it (``FOLDER_SHARD_SUFFIXES``, at any depth, sorted), for every command that
+takes shards; one that holds none is an error, never zero shards.
 
 A shard is read as a unit: ``read_shard`` returns all its samples or raises ``ShardError`` with a
 reason code (missing, unreadable, not_a_tar, truncated); nothing else escapes, and a caller never
@@ -33,6 +35,11 @@ from collections.abc import Iterator, Sequence
 from perceptclip.storage import filesystem, protocol, redact_text
 
 SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+# What a folder's listing counts as its shards: tars and Parquet files (tables of paths are named one by
+# one: a CSV beside the shards is more often someone's notes than an input)
+FOLDER_SHARD_SUFFIXES = SHARD_SUFFIXES + PARQUET_SUFFIXES
 URL_LIST_SUFFIXES = (".txt",)
 # Lower-case extensions of the image formats PIL reads, in the order a sample's image is picked.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "ppm", "pgm", "pbm", "pnm",
@@ -57,8 +64,8 @@ class ShardError(Exception):
 def expand_shards(spec: str | Sequence[str], storage_options: dict | None = None) -> list[str]:
     """Every shard URL ``spec`` names, in order, each once. Local paths come back absolute.
 
-    A glob that matches nothing, or a URL list that cannot be read, raises ``ValueError``: a typo in a
-    nightly job should fail loudly, not score zero shards."""
+    A glob that matches nothing, a folder that holds no shards, or a URL list that cannot be read,
+    raises ``ValueError``: a typo in a nightly job should fail loudly, not score zero shards."""
     from braceexpand import braceexpand
 
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -69,8 +76,21 @@ def expand_shards(spec: str | Sequence[str], storage_options: dict | None = None
             urls += expand_shards(_read_url_list(item, storage_options), storage_options)
             continue
         for one in braceexpand(item):
-            urls += _glob(one, storage_options) if _GLOB_CHARS.search(_path_part(one)) else [_absolute(one)]
+            if _GLOB_CHARS.search(_path_part(one)):
+                urls += _glob(one, storage_options)
+            elif _may_be_folder(one) and is_folder(one, storage_options):
+                urls += folder_shards(one, storage_options)
+            else:
+                urls.append(_absolute(one))
     return list(dict.fromkeys(urls))
+
+
+class EmptyFolderError(ValueError):
+    """A folder or prefix named as input that holds no shard; ``url``: the folder."""
+
+    def __init__(self, url: str, message: str):
+        super().__init__(message)
+        self.url = url
 
 
 def _path_part(url: str) -> str:
@@ -83,13 +103,62 @@ def _absolute(url: str) -> str:
     return posixpath.abspath(url.removeprefix("file://"))
 
 
+def _with_protocol(path: str, like: str) -> str:
+    """A path as a filesystem lists it, as a URL of the same kind as ``like``."""
+    proto = protocol(like)
+    return _absolute(path) if proto == "file" else f"{proto}://{path}"
+
+
+def _may_be_folder(url: str) -> bool:
+    """Whether ``url`` needs a look at the store: a name ending like a shard file is taken as one
+    unseen (a brace range of 10,000 shards costs no request), anything else may be a folder."""
+    name = _path_part(url).rstrip("/").rsplit("/", 1)[-1].lower()
+    return url.endswith("/") or not name.endswith(FOLDER_SHARD_SUFFIXES + TABLE_SUFFIXES)
+
+
+def is_folder(url: str, storage_options: dict | None = None) -> bool:
+    """Whether ``url`` is a folder (an object-store prefix with objects under it)."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return bool(fs.isdir(path))
+    except OSError:             # unreachable or refused: the read reports it, with its reason
+        return False
+
+
+def folder_files(url: str, storage_options: dict | None = None) -> list[str]:
+    """Every file under folder ``url``, at any depth, sorted, as URLs; names in ``_``- or ``.``-folders
+    (``_markers/``, ``_conversions/``, ``.cache/``) and hidden or ``_`` files are left out: they hold
+    bookkeeping, not data."""
+    fs, root = filesystem(url, storage_options)
+    root = root.rstrip("/")
+    found = []
+    for path in fs.find(root, withdirs=False, detail=False):
+        relative = path[len(root):].lstrip("/") if path.startswith(root) else path
+        if any(part.startswith(("_", ".")) for part in relative.split("/")):
+            continue
+        found.append(_with_protocol(path, url))
+    return sorted(found)
+
+
+def folder_shards(url: str, storage_options: dict | None = None) -> list[str]:
+    """The shards inside folder ``url`` (``FOLDER_SHARD_SUFFIXES``), sorted; ``EmptyFolderError`` if none."""
+    shards = [f for f in folder_files(url, storage_options) if f.lower().endswith(FOLDER_SHARD_SUFFIXES)]
+    if not shards:
+        raise EmptyFolderError(url, f"{url}: the folder holds no shards (no "
+                                    f"{', '.join(FOLDER_SHARD_SUFFIXES)} file)")
+    return shards
+
+
 def _glob(pattern: str, storage_options: dict | None) -> list[str]:
     fs, path = filesystem(pattern, storage_options)
-    matches = sorted(fs.glob(path))
+    matches = fs.glob(path, detail=True)
     if not matches:
         raise ValueError(f"{pattern}: the pattern matches no shards")
-    proto = protocol(pattern)
-    return [_absolute(m) if proto == "file" else f"{proto}://{m}" for m in matches]
+    urls = []
+    for match, info in sorted(matches.items()):
+        url = _with_protocol(match, pattern)
+        urls += folder_shards(url, storage_options) if info.get("type") == "directory" else [url]
+    return urls
 
 
 def _read_url_list(path: str, storage_options: dict | None) -> list[str]:
@@ -106,9 +175,10 @@ def _read_url_list(path: str, storage_options: dict | None) -> list[str]:
 
 
 def shard_name(url: str) -> str:
-    """The shard's file name without its tar suffix: ``s3://b/x/shard-000012.tar`` -> ``shard-000012``."""
+    """The shard's file name without its suffix: ``s3://b/x/shard-000012.tar`` -> ``shard-000012``,
+    ``part-0003.parquet`` -> ``part-0003``."""
     name = posixpath.basename(_path_part(url).rstrip("/"))
-    for suffix in SHARD_SUFFIXES:
+    for suffix in SHARD_SUFFIXES + PARQUET_SUFFIXES + TABLE_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name

@@ -32,13 +32,17 @@ import logging
 import os
 import posixpath
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from perceptclip.artifact import ArtifactMeta, read_meta
 from perceptclip.augment import AugmentConfig
 from perceptclip.config import Config, ConfigError, require, setting
+from perceptclip.console import Tally
 from perceptclip.model import BackboneConfig, HeadConfig, LoraConfig, ModelConfig
 from perceptclip.official import resolve_model
+from perceptclip.storage import filesystem
 from perceptclip.tasks import TASKS, Task, get_task
 from perceptclip.train_worker import WorkerPlan, printable, train_loop
 from perceptclip.validation import primary_metric
@@ -143,14 +147,15 @@ def parse_datasets(specs: tuple[str, ...] | list[str], what: str) -> dict[str, s
 # ---------------------------------------------------------------------------------------------- driver
 
 def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str], dest: str,
-          address: str | None = None, restart: bool = False) -> dict:
+          address: str | None = None, restart: bool = False, progress: Callable[[str], None] = log.info) -> dict:
     """Fine-tune on ``train_sets`` ({head name: shard spec}), validate on ``val_sets`` every epoch,
     checkpoint to ``dest`` and export the best epoch to ``dest/model``. Returns the run's summary.
     ``address``: the Ray cluster to join when Ray is not running yet; None: RAY_ADDRESS if set, else a
     local cluster, started here and shut down at the end. ``restart``: discard an earlier run in ``dest``
-    instead of resuming it."""
+    instead of resuming it. ``progress`` is told each epoch (a ``Console``: see ``perceptclip.console``)."""
     import ray
 
+    from perceptclip.console import Console, ray_output
     from perceptclip.storage import protocol, storage_options
 
     unknown = sorted(set(val_sets) - set(train_sets))
@@ -162,17 +167,71 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
     plan = worker_plan(cfg, train_sets, val_sets, dest, options)
     begin_run(cfg, plan.train, plan.val, dest, restart, options)
     storage_path, storage_fs = _storage(dest, options)
+    console = progress if isinstance(progress, Console) else None
     started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=address)
-    try:
-        if started_ray and not (address or os.environ.get("RAY_ADDRESS")):
-            check_local_resources(cfg.scaling, ray.cluster_resources())
-        _trainer(cfg, plan, storage_path, storage_fs).fit()
-    finally:
+    with ray_output(console) as output:
         if started_ray:
-            ray.shutdown()
+            ray.init(address=address, log_to_driver=output.shown)
+        output.keep_in_session()
+        try:
+            if started_ray and not (address or os.environ.get("RAY_ADDRESS")):
+                check_local_resources(cfg.scaling, ray.cluster_resources())
+            with EpochReport(plan, progress, show=console.show if console else None):
+                _trainer(cfg, plan, storage_path, storage_fs).fit()
+        finally:
+            if started_ray:
+                ray.shutdown()
     return _summary(plan)
+
+
+class EpochReport:
+    """While the run goes on, a thread on the driver reads the history rank 0 rewrites after every epoch
+    (DEST/metrics.json), says each new epoch and ``show``s the run's ``Tally`` (epochs, the best so far)."""
+
+    def __init__(self, plan: WorkerPlan, say: Callable[[str], None], show: Callable | None = None,
+                 every: float = 2.0):
+        self.plan, self.say, self.show, self.every = plan, say, show or (lambda tally: None), every
+        self.metric = primary_metric(get_task(plan.artifact.task))
+        self.said = 0                   # epochs of the history already said, or there before this run
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="epochs", daemon=True)
+
+    def __enter__(self) -> "EpochReport":
+        self.said = len(self._history() or [])    # a resumed run's earlier epochs are not said again
+        self.show(Tally(self.said, self.plan.epochs))
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._report()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.every):
+            self._report()
+
+    def _history(self) -> list[dict] | None:
+        try:     # none yet, read while rank 0 rewrites it, the store out for a moment: the next look tells
+            fs, path = filesystem(self.plan.metrics_url, self.plan.storage_options)
+            return [r for r in json.loads(fs.cat_file(path)) if not r.get("failure")]   # the driver raises those
+        except (OSError, ValueError):
+            return None
+
+    def _report(self) -> None:
+        history = self._history()
+        if not history:
+            return
+        for n, r in enumerate(history[self.said:], start=self.said + 1):
+            score = "undefined" if r["score"] is None else f"{r['score']:.4f}"
+            resumed = f"; resumed after epoch {r['resumed_after_epoch']}" if "resumed_after_epoch" in r else ""
+            self.say(f"[{n}/{self.plan.epochs}] epoch {r['epoch']}: {self.metric} {score}, train loss "
+                     f"{r['train_loss']:.4f}, {r['train_samples']} samples ({r['train_errors']} unusable), "
+                     f"{r['seconds']:.1f} s{resumed}")
+        self.said = max(self.said, len(history))
+        best = [r for r in history if r["epoch"] == history[-1]["best_epoch"]]
+        note = f"best {self.metric} {best[0]['score']:.4f} (epoch {best[0]['epoch']})" if best else ""
+        self.show(Tally(len(history), self.plan.epochs, note=note))
 
 
 def worker_plan(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str], dest: str,

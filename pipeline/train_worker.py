@@ -131,6 +131,8 @@ class Worker:
         # rows reach the worker in the order of their shards, not in the order the data tasks finish: with
         # seeded shard orders and crops, an epoch then gives the same batches however often it runs
         ray.data.DataContext.get_current().execution_options.preserve_order = True
+        # the driver reports the epochs; Ray Data's progress bars would fill this worker's log with redraws
+        ray.data.DataContext.get_current().enable_progress_bars = False
         self.device = ray.train.torch.get_device()
         self.task = get_task(plan.artifact.task)
         self.pre = plan.artifact.preprocess

@@ -378,7 +378,7 @@ def test_the_model_actor_skips_importing_transformers(iqa_artifact):
     code = (
         "import sys, json, numpy as np\n"
         "from perceptclip.score import ModelActor\n"
-        f"actor = ModelActor([('iqa', {iqa_artifact!r})], [0], 1)\n"
+        f"actor = ModelActor([('iqa', {iqa_artifact!r}, None)], [0], 1)\n"
         "crops = np.random.default_rng(0).integers(0, 256, (3, 1, 3, 32, 32), dtype=np.uint8)\n"
         "scores = actor.scorers[0].score(list(crops)).tolist()\n"
         "skipped = 'transformers' not in sys.modules and 'open_clip' in sys.modules\n"

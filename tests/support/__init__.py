@@ -9,6 +9,7 @@
 - ``scoring``: a score output written by the scoring job's stages in this process, without Ray;
 - ``processes``: Ray's worker processes by role, process sessions, and ending them;
 - ``store_proxy``: an S3 endpoint in front of the moto server that injects faults and latency;
+- ``wide_model``: a model wide enough that batching changes its scores' bits (the batch-invariance tests);
 - ``waiting``: polling for a condition with a deadline that fails naming what it waited for.
 
 Pytest puts this folder on ``sys.path`` (``pythonpath`` in pyproject.toml); scripts and benchmarks

@@ -5,10 +5,10 @@ Ray Data. The job itself, on a local Ray cluster, is tested in the slow tier."""
 from __future__ import annotations
 
 
-def score_here(shards: list[str], models: list[str], dest: str, block_rows: int = 8) -> list:
+def score_here(shards: list[str], models: list[str], dest: str, block_rows: int = 8, inputs=None) -> list:
     """Score local ``shards`` with ``models`` (as ``--model`` takes them) into local ``dest`` through
     the job's stages: ``read_and_decode``, ``score_block``, ``ScoreWriter``. Returns each shard's
-    ``ShardResult``; writes no run summary."""
+    ``ShardResult``; writes no run summary. ``inputs``: the shards' ``perceptclip.inputs.InputSpec``."""
     import numpy as np
 
     from perceptclip.commit import ScoreWriter
@@ -22,5 +22,5 @@ def score_here(shards: list[str], models: list[str], dest: str, block_rows: int 
     scorers = [Scorer.load(s.ref, name=s.name) for s in specs]
     writer = ScoreWriter(dest, {}, specs, run_id="in-process", overwrite=False)
     blocks = read_and_decode({"shard": np.array(shards, dtype=object)}, preprocessing, {}, block_rows,
-                             DEFAULT_MAX_PIXELS)
+                             DEFAULT_MAX_PIXELS, inputs=inputs)
     return [result for block in blocks for result in writer.add(score_block(block, scorers, crops_index))]
