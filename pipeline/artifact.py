@@ -25,11 +25,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from perceptclip.config import Config, ConfigError
+from perceptclip.config import Config, ConfigError, require
 from perceptclip.model import ClipLoraModel, ModelConfig
 from perceptclip.preprocess import PreprocessConfig
 from perceptclip.storage import filesystem
-from perceptclip.tasks import get_task
+from perceptclip.tasks import Task, resolve_task
 
 FORMAT = "perceptclip-model"
 FORMAT_VERSION = 1
@@ -50,20 +50,41 @@ class ArtifactMeta(Config):
     higher_is_better: bool = True
     provenance: dict = field(default_factory=dict)
     weights_sha256: str | None = None
+    # the whole task definition; None only in artifacts written before tasks were data, whose task is
+    # a built-in one by name
+    task_definition: Task | None = None
+
+    def check(self):
+        if self.task_definition is None:
+            object.__setattr__(self, "task_definition", resolve_task(self.task))
+        definition = self.task_definition
+        require(definition.name == self.task, "task", f"{self.task!r} but its definition is {definition.name!r}")
+        require(list(definition.labels or []) == list(self.labels or []), "labels",
+                f"{self.labels} but the task's classes are {list(definition.labels or [])}")
+
+    @property
+    def task_def(self) -> Task:
+        """The task this model was trained for, as its artifact defines it."""
+        return self.task_definition
 
     @classmethod
-    def for_task(cls, task: str, model: ModelConfig, provenance: dict | None = None, **preprocess) -> "ArtifactMeta":
-        """Metadata with the task's defaults: its labels, direction and preprocessing at the model's size."""
-        t = get_task(task)
+    def for_task(cls, task: str | Task, model: ModelConfig, provenance: dict | None = None,
+                 **preprocess) -> "ArtifactMeta":
+        """Metadata with the task's defaults: its labels, direction and preprocessing at the model's size.
+        ``task``: a built-in name or a ``Task``."""
+        t = resolve_task(task)
+        if t.preprocess == "multi_crop":
+            preprocess.setdefault("crops", t.crops)
         pre = PreprocessConfig(kind=t.preprocess, size=model.backbone.image_size, **preprocess)
         return cls(task=t.name, model=model, preprocess=pre, labels=list(t.labels) if t.labels else None,
-                   higher_is_better=t.higher_is_better, provenance=dict(provenance or {}))
+                   higher_is_better=t.higher_is_better, provenance=dict(provenance or {}), task_definition=t)
 
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "task": self.task,
+            "task_definition": self.task_def.definition(),
             "labels": self.labels,
             "higher_is_better": self.higher_is_better,
             "model": self.model.to_mapping(),
@@ -78,14 +99,13 @@ class ArtifactMeta(Config):
             raise ArtifactError(f"{where}: not a perceptclip model config (format={d.get('format')!r})")
         if d.get("format_version", 0) > FORMAT_VERSION:
             raise ArtifactError(f"{where}: format_version {d['format_version']} is newer than this perceptclip reads")
-        fields = {k: d[k] for k in ("task", "model", "preprocess", "labels", "higher_is_better", "provenance") if k in d}
+        fields = {k: d[k] for k in ("task", "model", "preprocess", "labels", "higher_is_better", "provenance",
+                                    "task_definition") if k in d}
         weights = d.get("weights")
         try:
             if weights is not None and not isinstance(weights, dict):
                 raise ConfigError(f"weights: must be a mapping, got {weights!r}")
-            meta = cls.from_mapping({**fields, "weights_sha256": (weights or {}).get("sha256")})
-            get_task(meta.task)
-            return meta
+            return cls.from_mapping({**fields, "weights_sha256": (weights or {}).get("sha256")})
         except ValueError as e:
             raise ArtifactError(f"{where}: invalid model config: {e}") from None
 

@@ -155,8 +155,9 @@ def convert(dataset, source, output, split, fractions, seed, shard_size, overwri
 @click.option("--overwrite", is_flag=True, default=None, help="Score every shard again, committed or not.")
 @click.option("--input-format", default=None,
               help="What the inputs are: webdataset (tars), parquet (Parquet files with the images inside), "
-                   "table (Parquet, CSV or JSONL of image paths or URIs) or auto (the default: told by each "
-                   "file's name and columns).")
+                   "table (Parquet, CSV or JSONL of image paths or URIs), files (folders, prefixes or globs of "
+                   "image files, as virtual shards recorded under OUTPUT) or auto (the default: told by each "
+                   "file's name and columns; a folder of image files and no shards: files).")
 @click.option("--sample-fraction", type=float, default=None,
               help="Dry run: score only this seeded random share of the shards (0 < F <= 1; the seed is "
                    "the config's sample_seed), to estimate cost and distributions before the full run.")
@@ -362,8 +363,10 @@ def evaluate(model, data, output, bootstrap, device):
 @click.option("--output", "-o", required=True, help="Folder for the curated shards (local or object store).")
 @click.option("--overwrite", is_flag=True, help="Redo shards already written.")
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1), help="Shards in flight at once.")
-def filter_command(scores, where, output, overwrite, workers):
-    """Write new WebDataset shards holding only the samples whose scores pass --where.
+@click.option("--format", "form", type=click.Choice(["auto", "webdataset"]), default="auto", show_default=True,
+              help="auto: tars from tars, Parquet from Parquet, tables and folders; webdataset: tars from any kind.")
+def filter_command(scores, where, output, overwrite, workers, form):
+    """Write new shards holding only the samples whose scores pass --where.
 
     \b
     Example:
@@ -372,7 +375,9 @@ def filter_command(scores, where, output, overwrite, workers):
 
     The expression knows column names, numbers, quoted strings, comparisons (< <= > >= == !=),
     in / not in [list], and, or, not and parentheses; it is checked against the scores before any
-    work. Each kept sample keeps its files, with its scores added to its .json. A rerun skips shards
+    work. Each kept sample of a tar keeps its files, with its scores added to its .json; Parquet with the
+    images gives Parquet of the kept rows with score columns; a table or a folder of image files gives a
+    Parquet table of the kept images' locations and scores. A rerun skips shards
     already written. The summary is printed as JSON; the exit status is 1 when a shard failed.
     """
     import json
@@ -381,7 +386,8 @@ def filter_command(scores, where, output, overwrite, workers):
     from perceptclip.storage import storage_options
 
     summary = _or_fail(lambda: run_filter(scores, where, output, storage_options(), overwrite=overwrite,
-                                          workers=workers, progress=lambda line: click.echo(line, err=True)))
+                                          workers=workers, progress=lambda line: click.echo(line, err=True),
+                                          form=form))
     click.echo(json.dumps(summary.to_dict(), indent=2))
     if not summary.ok:
         raise SystemExit(1)

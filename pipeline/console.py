@@ -143,7 +143,8 @@ class Console:
         now = min(now, self.ended) if self.ended is not None else now
         parts = []
         if self.item is not None:
-            parts.append(f"{t.items:,} {self.item}" + (f" ({t.errors:,} error{'s' * (t.errors > 1)})" if t.errors else ""))
+            errors = f" ({t.errors:,} error{'s' * (t.errors > 1)})" if t.errors else ""
+            parts.append(f"{t.items:,} {self.item}{errors}")
         if t.failed:
             parts.append(f"{t.failed} failed")
         rate = self._rate(now)
@@ -269,22 +270,23 @@ class RayOutput:
         if self.shown:
             return self
         fd, self.path = tempfile.mkstemp(prefix="perceptclip-driver-", suffix=".err")
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        self.saved_fd = os.dup(2)
-        os.dup2(fd, 2)           # the C++ core writes to fd 2 itself: only a redirect catches it
-        os.close(fd)
         console = self.console
-        if _fileno(console.stream) == 2:    # the console itself must still reach the terminal
-            original = console.stream
-            console.stream = os.fdopen(os.dup(self.saved_fd), "w", buffering=1,
-                                       encoding=getattr(original, "encoding", None), errors="backslashreplace")
-            self.restore.append(lambda: (console.stream.close(), setattr(console, "stream", original)))
-        # our own log records (a warning of the run) go through the console, not into Ray's file
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.StreamHandler) and _fileno(handler.stream) == 2:
-                previous = handler.setStream(_Lines(console))
-                self.restore.append(lambda handler=handler, previous=previous: handler.setStream(previous))
+        with console.lock:                  # the console's clock thread writes nothing meanwhile
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            self.saved_fd = os.dup(2)
+            os.dup2(fd, 2)                  # the C++ core writes to fd 2 itself: only a redirect catches it
+            os.close(fd)
+            if _fileno(console.stream) == 2:    # the console itself must still reach the terminal
+                original = console.stream
+                console.stream = os.fdopen(os.dup(self.saved_fd), "w", buffering=1,
+                                           encoding=getattr(original, "encoding", None), errors="backslashreplace")
+                self.restore.append(lambda: (console.stream.close(), setattr(console, "stream", original)))
+            # our own log records (a warning of the run) go through the console, not into Ray's file
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.StreamHandler) and _fileno(handler.stream) == 2:
+                    previous = handler.setStream(_Lines(console))
+                    self.restore.append(lambda handler=handler, previous=previous: handler.setStream(previous))
         return self
 
     def keep_in_session(self) -> None:
@@ -305,13 +307,16 @@ class RayOutput:
             pass
 
     def __exit__(self, kind, error, traceback) -> None:
-        if self.saved_fd is not None:
-            sys.stderr.flush()
-            os.dup2(self.saved_fd, 2)
-            os.close(self.saved_fd)
-            self.saved_fd = None
-        for undo in reversed(self.restore):
-            undo()
+        if self.console is None:
+            return
+        with self.console.lock:
+            if self.saved_fd is not None:
+                sys.stderr.flush()
+                os.dup2(self.saved_fd, 2)
+                os.close(self.saved_fd)
+                self.saved_fd = None
+            for undo in reversed(self.restore):
+                undo()
         if self.path is None:
             return
         if kind is not None and os.path.getsize(self.path):

@@ -9,7 +9,7 @@ import torch
 
 from perceptclip.artifact import ArtifactMeta, save_artifact
 from perceptclip.model import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
-from perceptclip.tasks import get_task
+from perceptclip.tasks import Task, resolve_task
 
 NAME = "debug-vit"
 
@@ -21,16 +21,16 @@ def debug_backbone(image_size: int = 32) -> BackboneConfig:
     )
 
 
-def tiny_model_config(task: str = "iqa", image_size: int = 32, heads: tuple[str, ...] = ("default",)) -> ModelConfig:
+def tiny_model_config(task: str | Task = "iqa", image_size: int = 32, heads: tuple[str, ...] = ("default",)) -> ModelConfig:
     return ModelConfig(
         backbone=debug_backbone(image_size),
         lora=LoraConfig(r=4, alpha=8.0, dropout=0.1),
-        head=HeadConfig(outputs=get_task(task).outputs, hidden=(32, 16), dropout=0.5),
+        head=HeadConfig(outputs=resolve_task(task).outputs, hidden=(32, 16), dropout=0.5),
         heads=heads,
     )
 
 
-def tiny_model(task: str = "iqa", seed: int = 0, **kwargs) -> ClipLoraModel:
+def tiny_model(task: str | Task = "iqa", seed: int = 0, **kwargs) -> ClipLoraModel:
     """A debug model with random weights and non-zero LoRA B, so merging is not trivially exact."""
     torch.manual_seed(seed)
     model = ClipLoraModel(tiny_model_config(task, **kwargs))
@@ -41,10 +41,10 @@ def tiny_model(task: str = "iqa", seed: int = 0, **kwargs) -> ClipLoraModel:
     return model.eval()
 
 
-def make_tiny_artifact(dest: str, task: str = "iqa", seed: int = 0, crops: int = 2, **kwargs) -> str:
+def make_tiny_artifact(dest: str, task: str | Task = "iqa", seed: int = 0, crops: int = 2, **kwargs) -> str:
     """A debug model saved as a normal artifact at ``dest``; returns ``dest``."""
     model = tiny_model(task, seed, **kwargs)
-    extra = {"crops": crops, "max_side": 256} if get_task(task).preprocess == "multi_crop" else {}
+    extra = {"crops": crops, "max_side": 256} if resolve_task(task).preprocess == "multi_crop" else {}
     meta = ArtifactMeta.for_task(task, model.cfg, provenance={"source": "perceptclip.debug_model", "seed": seed},
                                  **extra)
     save_artifact(model, meta, dest)

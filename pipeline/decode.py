@@ -4,7 +4,7 @@
                        then its control row
     decode_samples     ``decode: cpu``: bytes -> image -> uint8 crops, once per distinct preprocessing
     encoded_samples    ``decode: device``: the encoded bytes; the model actors decode them on their device
-                       (``score.decode_block``)
+                       (``device_decode.decode_block``)
     shard_row          the control row: how many samples the shard holds, or why it could not be read
 
 A sample that cannot be read or decoded is an error row with its reason: one row per sample, whatever

@@ -29,6 +29,7 @@ import io
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -173,3 +174,19 @@ def crops_on_device(image: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     # reproduce exactly) and strips. These run the CPU code itself on the decoded pixels.
     img = Image.fromarray(image.permute(1, 2, 0).cpu().numpy(), "RGB")
     return torch.from_numpy(preprocess(img, cfg)).to(image.device)
+
+
+def decode_block(batch: dict[str, np.ndarray], preprocessing: list[PreprocessConfig], device,
+                 max_pixels: int) -> dict:
+    """An ``encoded_samples`` block -> the same rows with their crops on ``device`` (``crops_i`` tensors),
+    as ``decode_samples`` gives them on the CPU; an image that cannot be decoded becomes an error row."""
+    todo = np.flatnonzero(batch["status"] == "ok")
+    out = decode_on_device([bytes(batch["data"][i]) for i in todo], preprocessing, device, max_pixels)
+    block = {name: col.copy() for name, col in batch.items() if name != "data"}
+    for name in ("status", "error", "width", "height"):
+        block[name][todo] = getattr(out, name)
+    for i, crops in enumerate(out.crops):
+        full = torch.zeros((len(block["status"]), *crops.shape[1:]), dtype=torch.uint8, device=crops.device)
+        full[torch.as_tensor(todo, device=crops.device)] = crops
+        block[f"crops_{i}"] = full
+    return block

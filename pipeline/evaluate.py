@@ -22,7 +22,6 @@ import numpy as np
 
 from perceptclip.labels import describe_reasons, labelled_samples
 from perceptclip.metrics import classification_metrics, json_ready, regression_metrics, undefined
-from perceptclip.tasks import get_task
 
 
 def evaluate(model: str, shards: str | list[str], head: str | None = None, resamples: int = 1000, seed: int = 0,
@@ -38,7 +37,7 @@ def evaluate(model: str, shards: str | list[str], head: str | None = None, resam
     if output:
         _check_output(output, urls, resolve_model(parse_model_ref(model)[1]))
     scorer = Scorer.load(f"{model}#{head}" if head else model, device=device)
-    task = get_task(scorer.meta.task)
+    task = scorer.meta.task_def
     out, target, errors = _score(scorer, task, urls, batch_size, storage_options)
     what = f"{', '.join(shards) if isinstance(shards, list) else shards} ({len(urls)} shard(s))"
     if not target.size:

@@ -1,11 +1,18 @@
-"""Curation: keep the samples whose scores pass an expression, as new WebDataset shards.
+"""Curation: keep the samples whose scores pass an expression, as new shards of the kind they came from.
 
     perceptclip filter --scores s3://b/scores --where 'iqa > 0.6 and emotion != "fear"' --output s3://b/curated
 
 The expression (``perceptclip.expression``) is checked against every score table before anything is
-written. Only scored samples (status ``ok``) can be kept. Each kept sample is copied unchanged into a
-shard of the same name under the output, with its models' score columns added to its ``.json``. Per
-shard: the tar, then a marker recording the expression; a rerun skips shards with a marker and refuses
+written. Only scored samples (status ``ok``) can be kept. What a curated shard is, by input kind:
+
+    tars                      a tar: each kept sample unchanged, its models' scores added to its ``.json``
+    Parquet with the images   a Parquet file of the kept rows, every column of theirs, score columns added
+    tables, image files       a Parquet table of the kept images' locations (``url``) and scores
+    ``form="webdataset"``     a tar from any kind: ``key.<format>`` and ``key.json`` (the key as scored,
+                              where the image was read from, the scores); a tar key has no dots (``_``)
+
+A curated shard is named after the input shard (``.tar`` or ``.parquet``). Per shard: the curated
+file, then a marker recording the expression; a rerun skips shards with a marker and refuses
 to mix in another expression (``--overwrite`` redoes every shard). The output must lie apart from the
 score tables and the input shards: a curation never overwrites what it reads.
 
@@ -20,6 +27,7 @@ count refused samples by reason, so ``of = kept + refused + not selected``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import time
@@ -32,7 +40,7 @@ import pyarrow as pa
 
 from perceptclip.commit import MARKERS_DIR, METADATA_KEY, committed_names, marker_path, table_path
 from perceptclip.expression import KeepExpression, kept_rows, parse_expression
-from perceptclip.shards import ShardError, parse_json, read_shard, shard_bytes, shard_name
+from perceptclip.shards import ShardError, parse_json, shard_bytes, shard_name
 from perceptclip.storage import check_apart, filesystem, holds, join, redact_text
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -92,9 +100,16 @@ def safe_member_name(name: str) -> bool:
     return not (name.startswith(("/", "\\")) or ".." in parts or "\0" in name or _DRIVE.match(name))
 
 
-def filter_shard(marker: dict, scores: str, expression: KeepExpression, output: str, options: dict) -> dict:
+CURATED_FORMATS = ("auto", "webdataset")   # auto: tars from tars, Parquet from the rest
+_EXTENSIONS = {"JPEG": "jpg", "TIFF": "tif", "JPEG2000": "jp2"}
+
+
+def filter_shard(marker: dict, scores: str, expression: KeepExpression, output: str, options: dict,
+                 form: str = "auto") -> dict:
     """Write one curated shard and its marker; returns the marker."""
     import pyarrow.parquet as pq
+
+    from perceptclip.inputs import InputSpec, ParquetReader, TarReader, open_shard
 
     name = output_name(marker["shard"])
     # the table sits next to its marker, wherever the scores folder has been moved since
@@ -103,36 +118,118 @@ def filter_shard(marker: dict, scores: str, expression: KeepExpression, output: 
         table = pq.read_table(f)
     models = json.loads(table.schema.metadata[METADATA_KEY])["models"]
     score_columns = [c for m in models for c in m["columns"]]
-    samples = read_shard(marker["shard"], options)
-    if [s["__key__"] for s in samples] != table["key"].to_pylist():
-        raise ShardError("changed", f"{marker['shard']}: its samples differ from those scored in {path}")
+    with open_shard(marker["shard"], InputSpec(), options, check=True) as reader:
+        if isinstance(reader, TarReader) or form == "webdataset":
+            samples = input_samples(reader, table, expression, options)
+            whole = isinstance(reader, (TarReader, ParquetReader))        # every sample, not only the kept
+            if whole and [s["__key__"] for s in samples] != table["key"].to_pylist():
+                raise ShardError("changed", f"{marker['shard']}: its samples differ from those scored in {path}")
+            data, kept, refused = curated_tar(samples, table, expression, score_columns)
+            suffix = ".tar"
+        elif isinstance(reader, ParquetReader):
+            data, kept = curated_parquet(reader, table, expression, score_columns, path)
+            refused, suffix = Counter(), ".parquet"
+        else:               # a table of locations, a folder of image files: where the kept images are, and scores
+            kept_table = kept_rows(table, expression).drop_columns(["status", "error"])
+            data, kept, refused, suffix = parquet_bytes(kept_table), kept_table.num_rows, Counter(), ".parquet"
+    out_fs, root = filesystem(output, options)
+    out_fs.makedirs(join(root, MARKERS_DIR), exist_ok=True)
+    out_fs.pipe_file(join(root, f"{name}{suffix}"), data)
+    done = {"shard": marker["shard"], "output": join(output, f"{name}{suffix}"), "kept": kept,
+            "refused": dict(refused), "of": table.num_rows, "where": expression.text,
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    out_fs.pipe_file(marker_path(root, name), json.dumps(done, indent=2).encode())
+    return done
+
+
+def input_samples(reader, table: pa.Table, expression: KeepExpression, options: dict) -> list[dict]:
+    """The samples to write as a tar: a tar's or a Parquet file's own (every one, in order); for a table of
+    locations or a folder of image files, only the kept images, fetched from where they were read."""
+    from perceptclip.inputs import ParquetReader, TarReader
+    from perceptclip.tables import fetch_images
+
+    if isinstance(reader, TarReader):
+        return reader.samples
+    if isinstance(reader, ParquetReader):
+        return [s for block in reader.blocks(256) for s in block]
+    located = ({"__key__": r["key"], "__url__": r["url"]} for r in kept_rows(table, expression).to_pylist())
+    return list(fetch_images(located, options, workers=16, timeout=60.0))
+
+
+def curated_tar(samples: list[dict], table: pa.Table, expression: KeepExpression,
+                score_columns: list[str]) -> tuple[bytes, int, Counter]:
+    """The kept samples as a tar, each with its scores added to its ``.json``; and the refused, by reason."""
     kept = {row["key"]: row for row in kept_rows(table, expression).select(["key", *score_columns]).to_pylist()}
-    out_samples, refused = [], Counter()
+    out_samples, refused, names = [], Counter(), set()
     for sample in samples:
         row = kept.get(sample["__key__"])
         if row is None:
             continue
-        if not all(safe_member_name(f"{sample['__key__']}.{ext}") for ext in sample if not ext.startswith("__")):
-            refused["unsafe_name"] += 1
+        sample, problem = as_tar_sample(sample)
+        if problem is None and not all(safe_member_name(f"{sample['__key__']}.{ext}") for ext in sample
+                                       if not ext.startswith("__")):
+            problem = "unsafe_name"
+        if problem is None and sample["__key__"] in names:
+            problem = "duplicate_key"          # two keys that differ only by a dot, once written as a tar key
+        if problem is None:
+            try:
+                meta = parse_json(sample["json"]) if isinstance(sample.get("json"), bytes) else {}
+                meta = meta if isinstance(meta, dict) else {"json": meta}
+                meta.update({c: row[c] for c in score_columns})
+                sample = {**sample, "json": json.dumps(meta).encode()}
+            except (ValueError, RecursionError):     # invalid, or nested deeper than json can write back
+                problem = "unreadable_json"
+        if problem is not None:
+            refused[problem] += 1
             continue
-        try:
-            meta = parse_json(sample["json"]) if isinstance(sample.get("json"), bytes) else {}
-            meta = meta if isinstance(meta, dict) else {"json": meta}
-            meta.update({c: row[c] for c in score_columns})
-            text = json.dumps(meta)
-        except (ValueError, RecursionError):     # invalid, or nested deeper than json can write back
-            refused["unreadable_json"] += 1
-            continue
-        out_samples.append({**sample, "json": text.encode()})
-    data = shard_bytes(out_samples)
-    out_fs, root = filesystem(output, options)
-    out_fs.makedirs(join(root, MARKERS_DIR), exist_ok=True)
-    out_fs.pipe_file(join(root, f"{name}.tar"), data)
-    done = {"shard": marker["shard"], "output": join(output, f"{name}.tar"), "kept": len(out_samples),
-            "refused": dict(refused), "of": len(samples), "where": expression.text,
-            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    out_fs.pipe_file(marker_path(root, name), json.dumps(done, indent=2).encode())
-    return done
+        names.add(sample["__key__"])
+        out_samples.append(sample)
+    return shard_bytes(out_samples), len(out_samples), refused
+
+
+def as_tar_sample(sample: dict) -> tuple[dict, str | None]:
+    """A sample as a tar holds it. One read from Parquet, a table or a folder becomes ``key.<format>`` and
+    ``key.json`` (its own key and where it was read from); a tar key has no dots, so they become ``_``."""
+    if "__image__" not in sample:
+        return sample, None
+    if sample.get("__error__") or sample.get("__image__") is None:       # gone, or changed, since it was scored
+        return sample, (sample.get("__error__") or "no_image:").split(":", 1)[0]
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(sample["__image__"])) as img:
+            ext = _EXTENSIONS.get(img.format, str(img.format).lower())
+    except Exception:
+        return sample, "not_an_image"
+    meta = {"key": sample["__key__"], "url": sample.get("__url__")}
+    return {"__key__": sample["__key__"].replace(".", "_"), ext: sample["__image__"],
+            "json": json.dumps(meta).encode()}, None
+
+
+def curated_parquet(reader, table: pa.Table, expression: KeepExpression, score_columns: list[str],
+                    path: str) -> tuple[bytes, int]:
+    """The kept rows of a Parquet file with the images inside, every column of theirs, scores added."""
+    rows = reader.parquet.read()
+    keys = [str(k) for k in rows[reader.key].to_pylist()] if reader.key else [str(i) for i in range(rows.num_rows)]
+    if keys != table["key"].to_pylist():
+        raise ShardError("changed", f"{reader.url}: its rows differ from those scored in {path}")
+    clash = sorted(set(score_columns) & set(rows.column_names))
+    if clash:
+        raise ShardError("column_clash", f"{reader.url}: already has the score columns {', '.join(clash)}")
+    numbered = table.append_column("__row__", pa.array(range(table.num_rows), pa.int64()))
+    kept = kept_rows(numbered, expression)
+    out = rows.take(kept["__row__"])
+    for column in score_columns:
+        out = out.append_column(column, kept[column])
+    return parquet_bytes(out), out.num_rows
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
 
 
 def check_table(expression: KeepExpression, scores: str, marker: dict, options: dict) -> None:
@@ -168,10 +265,12 @@ def check_same_curation(output: str, where: str, options: dict) -> None:
 
 
 def run_filter(scores: str, where: str, output: str, options: dict, overwrite: bool = False, workers: int = 4,
-               progress: Callable[[str], None] = lambda line: None) -> FilterSummary:
+               progress: Callable[[str], None] = lambda line: None, form: str = "auto") -> FilterSummary:
     """Curate every committed score table under ``scores`` into ``output``. The expression is parsed and
     checked against the scores' schema before anything is read or written."""
     started = time.perf_counter()
+    if form not in CURATED_FORMATS:
+        raise ValueError(f"--format: one of {', '.join(CURATED_FORMATS)}, not {form!r}")
     expression = parse_expression(where)
     markers = committed_scores(scores, options)
     check_apart("--output", output, {"the score tables": [scores], "input shards": [m["shard"] for m in markers]})
@@ -188,7 +287,7 @@ def run_filter(scores: str, where: str, output: str, options: dict, overwrite: b
 
     def one(marker):
         try:
-            return filter_shard(marker, scores, expression, output, options), None
+            return filter_shard(marker, scores, expression, output, options, form), None
         except ShardError as e:
             return None, {"shard": marker["shard"], "reason": e.reason, "message": e.message}
         except OSError as e:

@@ -4,6 +4,8 @@
     parquet      a Parquet file with the images inside: a binary column, or a struct with ``bytes`` (and
                  ``path``) as Hugging Face ``datasets`` writes its ``Image`` feature; one row group at a
                  time, so a reader's memory does not grow with the file
+    table        a table of image locations (``perceptclip.tables``)
+    files        a virtual shard of image files in a folder or prefix (``perceptclip.files``)
 
 A shard is opened first (``open_shard``): whatever makes the whole shard unreadable (missing, not Parquet,
 truncated, its image column missing) raises ``ShardError`` there, before a single row is sent. Its
@@ -19,10 +21,11 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from perceptclip.shards import MAX_META_BYTES, PARQUET_SUFFIXES, TABLE_SUFFIXES, ShardError, parse_json, read_shard
+from perceptclip.shards import (MAX_META_BYTES, PARQUET_SUFFIXES, TABLE_SUFFIXES, VIRTUAL_SHARD, ShardError,
+                                parse_json, read_shard)
 from perceptclip.storage import filesystem, redact_text
 
-INPUT_FORMATS = ("auto", "webdataset", "parquet", "table")
+INPUT_FORMATS = ("auto", "webdataset", "parquet", "table", "files")
 KEY_COLUMNS = ("__key__", "key", "id")          # the key column when none is named, first found
 
 
@@ -34,12 +37,14 @@ class InputSpec:
     image_column: str | None = None
     key_column: str | None = None
     carry_columns: tuple[str, ...] = ()
-    fetch_workers: int = 32              # tables: image requests in flight per read task
-    fetch_timeout_s: float = 30.0        # tables: a request without an answer by then is an error row
+    fetch_workers: int = 32              # tables, files: image requests in flight per read task
+    fetch_timeout_s: float = 30.0        # tables, files: a request without an answer by then is an error row
 
 
 def input_kind(url: str, spec: InputSpec) -> str:
     """The kind of shard ``url`` is: the one stated, else told by its name (a tar unless it ends .parquet)."""
+    if VIRTUAL_SHARD.search(url):
+        return "files"             # whatever the format: only a folder of image files gives such a URL
     if spec.format != "auto":
         return spec.format
     name = url.rstrip("/").lower()
@@ -57,6 +62,10 @@ def open_shard(url: str, spec: InputSpec, options: dict | None = None, check: bo
     from perceptclip.tables import TableReader
 
     kind, options = input_kind(url, spec), options or {}
+    if kind == "files":
+        from perceptclip.files import FilesReader
+
+        return FilesReader(url, spec, options)
     if kind == "table":
         return TableReader(url, spec, options, copy=not check)
     if kind == "webdataset":
@@ -83,7 +92,7 @@ def check_first_shard(urls: list[str], spec: InputSpec, options: dict) -> None:
             kind = input_kind(url, spec)
         except ShardError as e:
             raise ValueError(f"input: {e.message}") from None
-        if kind in seen or kind == "webdataset":
+        if kind in seen or kind in ("webdataset", "files"):
             continue
         seen.add(kind)
         try:

@@ -1,7 +1,9 @@
 """The scoring job's plan: which shards a run scores, decided on the driver before any shard is read.
 
     list      every shard the input names (``shards.expand_shards``), checked: no two share a name, the
-              output holds none of them, the first of each kind but tars opens with the columns asked for
+              output holds none of them, the first of each kind but tars opens with the columns asked for;
+              a folder, prefix or glob of image files: its virtual shards, recorded under the output
+              first (``files.virtual_shards``)
     sample    a dry run's seeded share of them (``sample_fraction``)
     skip      those already committed under the output (one listing of its markers)
 """
@@ -12,9 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from perceptclip.commit import committed_names
+from perceptclip.files import FileSource, is_image_name, list_images, virtual_shards
 from perceptclip.inputs import check_first_shard
-from perceptclip.shards import expand_shards, shard_name
-from perceptclip.storage import check_apart
+from perceptclip.shards import EmptyFolderError, expand_shards, shard_name
+from perceptclip.storage import check_apart, location
 
 if TYPE_CHECKING:
     from perceptclip.score import ScoreConfig
@@ -32,8 +35,20 @@ class Plan:
 
 
 def input_shards(cfg: ScoreConfig, options: dict) -> list[str]:
-    """Every shard the input names, checked: no two share a name, and the output holds none of them."""
-    urls = expand_shards(cfg.input, options)
+    """Every shard the input names, checked: no two share a name, and the output holds none of them.
+    A folder, prefix or glob of image files becomes virtual shards, recorded under the output first."""
+    urls, sources = [], []
+    for item in cfg.input:
+        shards, found = item_shards(item, cfg.input_format, options)
+        urls += shards
+        sources += found
+    urls = list(dict.fromkeys(urls))
+    # a folder holding its inputs would mix score tables with them (a later run over the folder reads both)
+    check_apart("output", cfg.output, {"input shards": urls, "input folders": [s.root for s in sources]})
+    if sources and cfg.carry_columns:
+        raise ValueError("carry_columns: image files have no columns to carry")
+    for src in sources:
+        urls += virtual_shards(src, cfg.output, cfg.files_per_shard, options)
     by_name: dict[str, str] = {}
     for url in urls:
         other = by_name.setdefault(shard_name(url), url)
@@ -41,10 +56,31 @@ def input_shards(cfg: ScoreConfig, options: dict) -> list[str]:
             # outputs are named after shards so users can join them; two shards cannot share one
             raise ValueError(f"input: {other} and {url} would both write {shard_name(url)}.parquet; "
                              f"score them into different outputs")
-    # a folder holding its inputs would mix score tables with them (a later run over the folder reads both)
-    check_apart("output", cfg.output, {"input shards": urls})
     check_first_shard(urls, cfg.input_spec(), options)
     return urls
+
+
+def item_shards(item: str, input_format: str, options: dict) -> tuple[list[str], list[FileSource]]:
+    """The shards one input names, or the image files it names (``files``; under ``auto``: a folder or prefix
+    that holds image files but no shards, or a glob that matches only image files)."""
+    if input_format == "files":
+        return [], [list_images(item, options)]
+    try:
+        urls = expand_shards(item, options)
+    except EmptyFolderError as e:
+        if input_format != "auto" or location(e.url) != location(item.strip()):
+            raise
+        try:
+            return [], [list_images(item, options)]
+        except ValueError:
+            raise ValueError(f"{e}, nor image files") from None
+    if input_format == "auto" and _has_glob(item) and all(is_image_name(u) for u in urls):
+        return [], [list_images(item, options)]
+    return urls, []
+
+
+def _has_glob(item: str) -> bool:
+    return any(c in item.split("://", 1)[-1] for c in "*?[")
 
 
 def plan_shards(cfg: ScoreConfig, options: dict) -> Plan:

@@ -3,7 +3,8 @@
     read       the committed score tables and run summaries (perceptclip.quantiles)
     measure    per model: histogram and quantiles of its score, or its class distribution
     rank       per model: the top and bottom k samples (a classifier: by the confidence of its label)
-    fetch      thumbnails of only those samples, streamed from their shards and shrunk
+    fetch      thumbnails of only those samples, from their shards (tars, Parquet) or from where they were
+               read (tables of locations, folders of image files), shrunk
     render     HTML with inline CSS, inline SVG charts and data: URI thumbnails
 
 The page references nothing outside itself, so it opens offline and can be mailed around. Keys,
@@ -17,7 +18,7 @@ import base64
 import html
 import io
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -27,7 +28,7 @@ from perceptclip import __version__
 from perceptclip.commit import RUNS_DIR, shard_of
 from perceptclip.preprocess import ImageError, decode_image
 from perceptclip.quantiles import DEFAULT_LEVELS, ScoreSet, class_shares, quantiles, read_scores
-from perceptclip.shards import ShardError, expand_shards, image_member, iter_shard, shard_name
+from perceptclip.shards import ShardError, expand_shards, image_member, shard_name
 from perceptclip.storage import filesystem
 
 THUMB_SIZE = 128            # longest side of a thumbnail, in pixels
@@ -59,10 +60,10 @@ def write_report(scores_dest: str, output: str, shards: str | list[str] | None =
     options = options or {}
     scores = read_scores(scores_dest, options, progress)
     picks = {m["name"]: ranked(scores, m, top_k) for m in scores.models}
-    wanted = defaultdict(set)
+    wanted = defaultdict(dict)             # shard -> key -> where the image was read from
     for top, bottom in picks.values():
         for row in top + bottom:
-            wanted[row["shard"]].add(row["key"])
+            wanted[row["shard"]][row["key"]] = row["url"]
     locations = shard_locations(list(wanted), shards, options)
     thumbs = fetch_thumbnails(wanted, locations, options, progress)
     page = render(scores, picks, thumbs)
@@ -89,7 +90,7 @@ def ranked(scores: ScoreSet, model: dict, k: int) -> tuple[list[dict], list[dict
         rank = np.asarray(table[model["name"]].to_numpy(zero_copy_only=False), dtype=np.float64)
     have = np.flatnonzero(scores.ok & ~np.isnan(rank))
     order = have[np.argsort(rank[have], kind="stable")]
-    columns = ["key", "shard", "caption", model["name"]]
+    columns = ["key", "shard", "url", "caption", model["name"]]
 
     def rows(index):
         picked = table.select(columns).take(index).to_pylist()
@@ -114,7 +115,7 @@ def shard_locations(shards: list[str], spec: str | list[str] | None, options: di
     return {s: found.get(shard_name(s)) for s in shards}
 
 
-def fetch_thumbnails(wanted: dict[str, set[str]], locations: dict[str, str | None], options: dict,
+def fetch_thumbnails(wanted: dict[str, dict[str, str | None]], locations: dict[str, str | None], options: dict,
                      progress: Callable[[str], None] = lambda _: None,
                      workers: int = 8) -> dict[tuple[str, str], Thumb]:
     """A thumbnail per wanted (shard, key). Each shard is read once, only up to its last wanted sample,
@@ -134,26 +135,46 @@ def fetch_thumbnails(wanted: dict[str, set[str]], locations: dict[str, str | Non
     return thumbs
 
 
-def shard_thumbnails(shard: str, keys: set[str], url: str | None, options: dict) -> dict[str, Thumb]:
-    """One shard's wanted samples as thumbnails, read from ``url`` (None: the shard is nowhere to be found)."""
+def shard_thumbnails(shard: str, keys: dict[str, str | None], url: str | None, options: dict) -> dict[str, Thumb]:
+    """One shard's wanted samples (key -> where the image was read from) as thumbnails, read from ``url``
+    (None: the shard is nowhere to be found)."""
     if url is None:
         return {key: Thumb(problem=f"{shard_name(shard)} is not among --shards") for key in keys}
     thumbs: dict[str, Thumb] = {}
     try:
-        for sample in iter_shard(url, options):
+        for sample in shard_samples(url, keys, options):
             if sample["__key__"] in keys and sample["__key__"] not in thumbs:
                 thumbs[sample["__key__"]] = thumbnail(sample)
                 if len(thumbs) == len(keys):
                     break
     except ShardError as e:
         problem = f"{e}; point --shards at where the shards are now"
-        return thumbs | {key: Thumb(problem=problem) for key in keys - set(thumbs)}
-    return thumbs | {key: Thumb(problem=f"not in {url}; was the shard rewritten?") for key in keys - set(thumbs)}
+        return thumbs | {key: Thumb(problem=problem) for key in keys.keys() - thumbs.keys()}
+    gone = Thumb(problem=f"not in {url}; was the shard rewritten?")
+    return thumbs | {key: gone for key in keys.keys() - thumbs.keys()}
+
+
+def shard_samples(url: str, keys: dict[str, str | None], options: dict) -> Iterator[dict]:
+    """Where to look for the wanted samples: a tar's or a Parquet file's own samples, in order; for a table
+    of locations or a folder of image files, only the wanted images, fetched from where they were read."""
+    from perceptclip.files import FilesReader
+    from perceptclip.inputs import InputSpec, open_shard
+    from perceptclip.tables import TableReader, fetch_images
+
+    with open_shard(url, InputSpec(), options, check=True) as reader:
+        if isinstance(reader, (TableReader, FilesReader)):
+            located = ({"__key__": key, "__url__": where} for key, where in keys.items() if where)
+            yield from fetch_images(located, options, workers=8, timeout=60.0)
+            return
+        for block in reader.blocks(64):
+            yield from block
 
 
 def thumbnail(sample: dict, size: int = THUMB_SIZE) -> Thumb:
-    ext = image_member(sample)
-    if ext is None:
+    ext = "__image__" if "__image__" in sample else image_member(sample)
+    if sample.get("__error__"):
+        return Thumb(problem=sample["__error__"])
+    if ext is None or sample.get(ext) is None:
         return Thumb(problem="the sample has no image")
     try:
         img = decode_image(sample[ext], draft_size=size)

@@ -1,4 +1,4 @@
-"""The scoring job: shards in (tars, Parquet files of images), one Parquet table of scores per shard out.
+"""The scoring job: shards in (tars, Parquet, tables, folders of images), one Parquet table of scores per shard out.
 
     plan       list the shards, drop those already committed (before reading any)         driver      plan.py
     read       one task per shard reads it (a shard is a unit), whatever its kind         CPU tasks   inputs.py
@@ -80,8 +80,9 @@ class ScoreConfig(Config):
     image_column: str | None = None      # the column of images (Parquet) or of their locations (tables)
     key_column: str | None = None        # Parquet: the key; None: __key__, key or id when present, else the row number
     carry_columns: list[str] = field(default_factory=list)    # input columns copied into the score table
-    fetch_workers: int = setting(32, minimum=1)       # tables: image requests in flight per read task
-    fetch_timeout_s: float = setting(30.0, above=0)   # tables: a request unanswered by then is an error row
+    fetch_workers: int = setting(32, minimum=1)       # tables, files: image requests in flight per read task
+    fetch_timeout_s: float = setting(30.0, above=0)   # tables, files: a request unanswered by then is an error row
+    files_per_shard: int = setting(1000, minimum=1)   # files: image files per virtual shard (new ones only)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def check(self):
@@ -89,8 +90,7 @@ class ScoreConfig(Config):
         require(not clash, "carry_columns", f"{', '.join(clash)}: already a column of the score table")
         require(len(set(self.carry_columns)) == len(self.carry_columns), "carry_columns", "a column named twice")
 
-    def input_spec(self) -> InputSpec:
-        """What the read tasks need of this config."""
+    def input_spec(self) -> InputSpec:       # what the read tasks need of this config
         return InputSpec(format=self.input_format, image_column=self.image_column, key_column=self.key_column,
                          carry_columns=tuple(self.carry_columns), fetch_workers=self.fetch_workers,
                          fetch_timeout_s=self.fetch_timeout_s)
@@ -115,6 +115,10 @@ def load_score_config(path: str | None = None, **overrides) -> ScoreConfig:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a score config is a mapping of options")
+        try:
+            ScoreConfig.from_mapping(loaded)        # the file alone: its own mistakes name the file
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         data = loaded
     data.update({k: v for k, v in overrides.items() if v is not None})
     return ScoreConfig.from_mapping(data).validate()
@@ -167,12 +171,14 @@ class ModelSpec:
         return {device: canonical_batch(device, self.meta.model) for device in ("cpu", "cuda")}
 
 
-def check_columns(models: list[ModelSpec]) -> None:
+def check_columns(models: list[ModelSpec], carried: list[str] = ()) -> None:
+    """Refuse, before any work, two score columns of one name, or one named as a base or carried column."""
     seen = set(BASE_COLUMNS)
     for model in models:
         for column in model.columns:
-            if column in seen:
-                raise ValueError(f"models: two outputs would be called {column!r}; name one NAME=MODEL, "
+            if column in seen or column in carried:
+                what = "a carried column" if column in carried else "two outputs"
+                raise ValueError(f"models: {what} would be called {column!r}; name the model NAME=MODEL, "
                                  f"e.g. --model {model.name}_2={model.given or model.ref}")
             seen.add(column)
 
@@ -213,28 +219,10 @@ class ModelActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if "data" in batch:                                  # decode: device
+            from perceptclip.device_decode import decode_block
+
             batch = decode_block(batch, self.preprocessing, self.scorers[0].device, self.max_pixels)
         return score_block(batch, self.scorers, self.crops_index)
-
-
-def decode_block(batch: dict[str, np.ndarray], preprocessing: list[PreprocessConfig], device,
-                 max_pixels: int) -> dict:
-    """An ``encoded_samples`` block -> the same rows with their crops on ``device`` (``crops_i`` tensors),
-    as ``decode_samples`` gives them on the CPU; an image that cannot be decoded becomes an error row."""
-    import torch
-
-    from perceptclip.device_decode import decode_on_device
-
-    todo = np.flatnonzero(batch["status"] == "ok")
-    out = decode_on_device([bytes(batch["data"][i]) for i in todo], preprocessing, device, max_pixels)
-    block = {name: col.copy() for name, col in batch.items() if name != "data"}
-    for name in ("status", "error", "width", "height"):
-        block[name][todo] = getattr(out, name)
-    for i, crops in enumerate(out.crops):
-        full = torch.zeros((len(block["status"]), *crops.shape[1:]), dtype=torch.uint8, device=crops.device)
-        full[torch.as_tensor(todo, device=crops.device)] = crops
-        block[f"crops_{i}"] = full
-    return block
 
 
 def score_block(batch: dict[str, np.ndarray], scorers, crops_index: list[int]) -> pa.Table:
@@ -282,7 +270,7 @@ def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> R
     options = storage_options(cfg.storage)
     check_destination(cfg.output, options)
     models = [ModelSpec.resolve(m, options, batch=cfg.model_batch) for m in cfg.models]
-    check_columns(models)
+    check_columns(models, cfg.carry_columns)
     plan = plan_shards(cfg, options)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     summary = RunSummary(run_id=run_id, output=cfg.output, started_at=utc_now(),
@@ -330,10 +318,9 @@ def score_dataset(cfg: ScoreConfig, shards: list[str], models: list[ModelSpec], 
                                    "block_rows": cfg.block_rows, "max_pixels": cfg.max_pixels,
                                    "decode": cfg.decode, "inputs": cfg.input_spec()},
                         num_cpus=cfg.cpus_per_reader,
-                        # A read task holds a whole shard. Reserving memory for it also keeps Ray
-                        # Data from fusing this stage into the model actors (it fuses stages with
-                        # equal resources), where decoding would run on a few actors instead of
-                        # on every CPU of the cluster.
+                        # A read task holds a whole shard. Reserving memory for it also keeps Ray Data from
+                        # fusing this stage into the model actors (it fuses stages with equal resources),
+                        # where decoding would run on a few actors instead of on every CPU of the cluster.
                         memory=cfg.reader_memory_mb * 2**20)
     ds = ds.map_batches(ModelActor, batch_size=cfg.batch_size, batch_format="numpy",
                         fn_constructor_args=([(m.name, m.ref, m.batch) for m in models], crops_index, threads, options,

@@ -48,6 +48,10 @@ MAX_META_BYTES = 1 << 20    # a larger .json or .txt beside an image is not read
 _META_MEMBER = re.compile(r"(^|/)__[^/]*__($|/)")    # webdataset's own metadata, such as __index__
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# A folder of image files is scored as virtual shards, recorded under DEST (perceptclip.files): one such
+# shard's URL is its listing's and its name, ``DEST/_inputs/<source>/listing-000000.parquet#<name>``
+LISTINGS_DIR = "_inputs"
+VIRTUAL_SHARD = re.compile(r"/_inputs/[^/]+/listing-\d+\.parquet#([^/#]+)$")
 
 
 class ShardError(Exception):
@@ -176,7 +180,11 @@ def _read_url_list(path: str, storage_options: dict | None) -> list[str]:
 
 def shard_name(url: str) -> str:
     """The shard's file name without its suffix: ``s3://b/x/shard-000012.tar`` -> ``shard-000012``,
-    ``part-0003.parquet`` -> ``part-0003``."""
+    ``part-0003.parquet`` -> ``part-0003``; a virtual shard (``...listing-000000.parquet#photos-000003``)
+    -> its name."""
+    virtual = VIRTUAL_SHARD.search(url)
+    if virtual:
+        return virtual.group(1)
     name = posixpath.basename(_path_part(url).rstrip("/"))
     for suffix in SHARD_SUFFIXES + PARQUET_SUFFIXES + TABLE_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):

@@ -125,14 +125,8 @@ class TableReader:
         repeated = repeated_hashes(keyed)
         samples = (self.sample(row, where, record, problem, repeated)
                    for row, (where, record, problem) in enumerate(self.records()))
-        block: list[dict] = []
-        for sample in fetch_images(samples, self.fetch_options, self.spec.fetch_workers, self.spec.fetch_timeout_s):
-            block.append(sample)
-            if len(block) == block_rows:
-                yield block
-                block = []
-        if block:
-            yield block
+        yield from in_blocks(fetch_images(samples, self.fetch_options, self.spec.fetch_workers,
+                                          self.spec.fetch_timeout_s), block_rows)
 
     def sample(self, row: int, where: str, record: dict | None, problem: str | None, repeated: set) -> dict:
         record = record or {}
@@ -243,6 +237,18 @@ def fetch_images(samples: Iterator[dict], options: dict, workers: int, timeout: 
             yield settle(*window.popleft(), timeout, options)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)     # a request that hangs holds no one up
+
+
+def in_blocks(samples: Iterator[dict], block_rows: int) -> Iterator[list[dict]]:
+    """``samples`` in lists of at most ``block_rows``, in order."""
+    block: list[dict] = []
+    for sample in samples:
+        block.append(sample)
+        if len(block) == block_rows:
+            yield block
+            block = []
+    if block:
+        yield block
 
 
 def settle(sample: dict, future, started: float, timeout: float, options: dict) -> dict:

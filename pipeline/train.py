@@ -32,18 +32,17 @@ import logging
 import os
 import posixpath
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from perceptclip.artifact import ArtifactMeta, read_meta
 from perceptclip.augment import AugmentConfig
 from perceptclip.config import Config, ConfigError, require, setting
-from perceptclip.console import Tally
 from perceptclip.model import BackboneConfig, HeadConfig, LoraConfig, ModelConfig
 from perceptclip.official import resolve_model
-from perceptclip.storage import filesystem
-from perceptclip.tasks import TASKS, Task, get_task
+from perceptclip.tasks import Task, resolve_task
+from perceptclip.train_report import EpochReport
 from perceptclip.train_worker import WorkerPlan, printable, train_loop
 from perceptclip.validation import primary_metric
 
@@ -91,7 +90,7 @@ class ScalingConfig(Config):
 
 @dataclass
 class TrainConfig(Config):
-    task: str = setting(choices=tuple(TASKS))
+    task: Any                          # a built-in task by name, or a mapping defining one (tasks.py)
     model: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     init: str | None = None            # a model to start from: built-in name or artifact path/URI
     epochs: int = setting(10, minimum=1)
@@ -108,12 +107,17 @@ class TrainConfig(Config):
     keep_checkpoints: int = setting(2, minimum=1)
 
     def check(self):
+        resolve_task(self.task)         # an unknown name fails here, naming the built-in tasks
         require(self.batch_size % self.scaling.num_workers == 0, "batch_size",
                 f"must be a multiple of scaling.num_workers ({self.scaling.num_workers}), got {self.batch_size}")
 
     @property
     def lr(self) -> float:
-        return self.learning_rate or get_task(self.task).learning_rate
+        return self.learning_rate or self.task_def.learning_rate
+
+    @property
+    def task_def(self) -> Task:
+        return resolve_task(self.task)
 
     @classmethod
     def load(cls, path: str) -> "TrainConfig":
@@ -184,63 +188,13 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
     return _summary(plan)
 
 
-class EpochReport:
-    """While the run goes on, a thread on the driver reads the history rank 0 rewrites after every epoch
-    (DEST/metrics.json), says each new epoch and ``show``s the run's ``Tally`` (epochs, the best so far)."""
-
-    def __init__(self, plan: WorkerPlan, say: Callable[[str], None], show: Callable | None = None,
-                 every: float = 2.0):
-        self.plan, self.say, self.show, self.every = plan, say, show or (lambda tally: None), every
-        self.metric = primary_metric(get_task(plan.artifact.task))
-        self.said = 0                   # epochs of the history already said, or there before this run
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._watch, name="epochs", daemon=True)
-
-    def __enter__(self) -> "EpochReport":
-        self.said = len(self._history() or [])    # a resumed run's earlier epochs are not said again
-        self.show(Tally(self.said, self.plan.epochs))
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        self._report()
-
-    def _watch(self) -> None:
-        while not self.stop.wait(self.every):
-            self._report()
-
-    def _history(self) -> list[dict] | None:
-        try:     # none yet, read while rank 0 rewrites it, the store out for a moment: the next look tells
-            fs, path = filesystem(self.plan.metrics_url, self.plan.storage_options)
-            return [r for r in json.loads(fs.cat_file(path)) if not r.get("failure")]   # the driver raises those
-        except (OSError, ValueError):
-            return None
-
-    def _report(self) -> None:
-        history = self._history()
-        if not history:
-            return
-        for n, r in enumerate(history[self.said:], start=self.said + 1):
-            score = "undefined" if r["score"] is None else f"{r['score']:.4f}"
-            resumed = f"; resumed after epoch {r['resumed_after_epoch']}" if "resumed_after_epoch" in r else ""
-            self.say(f"[{n}/{self.plan.epochs}] epoch {r['epoch']}: {self.metric} {score}, train loss "
-                     f"{r['train_loss']:.4f}, {r['train_samples']} samples ({r['train_errors']} unusable), "
-                     f"{r['seconds']:.1f} s{resumed}")
-        self.said = max(self.said, len(history))
-        best = [r for r in history if r["epoch"] == history[-1]["best_epoch"]]
-        note = f"best {self.metric} {best[0]['score']:.4f} (epoch {best[0]['epoch']})" if best else ""
-        self.show(Tally(len(history), self.plan.epochs, note=note))
-
-
 def worker_plan(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str], dest: str,
                 options: dict) -> WorkerPlan:
     """The run as every worker needs it: the shard lists expanded, the architecture and preprocessing fixed."""
     from perceptclip.shards import expand_shards
     from perceptclip.storage import join
 
-    task = get_task(cfg.task)
+    task = cfg.task_def
     train_urls = {name: expand_shards(spec, options) for name, spec in train_sets.items()}
     val_urls = {name: expand_shards(spec, options) for name, spec in val_sets.items()}
     for name, urls in train_urls.items():
@@ -248,7 +202,7 @@ def worker_plan(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str
             log.warning("training set %s has %d shard(s) for %d workers: a worker reads whole shards, so some "
                         "read none and only keep step with the others", name, len(urls), cfg.scaling.num_workers)
     export_pre = {"crops": cfg.eval_crops, "max_side": cfg.max_side} if task.preprocess == "multi_crop" else {}
-    artifact = ArtifactMeta.for_task(task.name, init_model_config(cfg, tuple(train_sets)), provenance={
+    artifact = ArtifactMeta.for_task(task, init_model_config(cfg, tuple(train_sets)), provenance={
         "trained_by": "perceptclip train", "init": cfg.init, "train": train_sets, "val": val_sets}, **export_pre)
     return WorkerPlan(
         artifact=artifact, init=cfg.init, seed=cfg.seed, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -259,11 +213,11 @@ def worker_plan(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str
 
 def init_model_config(cfg: TrainConfig, heads: tuple[str, ...]) -> ModelConfig:
     """The architecture of the run: the init artifact's (with our heads) or the config's."""
-    task = get_task(cfg.task)
+    task = cfg.task_def
     if cfg.init:
         meta = read_meta(resolve_model(cfg.init))
-        if meta.task != cfg.task:
-            log.warning("starting a %s model from a %s model (%s)", cfg.task, meta.task, cfg.init)
+        if meta.task != task.name:
+            log.warning("starting a %s model from a %s model (%s)", task.name, meta.task, cfg.init)
         model = dataclasses.replace(meta.model, heads=heads)
         model.head = dataclasses.replace(model.head, outputs=task.outputs)
         return model
@@ -388,7 +342,7 @@ def _summary(plan: WorkerPlan) -> dict:
     with fs.open(path, "r") as f:
         history = json.load(f)
     last = history[-1]
-    metric = primary_metric(get_task(plan.artifact.task))
+    metric = primary_metric(plan.artifact.task_def)
     if last.get("failure"):
         raise ValueError(f"training stopped after epoch {last['epoch']}, nothing exported: {last['failure']}")
     if last["best_epoch"] is None:

@@ -16,10 +16,10 @@ import numpy as np
 from perceptclip.augment import AugmentConfig, random_crop
 from perceptclip.labels import labelled_samples
 from perceptclip.preprocess import PreprocessConfig, preprocess
-from perceptclip.tasks import get_task
+from perceptclip.tasks import Task, resolve_task
 
 
-def shard_rows(row: dict, task_name: str, pre: PreprocessConfig, aug: AugmentConfig | None,
+def shard_rows(row: dict, task: Task | str, pre: PreprocessConfig, aug: AugmentConfig | None,
                storage_options: dict | None = None) -> list[dict]:
     """One shard URL -> one row per sample: ``pixels`` uint8 (n, 3, S, S), ``target``, ``key``, ``error``
     and ``reason`` (why the sample cannot be used, as ``perceptclip.labels`` names it; "" when it can).
@@ -38,7 +38,7 @@ def shard_rows(row: dict, task_name: str, pre: PreprocessConfig, aug: AugmentCon
 
     return [{"key": s.key, "pixels": s.image if s.ok else blank, "target": s.target, "error": s.error,
              "reason": s.reason}
-            for s in labelled_samples(row["url"], get_task(task_name), transform, storage_options)]
+            for s in labelled_samples(row["url"], resolve_task(task), transform, storage_options)]
 
 
 def derive_seed(*parts: int) -> int:
@@ -46,7 +46,7 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def epoch_rows(urls: list[str], epoch: int, seed: int, rank: int, world: int, task_name: str,
+def epoch_rows(urls: list[str], epoch: int, seed: int, rank: int, world: int, task: Task | str,
                pre: PreprocessConfig, aug: AugmentConfig, storage_options: dict):
     """This worker's rows of one training set for one epoch. The set's shards are put in an order
     drawn from (seed, epoch) and dealt to the workers in turn; each shard is cropped with a generator
@@ -57,15 +57,15 @@ def epoch_rows(urls: list[str], epoch: int, seed: int, rank: int, world: int, ta
     order = np.random.default_rng([seed, epoch]).permutation(len(urls))[rank::world]
     items = [{"url": urls[i], "seed": derive_seed(seed, epoch, int(i))} for i in order]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.flat_map(partial(shard_rows, task_name=task_name, pre=pre, aug=aug, storage_options=storage_options))
+    return ds.flat_map(partial(shard_rows, task=task, pre=pre, aug=aug, storage_options=storage_options))
 
 
-def val_rows(urls: list[str], task_name: str, pre: PreprocessConfig, storage_options: dict):
+def val_rows(urls: list[str], task: Task | str, pre: PreprocessConfig, storage_options: dict):
     """The rows of the validation shards ``urls``, preprocessed as for scoring."""
     import ray.data
 
     ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
-    return ds.flat_map(partial(shard_rows, task_name=task_name, pre=pre, aug=None, storage_options=storage_options))
+    return ds.flat_map(partial(shard_rows, task=task, pre=pre, aug=None, storage_options=storage_options))
 
 
 def shuffled_batches(rows, batch_size: int, shuffle_seed: int):

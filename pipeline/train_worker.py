@@ -40,7 +40,6 @@ from perceptclip.metrics import json_ready
 from perceptclip.model import ClipLoraModel, ModelConfig
 from perceptclip.official import resolve_model
 from perceptclip.preprocess import normalize
-from perceptclip.tasks import get_task
 from perceptclip.train_data import derive_seed, epoch_rows, shuffled_batches
 from perceptclip.validation import epoch_score, gather, primary_metric, run_problems, validate
 
@@ -134,7 +133,7 @@ class Worker:
         # the driver reports the epochs; Ray Data's progress bars would fill this worker's log with redraws
         ray.data.DataContext.get_current().enable_progress_bars = False
         self.device = ray.train.torch.get_device()
-        self.task = get_task(plan.artifact.task)
+        self.task = plan.artifact.task_def
         self.pre = plan.artifact.preprocess
         self.autocast = torch.bfloat16 if self.device.type == "cuda" and plan.precision in ("auto", "bf16") else None
         self.model = build_model(plan.artifact.model, plan.seed, plan.init).to(self.device)
@@ -178,7 +177,7 @@ class Worker:
         self.net.train()
         seed_globals(derive_seed(plan.seed, epoch, self.rank))
         iterators = {name: iter(shuffled_batches(epoch_rows(urls, epoch, plan.seed, self.rank, self.world,
-                                                            self.task.name, self.pre, plan.augment,
+                                                            self.task, self.pre, plan.augment,
                                                             plan.storage_options),
                                                  self.per_worker, derive_seed(plan.seed, epoch, self.rank)))
                      for name, urls in plan.train.items()}

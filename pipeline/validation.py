@@ -35,7 +35,7 @@ def validate(model, parts: dict[str, list[str]], task: Task, pre, device: torch.
     results = {}
     for name, urls in parts.items():
         outputs, targets, reasons = [], [], Counter()
-        batches = val_rows(urls, task.name, pre, storage_options).iter_batches(batch_size=batch_size,
+        batches = val_rows(urls, task, pre, storage_options).iter_batches(batch_size=batch_size,
                                                                                batch_format="numpy") if urls else ()
         for batch in batches:
             valid = batch["error"] == ""

@@ -379,3 +379,54 @@ def test_huge_numbers_and_the_true_false_literals_work(where, kept):
 def test_error_positions_count_from_one(where, column):
     with pytest.raises(ExpressionError, match=f"at column {column}:"):
         parse_expression(where)
+
+
+def test_filter_writes_each_input_kind_as_its_own_kind_or_as_tars(iqa_artifact, tmp_path):
+    """Parquet with the images -> Parquet of the kept rows with scores; a table and a folder of image files
+    -> a Parquet table of locations and scores; --format webdataset -> tars from any kind."""
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from perceptclip.cli import main
+    from perceptclip.plan import plan_shards
+    from perceptclip.score import ScoreConfig
+    from perceptclip.shards import read_shard
+
+    from support.images import image_bytes, make_image
+    from support.inputs import write_image_files, write_image_parquet
+    from support.scoring import score_here
+
+    data = tmp_path / "data"
+    images = [image_bytes(make_image(30 + i, (40, 30))) for i in range(4)]
+    parquet = write_image_parquet(data / "hf-000.parquet", images, {"id": ["p0", "p1", "p2", "p3"]})
+    write_image_files(data / "listed", ["a.jpg", "b.png"])
+    (data / "list.csv").write_text("path,id\nlisted/a.jpg,t0\nlisted/b.png,t1\nlisted/gone.jpg,t2\n")
+    write_image_files(tmp_path / "photos", ["x.jpg", "y/z.png"])
+    dest = tmp_path / "scores"
+    folder = plan_shards(ScoreConfig(input=[str(tmp_path / "photos")], output=str(dest), models=[iqa_artifact]), {})
+    score_here([parquet, str(data / "list.csv"), *folder.todo], [iqa_artifact], str(dest))
+    everything = "iqa > -1000"
+    for form in ("auto", "webdataset"):
+        out = tmp_path / f"curated-{form}"
+        result = CliRunner().invoke(main, ["filter", "--scores", str(dest), "--where", everything, "--output",
+                                           str(out), "--format", form])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        assert summary["samples"] == {"seen": 9, "kept": 8} and summary["shards"]["done"] == 3
+    auto = tmp_path / "curated-auto"
+    kept = pq.read_table(auto / "hf-000.parquet")
+    assert kept["id"].to_pylist() == ["p0", "p1", "p2", "p3"] and kept["image"].to_pylist()[0]["bytes"] == images[0]
+    assert kept.schema.metadata[b"huggingface"]                     # still a datasets Image column
+    scored_iqa = pq.read_table(dest / "hf-000.parquet")["iqa"].to_pylist()
+    assert kept["iqa"].to_pylist() == scored_iqa
+    located = pq.read_table(auto / "list.parquet").to_pylist()
+    assert [(r["key"], r["url"]) for r in located] == [("0", str(data / "listed/a.jpg")), ("1", str(data / "listed/b.png"))]
+    assert [r["key"] for r in pq.read_table(auto / "photos-000000.parquet").to_pylist()] == ["x.jpg", "y/z.png"]
+    tars = tmp_path / "curated-webdataset"
+    files = read_shard(str(tars / "photos-000000.tar"))
+    assert [(s["__key__"], sorted(k for k in s if k != "__key__")) for s in files] == [
+        ("x_jpg", ["jpg", "json"]), ("y/z_png", ["json", "png"])]
+    meta = json.loads(files[1]["json"])
+    assert meta["key"] == "y/z.png" and meta["url"] == str(tmp_path / "photos" / "y/z.png") and "iqa" in meta
+    assert [s["__key__"] for s in read_shard(str(tars / "hf-000.tar"))] == ["0", "1", "2", "3"]
+    assert read_shard(str(tars / "list.tar"))[1]["png"] == (data / "listed/b.png").read_bytes()

@@ -449,3 +449,211 @@ def test_a_table_on_object_storage_fetches_its_images_there(s3_server, iqa_artif
     assert table["id"].to_pylist() == ["a", "b", "c", "d", "e"]
     assert table["url"].to_pylist()[:2] == [f"{bucket}/images/0.jpg", f"{bucket}/images/1.jpg"]
     assert run_score(cfg).to_dict()["shards"]["skipped"] == 1
+
+
+# --- folders of image files: virtual shards ------------------------------------------------------
+
+def files_config(root, dest, artifact, **settings):
+    from perceptclip.score import ScoreConfig
+
+    return ScoreConfig(input=[str(root)], output=str(dest), models=[artifact], **settings)
+
+
+def score_files(cfg, options=None):
+    """Plan as the job does (recording the grouping), then score what is left in this process."""
+    from perceptclip.plan import plan_shards
+
+    from support.scoring import score_here
+
+    plan = plan_shards(cfg, options or {})
+    results = score_here(plan.todo, cfg.models, cfg.output, block_rows=2, inputs=cfg.input_spec()) if plan.todo else []
+    return plan, results
+
+
+def committed_rows(dest) -> dict:
+    """key -> status or error reason, over every score table under local ``dest``; a key twice fails."""
+    import pyarrow.parquet as pq
+
+    rows = {}
+    for path in sorted(dest.glob("*.parquet")):
+        for r in pq.read_table(path).to_pylist():
+            assert r["key"] not in rows, f"{r['key']} scored twice"
+            rows[r["key"]] = r["status"] if r["status"] == "ok" else r["error"].split(":")[0]
+    return rows
+
+
+def test_a_folder_of_image_files_is_scored_as_virtual_shards_recorded_under_the_output(tmp_path, iqa_artifact):
+    import pyarrow.parquet as pq
+
+    from support.inputs import write_image_files
+
+    root, dest = tmp_path / "photos", tmp_path / "scores"
+    names = write_image_files(root, ["a.jpg", "b/c.JPG", "b/d.png", "e/f/g.jpeg", "z.webp"])
+    (root / "notes.txt").write_text("not an image: not listed")
+    write_image_files(root, ["_thumbs/x.jpg", ".cache/y.jpg"])          # bookkeeping: not listed
+    cfg = files_config(root, dest, iqa_artifact, files_per_shard=2)
+    (root / "z.webp").write_bytes(b"RIFF not a webp")                    # listed, not an image
+    plan, results = score_files(cfg)
+    listing = dest / "_inputs" / "photos" / "listing-000000.parquet"
+    assert plan.todo == [f"{listing}#photos-{i:06d}" for i in range(3)]
+    assert pq.read_table(listing).to_pydict() == {                     # the grouping, readable by anyone
+        "shard": ["photos-000000"] * 2 + ["photos-000001"] * 2 + ["photos-000002"], "key": sorted(names)}
+    assert [(r.rows, r.failed) for r in results] == [(2, None), (2, None), (1, None)]
+    assert committed_rows(dest) == {"a.jpg": "ok", "b/c.JPG": "ok", "b/d.png": "ok", "e/f/g.jpeg": "ok",
+                                    "z.webp": "not_an_image"}
+    table = pq.read_table(dest / "photos-000001.parquet")
+    assert table["url"].to_pylist() == [str(root / "b/d.png"), str(root / "e/f/g.jpeg")]
+    assert table["shard"].to_pylist() == [f"{listing}#photos-000001"] * 2
+
+    # a rerun keeps the grouping and scores nothing; files added later (one sorting first) form new shards
+    assert score_files(cfg)[0].todo == [] and len(score_files(cfg)[0].skipped) == 3
+    write_image_files(root, ["0-first.jpg", "b/new.jpg", "y.png"])
+    (root / "a.jpg").unlink()                                            # scored already: stays as scored
+    cfg.files_per_shard = 5                                              # new shards take the new size
+    plan, results = score_files(cfg)
+    second = dest / "_inputs" / "photos" / "listing-000001.parquet"
+    assert plan.todo == [f"{second}#photos-000003"] and len(plan.skipped) == 3
+    assert pq.read_table(second)["key"].to_pylist() == ["0-first.jpg", "b/new.jpg", "y.png"]
+    # a file gone before its shard was scored is an error row
+    write_image_files(root, ["late-1.jpg", "late-2.jpg"])
+    from perceptclip.plan import plan_shards
+
+    todo = plan_shards(cfg, {}).todo                                     # recorded, not yet scored
+    (root / "late-2.jpg").unlink()
+    from support.scoring import score_here
+
+    score_here(todo, cfg.models, str(dest), inputs=cfg.input_spec())
+    rows = committed_rows(dest)
+    assert rows.pop("late-2.jpg") == "not_found" and rows.pop("late-1.jpg") == "ok"
+    assert rows == {"a.jpg": "ok", "b/c.JPG": "ok", "b/d.png": "ok", "e/f/g.jpeg": "ok", "z.webp": "not_an_image",
+                    "0-first.jpg": "ok", "b/new.jpg": "ok", "y.png": "ok"}
+    assert score_files(cfg)[0].todo == []
+
+
+def test_auto_tells_a_folder_of_image_files_from_a_folder_of_shards(tmp_path, iqa_artifact):
+    from perceptclip.plan import plan_shards
+    from perceptclip.score import load_score_config
+
+    from support.inputs import write_image_files
+
+    write_image_files(tmp_path / "photos", ["a.jpg", "b.png", "c/d.jpg"])
+    write_image_files(tmp_path / "mixed", ["loose.jpg"])
+    write_shard(str(tmp_path / "mixed" / "part-000.tar"), tar_samples(2))
+
+    def todo(source, **settings):
+        return plan_shards(files_config(source, tmp_path / f"out-{len(settings)}-{abs(hash(source))}",
+                                        iqa_artifact, **settings), {}).todo
+
+    assert [u.rsplit("#", 1)[-1] for u in todo(tmp_path / "photos")] == ["photos-000000"]
+    assert todo(tmp_path / "mixed") == [str(tmp_path / "mixed" / "part-000.tar")]      # shards win
+    assert [u.rsplit("#", 1)[-1] for u in todo(tmp_path / "mixed", input_format="files")] == ["mixed-000000"]
+    by_glob = todo(f"{tmp_path}/photos/**/*.jpg", files_per_shard=1)
+    assert [u.rsplit("#", 1)[-1] for u in by_glob] == ["photos-000000", "photos-000001"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README").write_text("x")
+    with pytest.raises(ValueError, match="holds no shards.*nor image files"):
+        todo(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no image files"):
+        todo(tmp_path / "empty", input_format="files")
+    with pytest.raises(ValueError, match="carry_columns: image files have no columns"):
+        todo(tmp_path / "photos", carry_columns=["id"])
+    with pytest.raises(ValueError, match="^files_per_shard: "):
+        load_score_config(None, input=["a"], output="o", models=["m"], files_per_shard=0)
+    # a destination records the files of one root under a name: another root of that name is refused
+    write_image_files(tmp_path / "elsewhere" / "photos", ["x.jpg"])
+    dest = tmp_path / "shared-dest"
+    plan_shards(files_config(tmp_path / "photos", dest, iqa_artifact), {})
+    with pytest.raises(ValueError, match="records the files of .*photos as photos, not those of"):
+        plan_shards(files_config(tmp_path / "elsewhere" / "photos", dest, iqa_artifact), {})
+
+
+def test_runs_racing_to_record_a_grouping_end_with_one(tmp_path):
+    """Runs that list a growing folder at the same time, each with its own view of it: every file ends in
+    exactly one recorded shard, and each run scores shards of the grouping that was recorded."""
+    import threading
+
+    import pyarrow.parquet as pq
+
+    from perceptclip.files import FileSource, create, virtual_shards
+
+    for attempt in range(5):
+        dest = tmp_path / f"dest-{attempt}"
+        views = [sorted(f"{i:03d}.jpg" for i in range(n)) for n in (5, 7, 7, 9, 3, 12)]
+        barrier, results = threading.Barrier(len(views)), {}
+
+        def run(i):
+            barrier.wait()
+            results[i] = virtual_shards(FileSource("src", str(tmp_path / "photos"), views[i]), str(dest), 2, {})
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(views))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        listings = sorted((dest / "_inputs" / "photos").glob("listing-*.parquet"))
+        recorded = [pq.read_table(p).to_pydict() for p in listings]
+        keys = [k for r in recorded for k in r["key"]]
+        assert sorted(keys) == sorted(set(keys)) == views[3][:9] + ["009.jpg", "010.jpg", "011.jpg"]
+        final = [f"{p}#{name}" for p, r in zip(listings, recorded) for name in dict.fromkeys(r["shard"])]
+        for i, shards in results.items():
+            assert shards == final[:len(shards)]                  # a prefix of the one grouping
+        assert not list((dest / "_inputs" / "photos").glob("*.tmp"))
+    with pytest.raises(FileExistsError):
+        create(str(listings[0]), b"another grouping", {})
+
+
+def test_files_on_an_object_store_prefix_record_and_score_there(s3_server, iqa_artifact, tmp_path):
+    from perceptclip.files import create
+    from perceptclip.plan import plan_shards
+    from perceptclip.score import ScoreConfig
+    from perceptclip.storage import storage_options
+
+    from support.inputs import write_image_files
+    from support.scoring import score_here
+
+    bucket, fs, options = s3_server.bucket(), s3_server.filesystem(), storage_options()
+    write_image_files(f"{bucket[5:]}/photos", ["a.jpg", "b/c.png", "d.jpg"], fs=fs)
+    fs.pipe_file(f"{bucket[5:]}/photos/readme.md", b"x")
+    cfg = ScoreConfig(input=[f"{bucket}/photos/"], output=f"{bucket}/scores", models=[iqa_artifact],
+                      files_per_shard=2)
+    todo = plan_shards(cfg, options).todo
+    assert todo == [f"{bucket}/scores/_inputs/photos/listing-000000.parquet#photos-{i:06d}" for i in range(2)]
+    fs.rm_file(f"{bucket[5:]}/photos/d.jpg")
+    # the images are read from the store; the score tables go to a local folder here (the slow test: the store)
+    results = score_here(todo, [iqa_artifact], str(tmp_path / "scores"), inputs=cfg.input_spec())
+    assert [(r.rows, r.ok, dict(r.errors)) for r in results] == [(2, 2, {}), (1, 0, {"not_found": 1})]
+    with pytest.raises(FileExistsError):                # S3's conditional put: a listing is never replaced
+        create(todo[0].split("#")[0], b"another grouping", options)
+
+
+@pytest.mark.slow
+def test_a_growing_prefix_of_image_files_end_to_end(s3_server, iqa_artifact, ray_local):
+    """The nightly job over a prefix: each run scores the files added since, and nothing else."""
+    import pyarrow.parquet as pq
+
+    from perceptclip.score import load_score_config, run_score
+
+    from support.inputs import write_image_files
+
+    bucket, fs = s3_server.bucket(), s3_server.filesystem()
+    night1 = [f"2026-11-01/{i:02d}.jpg" for i in range(5)] + ["2026-11-01/broken.jpg"]
+    write_image_files(f"{bucket[5:]}/photos", night1, fs=fs)
+    fs.pipe_file(f"{bucket[5:]}/photos/2026-11-01/broken.jpg", b"\xff\xd8\xff cut")
+    cfg = load_score_config(None, input=[f"{bucket}/photos"], output=f"{bucket}/scores", models=[iqa_artifact],
+                            files_per_shard=4, num_cpus=2)
+    first = run_score(cfg).to_dict()
+    assert first["shards"] == {"planned": 2, "done": 2, "skipped": 0, "failed": 0}
+    assert first["samples"] == {"total": 6, "ok": 5, "error": 1, "errors_by_reason": {"not_an_image": 1}}
+    night2 = [f"2026-11-02/{i:02d}.png" for i in range(3)]
+    write_image_files(f"{bucket[5:]}/photos", night2, fs=fs)
+    second = run_score(cfg).to_dict()
+    assert second["shards"] == {"planned": 3, "done": 1, "skipped": 2, "failed": 0}
+    assert second["samples"]["total"] == 3
+    assert run_score(cfg).to_dict()["shards"] == {"planned": 3, "done": 0, "skipped": 3, "failed": 0}
+    rows = {}
+    for name in ("photos-000000", "photos-000001", "photos-000002"):
+        with fs.open(f"{bucket[5:]}/scores/{name}.parquet", "rb") as f:
+            for r in pq.read_table(f).to_pylist():
+                assert r["key"] not in rows and r["url"] == f"{bucket}/photos/{r['key']}"
+                rows[r["key"]] = r["status"]
+    assert rows == {key: "error" if "broken" in key else "ok" for key in night1 + night2}     # image by image

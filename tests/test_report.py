@@ -354,3 +354,28 @@ def chromium(tmp_path: Path, *args: str) -> str:
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+def test_report_shows_thumbnails_for_every_input_kind(iqa_artifact, tmp_path):
+    """Tars, Parquet with the images inside, a table of paths and a folder of image files, scored into one
+    DEST: every figure of the report is a thumbnail read from where its image is."""
+    from perceptclip.plan import plan_shards
+
+    from support.inputs import write_image_files, write_image_parquet
+
+    data = tmp_path / "data"
+    write_shard(str(data / "tars-000.tar"), samples(0, 3))
+    parquet = write_image_parquet(data / "hf-000.parquet", [image_bytes(make_image(10 + i, (40, 30))) for i in range(3)])
+    write_image_files(data / "listed", ["a.jpg", "b.png", "c.jpg"])
+    (data / "list.csv").write_text("path\nlisted/a.jpg\nlisted/b.png\nlisted/c.jpg\n")
+    write_image_files(tmp_path / "photos", ["x.jpg", "y/z.png", "w.jpg"])
+    dest = tmp_path / "scores"
+    folder = plan_shards(ScoreConfig(input=[str(tmp_path / "photos")], output=str(dest), models=[iqa_artifact]), {})
+    shards = [str(data / "tars-000.tar"), parquet, str(data / "list.csv"), *folder.todo]
+    assert [r.ok for r in score_here(shards, [iqa_artifact], str(dest))] == [3, 3, 3, 3]
+    result = cli("report", "--scores", str(dest), "--output", str(tmp_path / "report.html"), "--top-k", "12")
+    assert result.exit_code == 0, result.output
+    top, bottom = figures((tmp_path / "report.html").read_text(), "iqa")
+    assert len(top) == len(bottom) == 12
+    assert all(f["img"] and f["img"].startswith("data:image/jpeg;base64,") for f in top + bottom)
+    assert {f["key"] for f in top} >= {"x.jpg", "y/z.png", "0", "1"}

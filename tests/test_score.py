@@ -284,7 +284,7 @@ def test_config_is_validated_at_the_edge(tmp_path):
         load_score_config(None, input=["a.tar"], output="o", models=["m"], storage={"endpoint": "x"})
     path = tmp_path / "c.yaml"
     path.write_text("input: [a.tar]\noutput: o\nmodels: [m]\nactors: two\n")
-    with pytest.raises(ValueError, match="^actors"):
+    with pytest.raises(ValueError, match=f"^{path}: actors"):          # the file's mistake names the file
         load_score_config(str(path))
     result = CliRunner().invoke(main, ["score", "--config", str(path)])
     assert result.exit_code != 0 and "actors" in result.output
@@ -419,3 +419,20 @@ def test_an_output_that_holds_the_input_shards_is_refused_before_any_work(tmp_pa
         with pytest.raises(ValueError, match=f"^output: {output} holds input shards"):
             run_score(cfg)
     assert not list((tmp_path / "data").glob("*.parquet")) and not (tmp_path / "data" / "_markers").exists()
+
+
+def test_a_score_column_named_as_a_carried_column_is_refused_at_start(iqa_artifact):
+    from perceptclip.score import ModelSpec, check_columns
+
+    check_columns([ModelSpec.resolve(f"quality={iqa_artifact}")], ["id"])
+    with pytest.raises(ValueError, match="models: a carried column would be called 'id'; name the model NAME=MODEL"):
+        check_columns([ModelSpec.resolve(f"id={iqa_artifact}")], ["id"])
+
+
+def test_a_mistake_in_a_score_config_file_names_the_file(tmp_path):
+    path = tmp_path / "score.yaml"
+    path.write_text("batch_size: 0\n")
+    with pytest.raises(ValueError, match=f"^{path}: batch_size: must be an integer >= 1, got 0$"):
+        load_score_config(str(path), input=["a.tar"], output="out", models=["m"])
+    with pytest.raises(ValueError, match="^block_rows: must be an integer >= 1, got 0$"):     # not the file's
+        load_score_config(None, input=["a.tar"], output="out", models=["m"], block_rows=0)

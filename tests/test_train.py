@@ -112,7 +112,10 @@ def test_the_rayjobs_training_config_is_valid_and_uses_its_gpus():
     ({"task": "iqa", "learning_rate": "fast"}, "learning_rate: must be a number or null, got 'fast'"),
     ({"task": "iqa", "batch_size": 30, "scaling": {"num_workers": 4}},
      "batch_size: must be a multiple of scaling.num_workers (4), got 30"),
-    ({"task": "colour"}, "task: must be one of iqa, memorability, emotion, got 'colour'"),
+    ({"task": "colour"}, "task: unknown task 'colour'; built-in tasks: emotion, iqa, memorability, or define one "
+                         "(name, kind, labels, ...)"),
+    ({"task": {"name": "colour", "kind": "classification", "labels": ["red"]}},
+     "task.labels: a classification needs two or more classes, got ['red']"),
 ])
 def test_a_bad_config_value_fails_at_start_naming_the_field_and_the_value(raw, message, tmp_path):
     import yaml

@@ -35,3 +35,22 @@ def write_image_parquet(path, images: list, columns: dict | None = None, layout:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pq.write_table(table, str(path), row_group_size=row_group_size)
     return str(path)
+
+
+def write_image_files(root, names: list[str], fs=None) -> list[str]:
+    """An image file (a small JPEG or PNG, told by the name; the same name gives the same image) at each of
+    ``names`` under ``root``: a local folder, or a bucket path on ``fs`` (an fsspec filesystem)."""
+    import zlib
+
+    from support.images import image_bytes, make_image
+
+    for name in names:
+        data = image_bytes(make_image(zlib.crc32(name.encode()) % 1000, (36, 28)),
+                           "PNG" if name.lower().endswith(".png") else "JPEG")
+        if fs is not None:
+            fs.pipe_file(f"{root}/{name}", data)
+        else:
+            os.makedirs(os.path.dirname(os.path.join(str(root), name)), exist_ok=True)
+            with open(os.path.join(str(root), name), "wb") as f:
+                f.write(data)
+    return names
