@@ -111,7 +111,9 @@ def _or_fail(action):
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Samples per shard.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier conversion of the split in OUTPUT: its shards "
               "are removed first.")
-def convert(dataset, source, output, split, fractions, seed, shard_size, overwrite):
+@click.option("--task", default=None, help="manifest: the task its labels are for (a built-in name, or a YAML file "
+              "defining one, e.g. a training config); each label must fit it, numbers or its class names.")
+def convert(dataset, source, output, split, fractions, seed, shard_size, overwrite, task):
     """Write DATASET at SOURCE as WebDataset shards: key.<ext> (the original image) and key.json (label).
 
     \b
@@ -127,10 +129,12 @@ def convert(dataset, source, output, split, fractions, seed, shard_size, overwri
     import json
 
     from perceptclip.convert import convert as run_convert, parse_fractions
+    from perceptclip.tasks import load_task
 
     try:
         report = run_convert(dataset, source, output, split=split, shard_size=shard_size,
-                             fractions=parse_fractions(fractions), seed=seed, overwrite=overwrite)
+                             fractions=parse_fractions(fractions), seed=seed, overwrite=overwrite,
+                             task=load_task(task) if task else None)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     for problem in report.problems:

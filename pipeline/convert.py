@@ -30,6 +30,7 @@ import numpy as np
 from perceptclip.datasets import (Problem, Record, emoset_records, koniq_records, label_file, lamem_records,
                                   manifest_records)
 from perceptclip.storage import check_apart, join
+from perceptclip.tasks import Task
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"}
@@ -213,20 +214,26 @@ def _claim(fs, root: str, output: str, settings: dict, overwrite: bool) -> str:
 
 
 def convert(dataset: str, source: str, output: str, split: str | None = None, shard_size: int = 1000,
-            fractions: dict[str, float] | None = None, seed: int = 0, overwrite: bool = False) -> ConvertReport:
+            fractions: dict[str, float] | None = None, seed: int = 0, overwrite: bool = False,
+            task: Task | None = None) -> ConvertReport:
     """List ``dataset``'s records for ``split`` and write them as shards under ``output``.
 
     ``split``: LaMem ``train_1`` .. ``test_5`` (default ``train_1``); EmoSet ``train``/``val``/``test``
     (default ``train``); KonIQ and manifests a name in ``fractions`` or ``all`` (the default).
-    ``overwrite``: replace an earlier conversion of the split in ``output`` (refused without it)."""
+    ``overwrite``: replace an earlier conversion of the split in ``output`` (refused without it).
+    ``task`` (manifests only): the labels must fit it (numbers, or its class names)."""
     import fsspec
 
     if shard_size <= 0:
         raise ValueError("shard_size must be positive")
-    split, records, problems = _records(dataset, source, split, fractions or DEFAULT_FRACTIONS, seed)
+    if task is not None and dataset != "manifest":
+        raise ValueError(f"--task: only for a manifest; {dataset}'s labels are its own")
+    split, records, problems = _records(dataset, source, split, fractions or DEFAULT_FRACTIONS, seed, task)
     check_apart("--output", output, {"the label file": [label_file(dataset, source, split)],
                                      "the images": [r.image for r in records]})
     settings = {"dataset": dataset, "source": source, "split": split, "shard_size": shard_size}
+    if task is not None:
+        settings["task"] = task.definition()
     if dataset in ("koniq", "manifest") and split != "all":
         settings.update(fractions=fractions or DEFAULT_FRACTIONS, seed=seed)
     fs, root = fsspec.core.url_to_fs(output)
@@ -239,7 +246,7 @@ def convert(dataset: str, source: str, output: str, split: str | None = None, sh
 
 
 def _records(dataset: str, source: str, split: str | None, fractions: dict[str, float],
-             seed: int) -> tuple[str, list[Record], list[Problem]]:
+             seed: int, task: Task | None = None) -> tuple[str, list[Record], list[Problem]]:
     """The split's name (its default filled in), its records and the problems of its label file."""
     if dataset == "koniq":
         split = split or "all"
@@ -253,6 +260,6 @@ def _records(dataset: str, source: str, split: str | None, fractions: dict[str, 
         return (split, *emoset_records(source, split))
     if dataset == "manifest":
         split = split or "all"
-        records, problems = manifest_records(source)
+        records, problems = manifest_records(source, task)
         return split, random_split(records, split, fractions, seed), problems
     raise ValueError(f"unknown dataset {dataset!r}: koniq, lamem, emoset or manifest")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from perceptclip.shards import parse_json
-from perceptclip.tasks import EMOSET_LABELS
+from perceptclip.tasks import EMOSET_LABELS, Task
 
 KONIQ_CSV = "koniq10k_scores_and_distributions.csv"
 KONIQ_IMAGES = "1024x768"
@@ -195,7 +195,10 @@ def label_file(dataset: str, source: str, split: str) -> str:
     return files[dataset]
 
 
-def manifest_records(manifest: str) -> tuple[list[Record], list[Problem]]:
+def manifest_records(manifest: str, task: Task | None = None) -> tuple[list[Record], list[Problem]]:
+    """A manifest's rows as records, each label as the file holds it: a number for a regression, a class
+    name for a classification. With ``task`` its kind decides, and a class name must be one of its
+    classes; without, what most rows hold. A row that does not fit is a problem with its file and line."""
     base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
     rows = []                       # (where, image, the label or the error that makes the row a problem)
     for where, row in _read_manifest(manifest):
@@ -209,19 +212,30 @@ def manifest_records(manifest: str) -> tuple[list[Record], list[Problem]]:
     labels = [label for _, _, label in rows if not isinstance(label, ValueError)]
     names = sum(isinstance(label, str) for label in labels)
     numeric = names <= len(labels) - names          # the manifest's kind: what most of its rows hold
+    if task is not None:
+        numeric = not task.is_classification
     records, problems = [], []
     for where, image, label in rows:
         if isinstance(label, ValueError):
             problems.append(Problem(where, f"malformed row: {label}"))
+        elif task is not None and task.is_classification and isinstance(label, str) and label not in task.labels:
+            problems.append(Problem(where, f"label {label!r} is not a class of {task.name}: "
+                                    f"{', '.join(task.labels)}"))
         elif isinstance(label, str) == numeric:
-            problems.append(Problem(where, f"label {label!r} is not a number; the manifest's other labels are "
-                                    "numbers" if numeric else f"label {label!r} is a number; the manifest's "
-                                    "other labels are class names"))
+            problems.append(Problem(where, _misfit(label, numeric, task)))
         else:
             location = image if "://" in image or image.startswith("/") else _join(base, image)
             meta = {"dataset": "manifest", "manifest": manifest, "path": image}
             records.append(Record(make_key(image), location, label, where, meta, image))
     return records, problems
+
+
+def _misfit(label, numeric: bool, task: Task | None) -> str:
+    if task is not None:
+        return (f"label {label!r} is not a number: {task.name} is a regression" if numeric else
+                f"label {label!r} is not a class name: {task.name}'s classes are {', '.join(task.labels)}")
+    return (f"label {label!r} is not a number; the manifest's other labels are numbers" if numeric else
+            f"label {label!r} is a number; the manifest's other labels are class names")
 
 
 def _read_manifest(manifest: str) -> list[tuple[str, dict]]:

@@ -112,6 +112,21 @@ def get_task(name: str) -> Task:
                          f"or define one (name, kind, labels, ...)") from None
 
 
+def load_task(text: str) -> Task:
+    """``--task``: a built-in name, or a YAML file holding a definition (or a training config's ``task:``)."""
+    import os
+
+    import yaml
+
+    if text in TASKS or not os.path.isfile(text):
+        return resolve_task(text, "--task")
+    with open(text, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if isinstance(data, dict) and "task" in data:
+        return resolve_task(data["task"], f"{text}: task")
+    return resolve_task(data, text)
+
+
 def resolve_task(value: Any, where: str = "task") -> Task:
     """A task from a config: a built-in name, a mapping defining one, or a ``Task``."""
     if isinstance(value, Task):

@@ -420,7 +420,8 @@ def test_filter_writes_each_input_kind_as_its_own_kind_or_as_tars(iqa_artifact, 
     scored_iqa = pq.read_table(dest / "hf-000.parquet")["iqa"].to_pylist()
     assert kept["iqa"].to_pylist() == scored_iqa
     located = pq.read_table(auto / "list.parquet").to_pylist()
-    assert [(r["key"], r["url"]) for r in located] == [("0", str(data / "listed/a.jpg")), ("1", str(data / "listed/b.png"))]
+    assert [(r["key"], r["url"]) for r in located] == [("t0", str(data / "listed/a.jpg")),    # the id column keys it
+                                                       ("t1", str(data / "listed/b.png"))]
     assert [r["key"] for r in pq.read_table(auto / "photos-000000.parquet").to_pylist()] == ["x.jpg", "y/z.png"]
     tars = tmp_path / "curated-webdataset"
     files = read_shard(str(tars / "photos-000000.tar"))
@@ -428,5 +429,5 @@ def test_filter_writes_each_input_kind_as_its_own_kind_or_as_tars(iqa_artifact, 
         ("x_jpg", ["jpg", "json"]), ("y/z_png", ["json", "png"])]
     meta = json.loads(files[1]["json"])
     assert meta["key"] == "y/z.png" and meta["url"] == str(tmp_path / "photos" / "y/z.png") and "iqa" in meta
-    assert [s["__key__"] for s in read_shard(str(tars / "hf-000.tar"))] == ["0", "1", "2", "3"]
+    assert [s["__key__"] for s in read_shard(str(tars / "hf-000.tar"))] == ["p0", "p1", "p2", "p3"]
     assert read_shard(str(tars / "list.tar"))[1]["png"] == (data / "listed/b.png").read_bytes()
