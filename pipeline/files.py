@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from perceptclip.inputs import ShardReader
-from perceptclip.shards import IMAGE_EXTENSIONS, LISTINGS_DIR, VIRTUAL_SHARD, ShardError, folder_files
+from perceptclip.shards import IMAGE_EXTENSIONS, LISTINGS_DIR, VIRTUAL_SHARD, ShardError, _absolute, folder_files
 from perceptclip.storage import filesystem, join, location, protocol, redact_text
 
 LISTING_FORMAT = "perceptclip-files"
@@ -99,6 +99,7 @@ def listing_url(dest: str, name: str, generation: int) -> str:
 
 def virtual_shards(src: FileSource, dest: str, per_shard: int, options: dict) -> list[str]:
     """The URLs of every virtual shard of ``src`` recorded under ``dest``, its new files recorded first."""
+    dest = _absolute(dest)      # read tasks run elsewhere: a relative DEST would name another folder there
     for _ in range(RECORD_ATTEMPTS):
         listings = read_listings(src, dest, options)
         recorded = {key for _, table in listings for key in table["key"].to_pylist()}

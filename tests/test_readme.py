@@ -2,6 +2,7 @@
 ones, the paper's training config for the smoke config, and labels.csv is written here."""
 
 import csv
+import json
 import os
 import re
 import shlex
@@ -17,9 +18,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def walkthrough_commands() -> list[str]:
+def walkthrough_commands(heading: str = "## Walkthrough") -> list[str]:
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Walkthrough", 1)[1]
+    section = readme.split(heading + "\n", 1)[1]
     block = section.split("```bash", 1)[1].split("```", 1)[0]
     joined = re.sub(r"\\\n\s*", "", block)                          # continuation lines
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
@@ -74,3 +75,27 @@ def test_every_walkthrough_command_runs(workdir, ray_local):
     assert (work / "runs" / "iqa-mine" / "model" / "config.json").exists()
     assert list((work / "labelled").glob("val-*.tar")), "the split must hold validation images"
     assert len(list((work / "scores-mine" / "_markers").glob("*.json"))) == 2
+
+
+def test_your_own_task_runs_as_written(workdir, ray_local):
+    """The README's "Your own task": its config's ViT-L/14 swapped for the debug model, 2 epochs."""
+    import yaml
+
+    import pyarrow.parquet as pq
+
+    work, _ = workdir
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    custom = yaml.safe_load((ROOT / "configs" / "train" / "custom.yaml").read_text())
+    smoke = yaml.safe_load((ROOT / "configs" / "train" / "smoke.yaml").read_text())
+    (work / "custom-smoke.yaml").write_text(yaml.safe_dump({**smoke, "task": custom["task"], "epochs": 2}))
+    commands = walkthrough_commands("### Your own task")
+    assert [shlex.split(c)[1] for c in commands] == ["convert", "convert", "train", "score", "quantiles", "filter"]
+    for command in commands:
+        command = command.replace("configs/train/custom.yaml", str(work / "custom-smoke.yaml"))
+        result = subprocess.run(command, shell=True, cwd=work, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    scores = pq.read_table(work / "scores-warmth")
+    assert scores.num_rows == 40 and "warmth" in scores.column_names          # every photo, under its name
+    assert "warmth" in json.dumps(json.loads((work / "runs" / "warmth" / "model" / "config.json").read_text()))
