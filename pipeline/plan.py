@@ -17,7 +17,7 @@ from perceptclip.commit import committed_names
 from perceptclip.files import FileSource, is_image_name, list_images, virtual_shards
 from perceptclip.inputs import check_first_shard
 from perceptclip.shards import EmptyFolderError, expand_shards, shard_name
-from perceptclip.storage import check_apart, location
+from perceptclip.storage import check_apart, holds, location
 
 if TYPE_CHECKING:
     from perceptclip.score import ScoreConfig
@@ -45,6 +45,7 @@ def input_shards(cfg: ScoreConfig, options: dict) -> list[str]:
     urls = list(dict.fromkeys(urls))
     # a folder holding its inputs would mix score tables with them (a later run over the folder reads both)
     check_apart("output", cfg.output, {"input shards": urls, "input folders": [s.root for s in sources]})
+    check_outside(cfg.output, [i.strip() for i in cfg.input if not _has_glob(i)] + [s.root for s in sources])
     if sources and cfg.carry_columns:
         raise ValueError("carry_columns: image files have no columns to carry")
     for src in sources:
@@ -77,6 +78,15 @@ def item_shards(item: str, input_format: str, options: dict) -> tuple[list[str],
     if input_format == "auto" and _has_glob(item) and all(is_image_name(u) for u in urls):
         return [], [list_images(item, options)]
     return urls, []
+
+
+def check_outside(output: str, folders: list[str]) -> None:
+    """Refuse an output inside a folder named as input: the next run over that folder would take the
+    score tables written there for input (Parquet files are shards too)."""
+    for folder in folders:
+        if holds(folder, output):
+            raise ValueError(f"output: {output} lies inside the input folder {folder}; a later run over the folder "
+                             f"would read the score tables as input: write the output to a folder apart")
 
 
 def _has_glob(item: str) -> bool:

@@ -436,3 +436,18 @@ def test_a_mistake_in_a_score_config_file_names_the_file(tmp_path):
         load_score_config(str(path), input=["a.tar"], output="out", models=["m"])
     with pytest.raises(ValueError, match="^block_rows: must be an integer >= 1, got 0$"):     # not the file's
         load_score_config(None, input=["a.tar"], output="out", models=["m"], block_rows=0)
+
+
+@pytest.mark.parametrize("kind", ["shards", "image files"])
+def test_an_output_inside_an_input_folder_is_refused(tmp_path, iqa_artifact, kind):
+    """The next run over the folder would read the score tables written there as input."""
+    folder = tmp_path / "data"
+    if kind == "shards":
+        write_shard(str(folder / "shard-0.tar"), good_samples(0, 2))
+    else:
+        (folder / "a").mkdir(parents=True)
+        (folder / "a" / "x.jpg").write_bytes(image_bytes(make_image(1)))
+    cfg = ScoreConfig(input=[str(folder)], output=str(folder / "scores"), models=[iqa_artifact])
+    with pytest.raises(ValueError, match=f"output: {folder}/scores lies inside the input folder {folder}"):
+        run_score(cfg)
+    assert not list((folder / "scores").rglob("*.parquet"))
