@@ -8,6 +8,7 @@ the store's faults and can hold one request until the test lets it through: a sh
 or a table still being stored keeps the run going while the test breaks something, whatever the timing
 of the machine."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -421,3 +422,153 @@ def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shard
     assert {Path(o).stem for o in summary["outputs"]} == set(contents) - committed
     assert {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in committed} == before
     reconcile(fsspec.filesystem("file"), str(out), contents)
+
+
+# ------------------------------------------------------------------------------------------ image files under a prefix
+
+# The same faults on a `files` input: the images of shard_contents() as loose files under a prefix on the
+# store, PER_SHARD to a virtual shard, so photos-000000 .. photos-000007 hold what the tars hold. The
+# grouping is recorded under the output by the first run; the rerun must keep it.
+
+def upload_files(s3_server, iqa_artifact: str) -> tuple[str, dict, str]:
+    """The images as files ``photos/SSS/II.jpg`` and the model on a fresh bucket (written straight to moto):
+    (bucket, contents by virtual shard, model URI). Keys sort in shard order: one tar, one virtual shard."""
+    bucket, fs = s3_server.bucket(), s3_server.filesystem()
+    contents = {}
+    for s, samples in enumerate(shard_contents().values()):
+        contents[f"photos-{s:06d}"] = [{"__key__": f"{s:03d}/{i:02d}.jpg"} for i in range(len(samples))]
+        for sample, image in zip(contents[f"photos-{s:06d}"], samples):
+            fs.pipe_file(f"{bucket[5:]}/photos/{sample['__key__']}", image["jpg"])
+    fs.put(iqa_artifact, f"{bucket[5:]}/models/iqa", recursive=True)
+    return bucket, contents, f"{bucket}/models/iqa"
+
+
+def files_config(bucket: str, model: str, output: str, **extra) -> ScoreConfig:
+    """``score_config`` on the prefix. A fetch timeout longer than any hold: a held file arrives late, it
+    does not become an error row."""
+    return dataclasses.replace(score_config(bucket, model, output, **extra), input=[f"{bucket}/photos/"],
+                               input_format="files", files_per_shard=PER_SHARD, fetch_timeout_s=300.0)
+
+
+def reconcile_files(fs, out: str, bucket: str, contents: dict[str, list[dict]]) -> dict:
+    """``reconcile``, and: each row says which file it was read from, and every run used the one grouping
+    the first recorded (no listing beside it)."""
+    counts = reconcile(fs, out, contents)
+    for name in contents:
+        table = pq.read_table(io.BytesIO(fs.cat_file(f"{out}/{name}.parquet")))
+        assert table["url"].to_pylist() == [f"{bucket}/photos/{key}" for key in table["key"].to_pylist()], name
+    listings = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{out}/_inputs/photos", detail=False)]
+    assert listings == ["listing-000000.parquet"]
+    return counts
+
+
+def test_files_a_killed_model_actor_is_restarted_and_every_virtual_shard_commits_once(
+        proxy, s3_server, iqa_artifact, ray_local, tmp_path):
+    """As for tars: SIGKILL of the model actor after the first commit, while a file of the last virtual
+    shard is held at the proxy; the run completes and reconciles image by image."""
+    bucket, contents, _ = upload_files(s3_server, iqa_artifact)
+    out = tmp_path / "scores"
+    proxy.hold("GET", "/photos/007/03.jpg")
+    result = {}
+    thread = threading.Thread(target=_run_into, args=(result, files_config(bucket, iqa_artifact, str(out))))
+    thread.start()
+    wait_for(lambda: list(out.glob("_markers/*.json")), 240, "the first commit")
+    raylet = raylet_pid()
+    [actor] = wait_for(lambda: worker_pids(raylet, "ModelActor"), 30, "the model actor")
+    os.kill(actor, signal.SIGKILL)
+    wait_for(lambda: set(worker_pids(raylet, "ModelActor")) - {actor}, 120, "the restarted model actor")
+    assert "summary" not in result                      # the held file kept the run going
+    proxy.release()
+    thread.join(timeout=240)
+
+    assert "error" not in result, result.get("lines")
+    assert result["summary"]["shards"] == {"planned": SHARDS, "done": SHARDS, "skipped": 0, "failed": 0}
+    reconcile_files(fsspec.filesystem("file"), str(out), bucket, contents)
+
+
+def test_files_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_completes(
+        proxy, s3_server, iqa_artifact, ray_local):
+    """As for tars, with the images, the grouping and the scores on the one store: it goes away while
+    tables are being stored; the run stops naming a virtual shard it could not commit, every marker it
+    leaves has its whole table, and the rerun keeps the grouping and scores exactly the rest."""
+    bucket, contents, model = upload_files(s3_server, iqa_artifact)
+    out, fs = f"{bucket}/scores", s3_server.filesystem()
+    cfg = files_config(bucket, model, out, storage={"max_attempts": 1})
+    result = {}
+    thread = threading.Thread(target=_run_into, args=(result, cfg))
+    thread.start()
+    wait_for(lambda: markers(fs, out[5:]) or "error" in result, 240, "the first commit")
+    proxy.hold("PUT", "/scores/")
+    assert proxy.arrived.wait(timeout=240), result
+    proxy.mode = "down"
+    proxy.release()
+    thread.join(timeout=240)
+
+    error = result["error"]
+    assert isinstance(error, StorageError)
+    failed = re.match(rf"{re.escape(out)}: cannot commit (photos-\d+): ", str(error))
+    assert failed and proxy.url in str(error) and SECRET not in str(error), error
+    committed = markers(fs, out[5:])
+    assert committed and failed[1] not in committed
+    assert any(line.startswith(f"stopped with {len(committed)} of {SHARDS} shards committed")
+               for line in result["lines"])
+    for name in committed:                              # no marker without its whole table
+        marker = json.loads(fs.cat_file(f"{out[5:]}/_markers/{name}.json"))
+        assert marker["sha256"] == hashlib.sha256(fs.cat_file(f"{out[5:]}/{name}.parquet")).hexdigest(), name
+
+    proxy.mode = "ok"
+    again = run_score(cfg).to_dict()
+    assert again["shards"] == {"planned": SHARDS, "done": SHARDS - len(committed), "skipped": len(committed),
+                               "failed": 0}
+    reconcile_files(fs, out[5:], bucket, contents)
+
+
+def test_files_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_virtual_shards(
+        proxy, s3_server, iqa_artifact, tmp_path):
+    """As for tars: ``perceptclip score`` over the prefix is SIGKILLed after two commits, while a file of
+    the last virtual shard is held; the same command again reads the grouping the first recorded, skips
+    what was committed, overwrites the orphan table and scores the rest, image by image once."""
+    import yaml
+
+    bucket, contents, _ = upload_files(s3_server, iqa_artifact)
+    out = tmp_path / "scores"
+    cfg = files_config(bucket, iqa_artifact, str(out), num_cpus=2)
+    path = tmp_path / "score.yaml"
+    path.write_text(yaml.safe_dump({k: getattr(cfg, k) for k in (
+        "input", "output", "models", "block_rows", "batch_size", "cpus_per_reader", "reader_memory_mb", "num_cpus",
+        "input_format", "files_per_shard", "fetch_timeout_s")}))
+    cmd = [sys.executable, "-c", "from perceptclip.cli import main; main()", "score", "--config", str(path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proxy.hold("GET", "/photos/007/03.jpg")
+
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        wait_for(lambda: len(list(out.glob("_markers/*.json"))) >= 2 or first.poll() is not None, 240,
+                  "two commits")
+        assert first.poll() is None
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        wait_for(lambda: _titles(first.pid) <= AGENTS, 60, "the killed driver's cluster to stop")
+        committed = {p.stem for p in out.glob("_markers/*.json")}
+        before = {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in committed}
+        listing = (out / "_inputs" / "photos" / "listing-000000.parquet").read_bytes()
+        (out / "photos-000007.parquet").write_bytes(b"half-written orphan")
+
+        proxy.release()
+        second = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+        try:
+            stdout, stderr = second.communicate(timeout=300)
+        finally:
+            kill_session(second)
+    finally:
+        kill_session(first)
+    assert second.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
+    assert summary["shards"] == {"planned": SHARDS, "done": SHARDS - len(committed), "skipped": len(committed),
+                                 "failed": 0}
+    assert {Path(o).stem for o in summary["outputs"]} == set(contents) - committed
+    assert {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in committed} == before
+    assert (out / "_inputs" / "photos" / "listing-000000.parquet").read_bytes() == listing
+    reconcile_files(fsspec.filesystem("file"), str(out), bucket, contents)
