@@ -4,6 +4,8 @@
 
     {"format": "perceptclip-model", "format_version": 1,
      "task": "iqa", "labels": null, "higher_is_better": true,
+     "task_definition": {...},                       # the whole task (Task.definition())
+     "head_tasks": {head: {...}, ...},               # only a model whose heads have tasks of their own
      "model": {backbone, lora, head, heads},        # ModelConfig.to_mapping()
      "preprocess": {...},                            # PreprocessConfig.to_mapping()
      "provenance": {...},                            # where the weights came from
@@ -12,6 +14,10 @@
 Weights are the full, unmerged state dict (base + LoRA + heads) in safetensors, so an artifact scores
 and fine-tunes offline. Nothing is ever unpickled. Remote artifacts are copied once per machine into a
 local cache (``PERCEPTCLIP_CACHE``, default ``~/.cache/perceptclip``) and verified against the checksum.
+
+A model whose heads serve different tasks on one LoRA records each head's task in ``head_tasks``;
+``task`` is then its default head's. Without ``head_tasks`` every head has the artifact's task (heads
+per training dataset) and the model scores its default head; with it, every head (``outputs``).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class ArtifactMeta(Config):
     # the whole task definition; None only in artifacts written before tasks were data, whose task is
     # a built-in one by name
     task_definition: Task | None = None
+    # each head's task, for a model whose heads serve different tasks; None: every head has ``task``
+    head_tasks: dict[str, Task] | None = None
 
     def check(self):
         if self.task_definition is None:
@@ -61,6 +69,33 @@ class ArtifactMeta(Config):
         require(definition.name == self.task, "task", f"{self.task!r} but its definition is {definition.name!r}")
         require(list(definition.labels or []) == list(self.labels or []), "labels",
                 f"{self.labels} but the task's classes are {list(definition.labels or [])}")
+        if self.head_tasks is not None:
+            self.head_tasks = {h: resolve_task(t, f"head_tasks.{h}") for h, t in self.head_tasks.items()}
+            require(list(self.head_tasks) == list(self.model.heads), "head_tasks",
+                    f"names the heads {list(self.head_tasks)}, the model has {list(self.model.heads)}")
+            require(self.head_tasks[self.model.heads[0]] == definition, "head_tasks",
+                    f"the default head's task must be the artifact's task {self.task!r}")
+        for head in self.model.heads:
+            task = self.task_of(head)
+            require(self.model.outputs(head) == task.outputs, "model",
+                    f"head {head!r} has {self.model.outputs(head)} outputs, its task {task.name!r} {task.outputs}")
+
+    def task_of(self, head: str) -> Task:
+        """The task of one of the model's heads."""
+        return self.head_tasks[head] if self.head_tasks else self.task_definition
+
+    def outputs(self, head: str | None = None, name: str | None = None) -> list[tuple[str, str, Task]]:
+        """(head, column name, task) of each head a scorer of this model outputs: ``head`` alone when
+        given (``MODEL#HEAD``), else every head of a model of several tasks, else the default head.
+        ``name`` (``NAME=MODEL``) renames the columns of a single head."""
+        heads = self.model.heads
+        if head is not None and head not in heads:
+            raise ValueError(f"model has no head {head!r}; heads: {', '.join(heads)}")
+        chosen = [head] if head else list(heads) if self.head_tasks else [heads[0]]
+        if name and len(chosen) > 1:
+            raise ValueError(f"NAME={name} renames one head's columns, and this model scores {len(chosen)} heads "
+                             f"({', '.join(chosen)}); pick one with MODEL#HEAD")
+        return [(h, name or self.task_of(h).name, self.task_of(h)) for h in chosen]
 
     @property
     def task_def(self) -> Task:
@@ -69,15 +104,17 @@ class ArtifactMeta(Config):
 
     @classmethod
     def for_task(cls, task: str | Task, model: ModelConfig, provenance: dict | None = None,
-                 **preprocess) -> "ArtifactMeta":
+                 head_tasks: dict[str, str | Task] | None = None, **preprocess) -> "ArtifactMeta":
         """Metadata with the task's defaults: its labels, direction and preprocessing at the model's size.
-        ``task``: a built-in name or a ``Task``."""
+        ``task``: a built-in name or a ``Task``; ``head_tasks``: each head's, for a model of several tasks
+        (``task`` is then the default head's)."""
         t = resolve_task(task)
         if t.preprocess == "multi_crop":
             preprocess.setdefault("crops", t.crops)
         pre = PreprocessConfig(kind=t.preprocess, size=model.backbone.image_size, **preprocess)
         return cls(task=t.name, model=model, preprocess=pre, labels=list(t.labels) if t.labels else None,
-                   higher_is_better=t.higher_is_better, provenance=dict(provenance or {}), task_definition=t)
+                   higher_is_better=t.higher_is_better, provenance=dict(provenance or {}), task_definition=t,
+                   head_tasks=head_tasks)
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +122,7 @@ class ArtifactMeta(Config):
             "format_version": FORMAT_VERSION,
             "task": self.task,
             "task_definition": self.task_def.definition(),
+            **({"head_tasks": {h: t.definition() for h, t in self.head_tasks.items()}} if self.head_tasks else {}),
             "labels": self.labels,
             "higher_is_better": self.higher_is_better,
             "model": self.model.to_mapping(),
@@ -100,7 +138,7 @@ class ArtifactMeta(Config):
         if d.get("format_version", 0) > FORMAT_VERSION:
             raise ArtifactError(f"{where}: format_version {d['format_version']} is newer than this perceptclip reads")
         fields = {k: d[k] for k in ("task", "model", "preprocess", "labels", "higher_is_better", "provenance",
-                                    "task_definition") if k in d}
+                                    "task_definition", "head_tasks") if k in d}
         weights = d.get("weights")
         try:
             if weights is not None and not isinstance(weights, dict):
@@ -222,9 +260,12 @@ def load_artifact(uri: str, verify: bool = True, storage_options: dict | None = 
     return model.eval(), meta
 
 
-def describe(meta: ArtifactMeta) -> dict:
-    """A short JSON-able identity for logs and Parquet metadata."""
-    return {"task": meta.task, "backbone": meta.model.backbone.name, "weights_sha256": meta.weights_sha256,
-            "labels": meta.labels, "higher_is_better": meta.higher_is_better,
+def describe(meta: ArtifactMeta, task: Task | None = None) -> dict:
+    """A short JSON-able identity for logs and Parquet metadata; with ``task`` (one of its heads'), that
+    head's task, labels and direction."""
+    labels, higher = (meta.labels, meta.higher_is_better) if task is None else (
+        list(task.labels) if task.labels else None, task.higher_is_better)
+    return {"task": (task or meta.task_def).name, "backbone": meta.model.backbone.name,
+            "weights_sha256": meta.weights_sha256, "labels": labels, "higher_is_better": higher,
             "preprocess": meta.preprocess.to_mapping(), "provenance": meta.provenance}
 

@@ -5,10 +5,9 @@
                                   marker exists (object stores have no rename, so nothing depends on one)
     DEST/_runs/<run_id>.json      each run's summary: shards, samples, errors by reason, images/s
 
-``ScoreWriter`` gathers each shard's score rows and commits the shard once all of them have arrived, on a
-few threads, so the driver keeps pulling rows while earlier shards are being stored; ``committed_names``
-is how a rerun, ``describe``, ``report`` and ``filter`` tell which shards are done.
-A curated output (``perceptclip filter``) keeps its markers the same way.
+``ScoreWriter`` commits each shard once all its rows have arrived, on a few threads while the driver goes on
+pulling rows; ``committed_names`` is how a rerun, ``describe``, ``report`` and ``filter`` (whose curated
+outputs keep markers the same way) tell which shards are done.
 """
 
 from __future__ import annotations
@@ -43,11 +42,9 @@ RUNS_DIR = "_runs"
 METADATA_KEY = b"perceptclip"     # the score table's Parquet metadata key: its run, shard and models
 BASE_COLUMNS = ("key", "shard", "status", "error", "width", "height", "url", "caption")
 SHARD_ROW = "shard"          # status of a shard's control row; never written to a table
-# Shards a scoring run commits at once. A commit is two store requests, one after the other (the table,
-# then its marker): at 50 ms a request, committing in line caps a run at 10 shards a second (10,000
-# images/s with 1,000-sample shards); 32 at once allow up to 320, and the driver's CPU is the limit
-# before that (benchmarks/commits.py). The S3 client keeps connections for all of them (storage.py).
-# Each holds one shard's rows (~200 bytes a row).
+# Shards committed at once: a commit is two requests, one after the other (table, then marker), so in line
+# a run at 50 ms a request would commit 10 shards a second; 32 threads allow 320, and the driver's CPU is the
+# limit before that (benchmarks/commits.py). Each holds one shard's rows (~200 bytes a row).
 COMMIT_WORKERS = 32
 
 
@@ -111,7 +108,8 @@ class ScoreWriter:
         self.expected: dict[str, int] = {}
         self.failed: dict[str, str] = {}
         self.finished: set[str] = set()
-        self.described = [m.describe() for m in models]     # every table's metadata holds it
+        # every table's metadata: one entry per scored head, as quantiles, filter, report and the language read it
+        self.described = [entry for m in models for entry in m.describe().get("outputs", [m.describe()])]
         self.workers = workers
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="commit") if workers else None
         self.commits: list[Future] = []          # being committed, in the order they were started
@@ -229,7 +227,9 @@ class ScoreWriter:
         fields = [pa.field(c, pa.int32() if c in ("width", "height") else pa.string()) for c in BASE_COLUMNS]
         fields.append(pa.field("ordinal", pa.int64()))
         for m in self.models:
-            fields += [pa.field(c, pa.string() if m.meta.labels and c == m.name else pa.float32()) for c in m.columns]
+            for _, name, task in m.outputs:
+                fields += [pa.field(c, pa.string() if task.is_classification and c == name else pa.float32())
+                           for c in task.columns(name)]
         return pa.schema(fields).empty_table()
 
     def commit(self, shard: str, parts: list[pa.Table]) -> ShardResult:

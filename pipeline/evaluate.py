@@ -37,7 +37,10 @@ def evaluate(model: str, shards: str | list[str], head: str | None = None, resam
     if output:
         _check_output(output, urls, resolve_model(parse_model_ref(model)[1]))
     scorer = Scorer.load(f"{model}#{head}" if head else model, device=device)
-    task = scorer.meta.task_def
+    if len(scorer.outputs) > 1:    # labelled shards carry one task's labels
+        raise ValueError(f"{model} has heads of several tasks ({', '.join(f'{h}: {t.name}' for h, _, t in scorer.outputs)}"
+                         f"); evaluate one head at a time, MODEL#HEAD, on shards labelled for its task")
+    task = scorer.outputs[0][2]            # the head's task: its kind says the metrics
     out, target, errors = _score(scorer, task, urls, batch_size, storage_options)
     what = f"{', '.join(shards) if isinstance(shards, list) else shards} ({len(urls)} shard(s))"
     if not target.size:
@@ -48,10 +51,10 @@ def evaluate(model: str, shards: str | list[str], head: str | None = None, resam
         raise ValueError(f"{primary} cannot be computed: {why[1]} ({what}; {target.size} usable, "
                          f"unusable: {describe_reasons(errors) if errors else 'none'})")
     if task.is_classification:
-        metrics = classification_metrics(out, target.astype(np.int64), scorer.labels or task.labels)
+        metrics = classification_metrics(out, target.astype(np.int64), task.labels)
     else:
         metrics = regression_metrics(out[:, 0], target, resamples=resamples, seed=seed)
-    result = json_ready({"model": model, "head": scorer.head, "task": task.name, **metrics,
+    result = json_ready({"model": model, "head": scorer.head, "task": task.name, "kind": task.kind, **metrics,
                          "errors": sum(errors.values()), "error_reasons": dict(errors)})
     if output:
         _write_json(output, result, storage_options)

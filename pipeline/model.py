@@ -6,8 +6,9 @@
       -> head: Linear(embed_dim, 512) ReLU Dropout(0.5)
                Linear(512, 256) ReLU Dropout(0.5) Linear(256, K)      (B, K)
 
-Several heads may share one backbone (multi-dataset training); each head has a name and the model
-has a default one. Architecture lives in ``ModelConfig``; weights live apart, in artifacts
+Several heads may share one backbone: one per training dataset of a task (the paper's multi-dataset
+variant), or one per task, each with its own output size. Each head has a name and the model has a
+default one; one backbone pass serves any number of heads (``forward(images, heads)``). Architecture lives in ``ModelConfig``; weights live apart, in artifacts
 (``perceptclip.artifact``) or in the released checkpoints (``perceptclip.official``).
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from perceptclip.config import Config, setting
+from perceptclip.config import Config, require, setting
 from perceptclip.lora import LoraPair, add_lora, merge_lora
 
 DEFAULT_BACKBONE = "ViT-L-14-quickgelu"
@@ -89,17 +90,29 @@ class ModelConfig(Config):
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    heads: tuple[str, ...] = ("default",)   # one head per training dataset; the first is the default
+    heads: tuple[str, ...] = ("default",)   # one head per training dataset or task; the first is the default
+    head_outputs: dict[str, int] = field(default_factory=dict)   # a head whose task has another output
+                                                                 # size than head.outputs: its size
+
+    def check(self):
+        unknown = sorted(set(self.head_outputs) - set(self.heads))
+        require(not unknown, "head_outputs", f"{unknown[0] if unknown else ''!r} is not a head ({list(self.heads)})")
+        require(all(isinstance(k, int) and k >= 1 for k in self.head_outputs.values()), "head_outputs",
+                f"each output size must be an integer >= 1, got {self.head_outputs}")
+
+    def outputs(self, head: str) -> int:
+        """Size of ``head``'s last layer."""
+        return self.head_outputs.get(head, self.head.outputs)
 
 
 class MLPHead(nn.Sequential):
-    def __init__(self, in_features: int, cfg: HeadConfig):
+    def __init__(self, in_features: int, cfg: HeadConfig, outputs: int):
         layers: list[nn.Module] = []
         width = in_features
         for hidden in cfg.hidden:
             layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
             width = hidden
-        layers.append(nn.Linear(width, cfg.outputs))
+        layers.append(nn.Linear(width, outputs))
         super().__init__(*layers)
 
 
@@ -143,7 +156,8 @@ class ClipLoraModel(nn.Module):
         for module in self.visual.modules():
             if isinstance(module, LoraPair):
                 module.requires_grad_(True)
-        self.heads = nn.ModuleDict({name: MLPHead(cfg.backbone.embed_dim, cfg.head) for name in cfg.heads})
+        self.heads = nn.ModuleDict({name: MLPHead(cfg.backbone.embed_dim, cfg.head, cfg.outputs(name))
+                                    for name in cfg.heads})
 
     @classmethod
     def from_pretrained_backbone(cls, cfg: ModelConfig) -> "ClipLoraModel":
@@ -160,8 +174,13 @@ class ClipLoraModel(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)                              # (B, embed_dim), projected, not normalised
 
-    def forward(self, images: torch.Tensor, head: str | None = None) -> torch.Tensor:
-        return self.heads[head or self.default_head](self.embed(images))  # (B, K)
+    def forward(self, images: torch.Tensor, head: str | tuple[str, ...] | None = None) -> torch.Tensor:
+        """One head's outputs (B, K); for a tuple of heads, theirs side by side (B, K_1 + K_2 + ...),
+        all from one backbone pass."""
+        features = self.embed(images)
+        if isinstance(head, tuple):
+            return torch.cat([self.heads[h](features) for h in head], dim=1)
+        return self.heads[head or self.default_head](features)   # (B, K)
 
     def merge_lora(self) -> "ClipLoraModel":
         """Fold LoRA into the base weights for inference; the model then has no LoRA parameters."""

@@ -24,7 +24,7 @@ def read_bytes(path: str) -> bytes:
 
 def load_scorers(refs: Iterable[str], device: str | None = None) -> list[Scorer]:
     scorers = [Scorer.load(ref, device=device) for ref in refs]
-    names = [s.name for s in scorers]
+    names = [name for s in scorers for name in s.names]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
         raise ValueError(f"two models would write the same key {clash[0]!r}; name them NAME=MODEL, "

@@ -139,28 +139,39 @@ class ModelSpec:
 
     @classmethod
     def resolve(cls, text: str, options: dict | None = None, batch: int | None = None) -> "ModelSpec":
+        from perceptclip.artifact import read_meta
         from perceptclip.official import parse_model_ref, resolve_model
 
         name, base, head = parse_model_ref(text)
         resolved = resolve_model(base)             # the actors load exactly what the driver resolved
-        from perceptclip.artifact import read_meta
-
         meta = read_meta(resolved, options)
-        return cls(name=name or meta.task, ref=resolved + (f"#{head}" if head else ""), meta=meta,
+        return cls(name=meta.outputs(head, name)[0][1], ref=resolved + (f"#{head}" if head else ""), meta=meta,
                    given=base + (f"#{head}" if head else ""), batch=batch)
 
     @property
+    def head(self) -> str | None:
+        """The head picked with ``MODEL#HEAD``; None: the model's own choice (``ArtifactMeta.outputs``)."""
+        return self.ref.rsplit("#", 1)[1] if "#" in self.ref else None
+
+    @property
+    def outputs(self) -> list[tuple]:
+        """(head, name, task) of each head this model scores: one, or every head of a model of several tasks."""
+        return self.meta.outputs(self.head, self.name if self.name != self.meta.task else None)
+
+    @property
     def columns(self) -> list[str]:
-        if self.meta.labels is None:
-            return [self.name]
-        return [self.name] + [f"{self.name}_{label}" for label in self.meta.labels]
+        return [c for _, name, task in self.outputs for c in task.columns(name)]
 
     def describe(self) -> dict:
+        """The model in the run summary and every table's metadata: task, labels and direction those of the
+        head it scores. A model of several tasks lists every column and adds ``outputs``, each head's entry."""
         from perceptclip.artifact import describe
 
-        head = self.ref.rsplit("#", 1)[1] if "#" in self.ref else None
-        return {"name": self.name, "ref": self.given or self.ref, "resolved": self.ref, "head": head,
-                "columns": self.columns, "model_batch": self.model_batch(), **describe(self.meta)}
+        base = {"ref": self.given or self.ref, "resolved": self.ref, "model_batch": self.model_batch()}
+        outputs = [{"name": name, **base, "head": head if self.head or len(self.outputs) > 1 else None,
+                    "columns": task.columns(name), **describe(self.meta, task)} for head, name, task in self.outputs]
+        return outputs[0] if len(outputs) == 1 else {**outputs[0], "head": None, "columns": self.columns,
+                                                     "outputs": outputs}
 
     def model_batch(self) -> int | dict[str, int]:
         """Crops per model call: as configured, else the canonical size for each device type."""
@@ -178,8 +189,9 @@ def check_columns(models: list[ModelSpec], carried: list[str] = ()) -> None:
         for column in model.columns:
             if column in seen or column in carried:
                 what = "a carried column" if column in carried else "two outputs"
-                raise ValueError(f"models: {what} would be called {column!r}; name the model NAME=MODEL, "
-                                 f"e.g. --model {model.name}_2={model.given or model.ref}")
+                fix = (f"name the model NAME=MODEL, e.g. --model {model.name}_2={model.given or model.ref}" if
+                       len(model.outputs) == 1 else f"score its heads apart: NAME=MODEL#HEAD ({model.meta.model.heads})")
+                raise ValueError(f"models: {what} would be called {column!r}; {fix}")
             seen.add(column)
 
 

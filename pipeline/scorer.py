@@ -6,6 +6,10 @@
                                                       # (or one (N, n, 3, S, S) array: no gathering copy)
     scorer.columns(out)                               # {"iqa": array}  or  {"emotion": [...], "emotion_awe": array, ...}
 
+A model whose heads serve several tasks scores every head from one backbone pass per model call: its
+outputs sit side by side in ``score``'s array and ``columns`` names each head's after its task
+(``REF#HEAD`` picks one head; ``ArtifactMeta.outputs`` says which heads, under which names).
+
 **One image, one score.** Every model call has the same number of crops, the canonical batch
 (``canonical_batch``: per device type and model size), the last call of a batch padded with zero
 crops. Matrix kernels pick their blocking, and so their order of summation, by the shapes they are
@@ -69,16 +73,17 @@ class Scorer:
         """``batch``: crops per model call (None: ``canonical_batch`` for the device and model; 0: one call
         for whatever is passed, unpadded, so that scores depend on the batch)."""
         self.meta = meta
-        self.name = name or meta.task
         self.device = torch.device(device) if device is not None else default_device()
         precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.precision = precision
         self.autocast_dtype = PRECISIONS[precision]
-        self.head = head or model.default_head
-        if self.head not in model.heads:
-            raise ValueError(f"model has no head {self.head!r}; heads: {', '.join(model.heads)}")
+        # (head, column name, task) of each head scored, in output order
+        # (naming a model after its own task renames nothing: the job's actors are given every model's name)
+        self.outputs = meta.outputs(head, name if name != meta.task else None)
+        self.heads = tuple(h for h, _, _ in self.outputs)
+        self.name = self.outputs[0][1]        # the first output's (the only one, but for a model of several tasks)
         if batch is not None and batch < 0:
             raise ValueError(f"batch must be >= 0 (0: unpadded calls), not {batch}")
         self.batch = canonical_batch(self.device.type, meta.model) if batch is None else batch
@@ -101,12 +106,23 @@ class Scorer:
         return cls(model, meta, name=name, device=device, head=head, **options)
 
     @property
+    def head(self) -> str:
+        """The head scored first (the only one, unless the model serves several tasks)."""
+        return self.heads[0]
+
+    @property
     def labels(self) -> list[str] | None:
-        return self.meta.labels
+        labels = self.outputs[0][2].labels
+        return list(labels) if labels else None
+
+    @property
+    def names(self) -> list[str]:
+        """Each output's name: the score column (or JSON key) of each head scored."""
+        return [name for _, name, _ in self.outputs]
 
     def describe(self) -> dict:
-        return {"name": self.name, "head": self.head, "batch": self.batch, "device": self.device.type,
-                "precision": self.precision, **describe(self.meta)}
+        return {"name": self.name, "head": self.head, "heads": list(self.heads), "batch": self.batch,
+                "device": self.device.type, "precision": self.precision, **describe(self.meta)}
 
     def preprocess(self, image) -> np.ndarray:
         return preprocess(image, self.meta.preprocess)
@@ -127,20 +143,25 @@ class Scorer:
                 raise ValueError(f"crops: expected (images, crops, 3, S, S), got shape {tuple(crops.shape)}")
             counts = [crops.shape[1]] * crops.shape[0]
             batch = crops.flatten(0, 1)
+        sizes = [task.outputs for _, _, task in self.outputs]
         if not counts:
-            return np.zeros((0, self.meta.model.head.outputs), dtype=np.float32)
+            return np.zeros((0, sum(sizes)), dtype=np.float32)
         if self.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()          # lets the copy below overlap with work already queued
         x = normalize(batch.to(self.device, non_blocking=True), self.meta.preprocess.mean, self.meta.preprocess.std)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             out = self._calls(x)
-        out = out.float()
-        if len(set(counts)) == 1:               # one reduction, not one small kernel per image
-            per_image = out.view(len(counts), counts[0], -1).mean(1)
-        else:
-            per_image = torch.stack([chunk.mean(0) for chunk in out.split(counts)])
+        # each head's outputs averaged on their own, as one head scored alone is (bit for bit)
+        per_image = torch.cat([self._average(part.float().contiguous(), counts) for part in out.split(sizes, 1)], 1)
         return per_image.cpu().numpy()
+
+    @staticmethod
+    def _average(out: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """(crops, K) -> (images, K): each image's crops averaged."""
+        if len(set(counts)) == 1:               # one reduction, not one small kernel per image
+            return out.view(len(counts), counts[0], -1).mean(1)
+        return torch.stack([chunk.mean(0) for chunk in out.split(counts)])
 
     def _calls(self, x: torch.Tensor) -> torch.Tensor:
         """The model on ``x`` in calls of exactly ``self.batch`` crops, the last padded with zeros."""
@@ -148,24 +169,37 @@ class Scorer:
         short = -x.shape[0] % size
         if short:
             x = torch.cat([x, x.new_zeros((short, *x.shape[1:]))])
-        out = torch.cat([self._forward(chunk, head=self.head) for chunk in x.split(size)])
+        heads = self.heads if len(self.heads) > 1 else self.heads[0]     # a tuple: one pass, every head
+        out = torch.cat([self._forward(chunk, head=heads) for chunk in x.split(size)])
         return out[:out.shape[0] - short]
 
     def columns(self, outputs: np.ndarray) -> dict[str, object]:
-        """Table columns for ``outputs`` (N, K): one float per regression model; for a classifier the
-        arg-max label and one probability column per class."""
-        if self.labels is None:
-            return {self.name: outputs[:, 0].astype(np.float32)}
-        probs = torch.softmax(torch.from_numpy(outputs), dim=1).numpy().astype(np.float32)
-        cols: dict[str, object] = {self.name: [self.labels[i] for i in probs.argmax(1)]}
-        for i, label in enumerate(self.labels):
-            cols[f"{self.name}_{label}"] = probs[:, i]
+        """Table columns for ``outputs`` (N, K): per head, one float for a regression; for a
+        classification the arg-max label and one probability column per class."""
+        cols: dict[str, object] = {}
+        for (_, name, task), part in zip(self.outputs, self._split(outputs)):
+            if not task.is_classification:
+                cols[name] = part[:, 0].astype(np.float32)
+                continue
+            probs = torch.softmax(torch.from_numpy(part), dim=1).numpy().astype(np.float32)
+            cols[name] = [task.labels[i] for i in probs.argmax(1)]
+            for i, column in enumerate(task.columns(name)[1:]):
+                cols[column] = probs[:, i]
         return cols
 
     def record(self, output: np.ndarray) -> dict[str, object]:
-        """One image's JSON fields: ``{name: float}``, or ``{name: label, name_probs: {label: p}}``."""
-        if self.labels is None:
-            return {self.name: float(output[0])}
-        probs = torch.softmax(torch.from_numpy(output), dim=0).tolist()
-        return {self.name: self.labels[int(np.argmax(probs))],
-                f"{self.name}_probs": {label: p for label, p in zip(self.labels, probs)}}
+        """One image's JSON fields, per head: ``{name: float}``, or ``{name: label, name_probs: {label: p}}``."""
+        fields: dict[str, object] = {}
+        for (_, name, task), part in zip(self.outputs, self._split(output[None])):
+            if not task.is_classification:
+                fields[name] = float(part[0, 0])
+                continue
+            probs = torch.softmax(torch.from_numpy(part[0]), dim=0).tolist()
+            fields[name] = task.labels[int(np.argmax(probs))]
+            fields[f"{name}_probs"] = dict(zip(task.labels, probs))
+        return fields
+
+    def _split(self, outputs: np.ndarray) -> list[np.ndarray]:
+        """(N, K_1 + K_2 + ...) -> each head's (N, K_i)."""
+        bounds = np.cumsum([task.outputs for _, _, task in self.outputs])[:-1]
+        return np.split(outputs, bounds, axis=1)

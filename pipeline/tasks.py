@@ -84,6 +84,12 @@ class Task(Config):
     def is_classification(self) -> bool:
         return self.kind == "classification"
 
+    def columns(self, name: str | None = None) -> list[str]:
+        """The score table's columns of this task's outputs, under ``name`` (a rename) or its own: the
+        score, then for a classification one probability column per class."""
+        name = name or self.name
+        return [name] + [f"{name}_{label}" for label in self.labels or ()]
+
     def definition(self) -> dict:
         """The whole definition, as config files and artifacts hold it."""
         return self.to_mapping()

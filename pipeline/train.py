@@ -44,7 +44,7 @@ from perceptclip.official import resolve_model
 from perceptclip.tasks import Task, resolve_task
 from perceptclip.train_report import EpochReport
 from perceptclip.train_worker import WorkerPlan, printable, train_loop
-from perceptclip.validation import primary_metric
+from perceptclip.validation import run_metric
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,9 @@ class ScalingConfig(Config):
 
 @dataclass
 class TrainConfig(Config):
-    task: Any                          # a built-in task by name, or a mapping defining one (tasks.py)
+    task: Any = None                   # a built-in task by name, or a mapping defining one (tasks.py)
+    # several tasks on one LoRA: {training set (head): task}; a set not named here has ``task``
+    tasks: dict[str, Any] = field(default_factory=dict)
     model: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     init: str | None = None            # a model to start from: built-in name or artifact path/URI
     epochs: int = setting(10, minimum=1)
@@ -107,7 +109,14 @@ class TrainConfig(Config):
     keep_checkpoints: int = setting(2, minimum=1)
 
     def check(self):
-        resolve_task(self.task)         # an unknown name fails here, naming the built-in tasks
+        require(self.task is not None or self.tasks, "task", "required (or tasks: a task per training set)")
+        if self.task is not None:
+            resolve_task(self.task)     # an unknown name fails here, naming the built-in tasks
+        tasks = [resolve_task(t, f"tasks.{name}") for name, t in self.tasks.items()]
+        # one backbone pass serves every head: their images must be cropped alike
+        recipes = {(t.preprocess, t.crops if t.preprocess == "multi_crop" else None)
+                   for t in tasks + ([self.task_def] if self.task is not None else [])}
+        require(len(recipes) <= 1, "tasks", f"the tasks of one model share one preprocessing, got {sorted(recipes)}")
         require(self.batch_size % self.scaling.num_workers == 0, "batch_size",
                 f"must be a multiple of scaling.num_workers ({self.scaling.num_workers}), got {self.batch_size}")
 
@@ -117,7 +126,19 @@ class TrainConfig(Config):
 
     @property
     def task_def(self) -> Task:
-        return resolve_task(self.task)
+        """``task``, or without one the first of ``tasks``."""
+        return resolve_task(self.task if self.task is not None else next(iter(self.tasks.values())))
+
+    def head_tasks(self, heads: tuple[str, ...]) -> dict[str, Task]:
+        """Each training set's (head's) task: as ``tasks`` names it, else ``task``."""
+        missing = [h for h in heads if h not in self.tasks and self.task is None]
+        if missing:
+            raise ConfigError(f"tasks: training set {missing[0]!r} has no task; name it under tasks: or set task:")
+        unknown = sorted(set(self.tasks) - set(heads))
+        if unknown:
+            raise ConfigError(f"tasks.{unknown[0]}: names no training set ({', '.join(heads)}); "
+                              f"give its shards with --train {unknown[0]}=SHARDS")
+        return {h: resolve_task(self.tasks[h], f"tasks.{h}") if h in self.tasks else self.task_def for h in heads}
 
     @classmethod
     def load(cls, path: str) -> "TrainConfig":
@@ -194,7 +215,9 @@ def worker_plan(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str
     from perceptclip.shards import expand_shards
     from perceptclip.storage import join
 
-    task = cfg.task_def
+    heads = tuple(train_sets)
+    tasks = cfg.head_tasks(heads)
+    task = tasks[heads[0]]                  # the default head's: the artifact's task
     train_urls = {name: expand_shards(spec, options) for name, spec in train_sets.items()}
     val_urls = {name: expand_shards(spec, options) for name, spec in val_sets.items()}
     for name, urls in train_urls.items():
@@ -202,7 +225,9 @@ def worker_plan(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str
             log.warning("training set %s has %d shard(s) for %d workers: a worker reads whole shards, so some "
                         "read none and only keep step with the others", name, len(urls), cfg.scaling.num_workers)
     export_pre = {"crops": cfg.eval_crops, "max_side": cfg.max_side} if task.preprocess == "multi_crop" else {}
-    artifact = ArtifactMeta.for_task(task, init_model_config(cfg, tuple(train_sets)), provenance={
+    # heads of several tasks record each one's; heads of one task keep the single-task layout
+    head_tasks = tasks if len(set(tasks.values())) > 1 else None
+    artifact = ArtifactMeta.for_task(task, init_model_config(cfg, heads), head_tasks=head_tasks, provenance={
         "trained_by": "perceptclip train", "init": cfg.init, "train": train_sets, "val": val_sets}, **export_pre)
     return WorkerPlan(
         artifact=artifact, init=cfg.init, seed=cfg.seed, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -212,16 +237,18 @@ def worker_plan(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str
 
 
 def init_model_config(cfg: TrainConfig, heads: tuple[str, ...]) -> ModelConfig:
-    """The architecture of the run: the init artifact's (with our heads) or the config's."""
-    task = cfg.task_def
+    """The architecture of the run: the init artifact's (with our heads) or the config's; each head's
+    output size that of its task."""
+    tasks = cfg.head_tasks(heads)
+    task = tasks[heads[0]]
+    sizes = {h: t.outputs for h, t in tasks.items() if t.outputs != task.outputs}
     if cfg.init:
         meta = read_meta(resolve_model(cfg.init))
         if meta.task != task.name:
             log.warning("starting a %s model from a %s model (%s)", task.name, meta.task, cfg.init)
-        model = dataclasses.replace(meta.model, heads=heads)
-        model.head = dataclasses.replace(model.head, outputs=task.outputs)
-        return model
-    return cfg.model.model_config(task, heads)
+        return dataclasses.replace(meta.model, heads=heads, head_outputs=sizes,
+                                   head=dataclasses.replace(meta.model.head, outputs=task.outputs))
+    return dataclasses.replace(cfg.model.model_config(task, heads), head_outputs=sizes)
 
 
 def check_local_resources(scaling: ScalingConfig, available: dict) -> None:
@@ -342,7 +369,7 @@ def _summary(plan: WorkerPlan) -> dict:
     with fs.open(path, "r") as f:
         history = json.load(f)
     last = history[-1]
-    metric = primary_metric(plan.artifact.task_def)
+    metric = run_metric({head: plan.artifact.task_of(head) for head in plan.train})
     if last.get("failure"):
         raise ValueError(f"training stopped after epoch {last['epoch']}, nothing exported: {last['failure']}")
     if last["best_epoch"] is None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from perceptclip.console import Tally
 from perceptclip.storage import filesystem
 from perceptclip.train_worker import WorkerPlan
-from perceptclip.validation import primary_metric
+from perceptclip.validation import run_metric
 
 
 class EpochReport:
@@ -19,7 +19,7 @@ class EpochReport:
     def __init__(self, plan: WorkerPlan, say: Callable[[str], None], show: Callable | None = None,
                  every: float = 2.0):
         self.plan, self.say, self.show, self.every = plan, say, show or (lambda tally: None), every
-        self.metric = primary_metric(plan.artifact.task_def)
+        self.metric = run_metric({head: plan.artifact.task_of(head) for head in plan.train})
         self.said = 0                   # epochs of the history already said, or there before this run
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="epochs", daemon=True)

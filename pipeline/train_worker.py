@@ -41,7 +41,7 @@ from perceptclip.model import ClipLoraModel, ModelConfig
 from perceptclip.official import resolve_model
 from perceptclip.preprocess import normalize
 from perceptclip.train_data import derive_seed, epoch_rows, shuffled_batches
-from perceptclip.validation import epoch_score, gather, primary_metric, run_problems, validate
+from perceptclip.validation import epoch_score, gather, run_metric, run_problems, validate
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Worker:
         # the driver reports the epochs; Ray Data's progress bars would fill this worker's log with redraws
         ray.data.DataContext.get_current().enable_progress_bars = False
         self.device = ray.train.torch.get_device()
-        self.task = plan.artifact.task_def
+        self.tasks = {head: plan.artifact.task_of(head) for head in plan.train}   # each training set's head's
         self.pre = plan.artifact.preprocess
         self.autocast = torch.bfloat16 if self.device.type == "cuda" and plan.precision in ("auto", "bf16") else None
         self.model = build_model(plan.artifact.model, plan.seed, plan.init).to(self.device)
@@ -177,7 +177,7 @@ class Worker:
         self.net.train()
         seed_globals(derive_seed(plan.seed, epoch, self.rank))
         iterators = {name: iter(shuffled_batches(epoch_rows(urls, epoch, plan.seed, self.rank, self.world,
-                                                            self.task, self.pre, plan.augment,
+                                                            self.tasks[name], self.pre, plan.augment,
                                                             plan.storage_options),
                                                  self.per_worker, derive_seed(plan.seed, epoch, self.rank)))
                      for name, urls in plan.train.items()}
@@ -196,14 +196,16 @@ class Worker:
         return loss_sum, steps, seen, reasons
 
     def step(self, head: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimiser step of ``head`` on ``batch``: (which rows were valid, the loss)."""
+        """One optimiser step of ``head`` on ``batch``: (which rows were valid, the loss). A batch comes
+        from one training set, so its samples carry the labels of one head: the loss is that head's
+        task's, over them (the sum of the heads' losses over the samples that carry their labels)."""
         valid = torch.from_numpy(batch["error"] == "")
         pixels = torch.from_numpy(batch["pixels"]).to(self.device).flatten(0, 1)   # (B, 3, S, S)
         x = normalize(pixels, self.pre.mean, self.pre.std)
         target = torch.from_numpy(batch["target"]).to(self.device)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             out = self.net(x, head=head)
-        loss = task_loss(self.task.loss, out, target, valid.to(self.device))
+        loss = task_loss(self.tasks[head].loss, out, target, valid.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -213,7 +215,7 @@ class Worker:
         """The epoch's record (training totals over all workers, per set and in all, validation metrics),
         added to the history; the epoch's weights become the best if its score beats the best so far."""
         train_seconds = time.monotonic() - started
-        val = validate(self.model, self.val_parts, self.task, self.pre, self.device, self.autocast,
+        val = validate(self.model, self.val_parts, self.tasks, self.pre, self.device, self.autocast,
                        self.plan.batch_size, self.plan.storage_options)
         totals = gather(counts)
         sets = {}
@@ -230,7 +232,7 @@ class Worker:
             "val": val,
             "train_seconds": round(train_seconds, 2),
             "seconds": round(time.monotonic() - started, 2),
-            "score": epoch_score(val, self.task),    # None: an epoch whose predictions could not be ranked
+            "score": epoch_score(val, self.tasks),    # None: an epoch whose predictions could not be ranked
         })
         state = self.state
         if record["score"] is not None and (state.best_score is None or record["score"] > state.best_score):
@@ -278,7 +280,7 @@ class Worker:
         meta = self.plan.artifact
         meta = dataclasses.replace(meta, provenance={
             **meta.provenance, "best_epoch": self.state.best_epoch, "best_score": self.state.best_score,
-            "metric": primary_metric(self.task)})
+            "metric": run_metric(self.tasks)})
         save_artifact(self.model.cpu(), meta, self.plan.model_url, self.plan.storage_options)
 
 

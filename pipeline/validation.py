@@ -27,13 +27,21 @@ def primary_metric(task: Task) -> str:
     return "accuracy" if task.is_classification else "srcc"
 
 
+def run_metric(tasks: dict[str, Task]) -> str:
+    """What an epoch's score is (``epoch_score``): the sets' main metric, or the mean of several kinds'."""
+    metrics = sorted({primary_metric(t) for t in tasks.values()})
+    return metrics[0] if len(metrics) == 1 else f"mean of {' and '.join(metrics)}"
+
+
 @torch.no_grad()
-def validate(model, parts: dict[str, list[str]], task: Task, pre, device: torch.device, autocast,
+def validate(model, parts: dict[str, list[str]], tasks: dict[str, Task], pre, device: torch.device, autocast,
              batch_size: int, storage_options: dict) -> dict[str, dict]:
-    """Metrics of each validation set over all its samples (``parts``: this worker's shards of each)."""
+    """Metrics of each validation set over all its samples (``parts``: this worker's shards of each), by
+    the task of the set's head (``tasks``)."""
     model.eval()
     results = {}
     for name, urls in parts.items():
+        task = tasks[name]
         outputs, targets, reasons = [], [], Counter()
         batches = val_rows(urls, task, pre, storage_options).iter_batches(batch_size=batch_size,
                                                                                batch_format="numpy") if urls else ()
@@ -73,9 +81,10 @@ def set_metrics(task: Task, outputs: list[np.ndarray], targets: list[np.ndarray]
     return json_ready({**metrics, "errors": sum(reasons.values()), "error_reasons": dict(reasons)})
 
 
-def epoch_score(val: dict[str, dict], task: Task) -> float | None:
-    """The epoch's score: the mean of the sets' main metric; None when one of them has none."""
-    scores = [v[primary_metric(task)] for v in val.values()]
+def epoch_score(val: dict[str, dict], tasks: Task | dict[str, Task]) -> float | None:
+    """The epoch's score: the mean of the sets' main metrics (each by its head's task's kind: srcc for a
+    regression, accuracy for classes; ``tasks``: each set's, or one for all); None when one has none."""
+    scores = [v[primary_metric(tasks[name] if isinstance(tasks, dict) else tasks)] for name, v in val.items()]
     return float(np.mean(scores)) if scores and None not in scores else None
 
 
