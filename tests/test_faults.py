@@ -267,17 +267,10 @@ def test_a_throttling_store_is_retried_and_what_it_refuses_is_redone_by_the_next
     reconcile(fs, out[5:], contents)
 
 
-def test_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_completes(
-        proxy, s3_server, iqa_artifact, ray_local):
-    """The store goes away while tables are being stored (after the first commit, every upload of a table
-    or marker is held at the proxy, then every connection dropped): the run stops with an error naming
-    the store and a shard it could not commit, keeps every committed shard, leaves no marker without its
-    whole table, and still says why when even its summary cannot be written; the next run, with the
-    store back, scores exactly the rest."""
-    bucket, contents, model = upload(s3_server, iqa_artifact)
-    out, fs = f"{bucket}/scores", s3_server.filesystem()
-    # one try a request (s3fs adds a few of its own): the outage surfaces in seconds, not minutes
-    cfg = score_config(bucket, model, out, storage={"max_attempts": 1})
+def run_through_an_outage(proxy, cfg, fs, out: str) -> dict:
+    """Run ``cfg`` in a thread; after its first commit, hold every upload of a table or marker at the proxy,
+    then drop every connection. ``max_attempts: 1`` in ``cfg`` (s3fs adds a few tries of its own) makes the
+    outage surface in seconds, not minutes. Returns the run's ``error`` and progress ``lines``."""
     result = {}
     thread = threading.Thread(target=_run_into, args=(result, cfg))
     thread.start()
@@ -288,6 +281,19 @@ def test_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_completes(
     proxy.mode = "down"
     proxy.release()
     thread.join(timeout=240)
+    return result
+
+
+def test_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_completes(
+        proxy, s3_server, iqa_artifact, ray_local):
+    """The store goes away while tables are being stored (after the first commit, every upload of a table
+    or marker is held at the proxy, then every connection dropped): the run stops with an error naming
+    the store and a shard it could not commit, keeps every committed shard, leaves no marker without its
+    whole table, and still says why when even its summary cannot be written; the next run, with the
+    store back, scores exactly the rest."""
+    bucket, contents, model = upload(s3_server, iqa_artifact)
+    out, fs = f"{bucket}/scores", s3_server.filesystem()
+    result = run_through_an_outage(proxy, score_config(bucket, model, out, storage={"max_attempts": 1}), fs, out)
 
     error = result["error"]
     assert isinstance(error, StorageError)
@@ -493,16 +499,7 @@ def test_files_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_compl
     leaves has its whole table, and the rerun keeps the grouping and scores exactly the rest."""
     bucket, contents, model = upload_files(s3_server, iqa_artifact)
     out, fs = f"{bucket}/scores", s3_server.filesystem()
-    cfg = files_config(bucket, model, out, storage={"max_attempts": 1})
-    result = {}
-    thread = threading.Thread(target=_run_into, args=(result, cfg))
-    thread.start()
-    wait_for(lambda: markers(fs, out[5:]) or "error" in result, 240, "the first commit")
-    proxy.hold("PUT", "/scores/")
-    assert proxy.arrived.wait(timeout=240), result
-    proxy.mode = "down"
-    proxy.release()
-    thread.join(timeout=240)
+    result = run_through_an_outage(proxy, files_config(bucket, model, out, storage={"max_attempts": 1}), fs, out)
 
     error = result["error"]
     assert isinstance(error, StorageError)
