@@ -293,7 +293,8 @@ def test_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_completes(
     store back, scores exactly the rest."""
     bucket, contents, model = upload(s3_server, iqa_artifact)
     out, fs = f"{bucket}/scores", s3_server.filesystem()
-    result = run_through_an_outage(proxy, score_config(bucket, model, out, storage={"max_attempts": 1}), fs, out)
+    cfg = score_config(bucket, model, out, storage={"max_attempts": 1})
+    result = run_through_an_outage(proxy, cfg, fs, out)
 
     error = result["error"]
     assert isinstance(error, StorageError)
@@ -499,7 +500,8 @@ def test_files_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_compl
     leaves has its whole table, and the rerun keeps the grouping and scores exactly the rest."""
     bucket, contents, model = upload_files(s3_server, iqa_artifact)
     out, fs = f"{bucket}/scores", s3_server.filesystem()
-    result = run_through_an_outage(proxy, files_config(bucket, model, out, storage={"max_attempts": 1}), fs, out)
+    cfg = files_config(bucket, model, out, storage={"max_attempts": 1})
+    result = run_through_an_outage(proxy, cfg, fs, out)
 
     error = result["error"]
     assert isinstance(error, StorageError)

@@ -566,7 +566,8 @@ def test_training_sets_without_a_usable_sample_fail_the_run_naming_them_and_expo
         "--val", f"good={synthetic['val'][0]}", "--output", str(dest)])
     assert result.exit_code != 0
     assert "training set 'nolabels'" in result.output and "no usable sample (bad_label 10)" in result.output
-    assert "training set 'folder'" in result.output and "(shard_missing 1)" in result.output
+    # a folder means its shards: the same unlabelled shard, read through its folder
+    assert f"training set 'folder' ({tmp_path / 'unlabelled'}/): no usable sample (bad_label 10)" in result.output
     assert "'good'" not in result.output
     assert not (dest / "model").exists()
     history = json.loads((dest / "metrics.json").read_text())
