@@ -17,6 +17,8 @@ reserved names: ``__image__`` (the image's bytes, or None), ``__url__`` (where i
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,11 +109,12 @@ class NoImageColumn(ShardError):
     """A Parquet file none of whose columns (or not the one named) holds image bytes."""
 
 
-class ShardReader:
+class ShardReader(ABC):
     """One opened shard. ``blocks(n)`` yields lists of at most ``n`` samples and never raises."""
 
+    @abstractmethod
     def blocks(self, block_rows: int) -> Iterator[list[dict]]:
-        raise NotImplementedError
+        """The shard's samples, in order, in lists of at most ``block_rows``."""
 
     def close(self) -> None:
         pass
