@@ -380,29 +380,30 @@ def _titles(session: int) -> set[str]:
     return {command.split()[0] if command.split() else str(pid) for pid, command in session_pids(session).items()}
 
 
-def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shards(proxy, s3_server, iqa_artifact,
-                                                                                   tmp_path):
-    """``perceptclip score`` with its own local cluster is SIGKILLed after two commits, while the last
-    shard is still being fetched; the same command run again skips what was committed, overwrites an
-    orphan table left without a marker, scores the rest, and the outputs of both runs together hold
-    every sample once."""
+CONFIG_KEYS = ("input", "output", "models", "block_rows", "batch_size", "cpus_per_reader", "reader_memory_mb",
+               "num_cpus")
+
+
+def kill_after_two_commits_then_rerun(proxy, cfg, keys: tuple, hold: str, orphan: str, contents: dict,
+                                      unchanged: list[Path] = ()) -> None:
+    """``perceptclip score --config`` (``cfg``'s ``keys``, its own local cluster) SIGKILLed after two commits
+    while the request for ``hold`` waits at the proxy; a table for ``orphan`` left without its marker, as if
+    killed between the two writes; then the same command again. The rerun must skip exactly what was
+    committed, leave those tables and the ``unchanged`` files as they were, and score the rest."""
     import yaml
 
-    bucket, contents, _ = upload(s3_server, iqa_artifact)
-    out = tmp_path / "scores"
-    cfg = score_config(bucket, iqa_artifact, str(out), num_cpus=2)
-    path = tmp_path / "score.yaml"
-    path.write_text(yaml.safe_dump({k: getattr(cfg, k) for k in (
-        "input", "output", "models", "block_rows", "batch_size", "cpus_per_reader", "reader_memory_mb", "num_cpus")}))
+    out = Path(cfg.output)
+    path = out.parent / "score.yaml"
+    path.write_text(yaml.safe_dump({k: getattr(cfg, k) for k in keys}))
     cmd = [sys.executable, "-c", "from perceptclip.cli import main; main()", "score", "--config", str(path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proxy.hold("GET", "/shards/shard-000007.tar")
+    proxy.hold("GET", hold)
 
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
         wait_for(lambda: len(list(out.glob("_markers/*.json"))) >= 2 or first.poll() is not None, 240,
-                  "two commits")
+                 "two commits")
         assert first.poll() is None
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -411,7 +412,8 @@ def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shard
         wait_for(lambda: _titles(first.pid) <= AGENTS, 60, "the killed driver's cluster to stop")
         committed = {p.stem for p in out.glob("_markers/*.json")}
         before = {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in committed}
-        (out / "shard-000007.parquet").write_bytes(b"half-written orphan")     # as if killed between the two writes
+        kept = {p: p.read_bytes() for p in unchanged}
+        (out / f"{orphan}.parquet").write_bytes(b"half-written orphan")
 
         proxy.release()
         second = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -428,6 +430,19 @@ def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shard
                                  "failed": 0}
     assert {Path(o).stem for o in summary["outputs"]} == set(contents) - committed
     assert {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in committed} == before
+    assert {p: p.read_bytes() for p in unchanged} == kept
+
+
+def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shards(proxy, s3_server, iqa_artifact,
+                                                                                   tmp_path):
+    """``perceptclip score`` with its own local cluster is SIGKILLed after two commits, while the last
+    shard is still being fetched; the same command run again skips what was committed, overwrites an
+    orphan table left without a marker, scores the rest, and the outputs of both runs together hold
+    every sample once."""
+    bucket, contents, _ = upload(s3_server, iqa_artifact)
+    out = tmp_path / "scores"
+    cfg = score_config(bucket, iqa_artifact, str(out), num_cpus=2)
+    kill_after_two_commits_then_rerun(proxy, cfg, CONFIG_KEYS, "/shards/shard-000007.tar", "shard-000007", contents)
     reconcile(fsspec.filesystem("file"), str(out), contents)
 
 
@@ -527,47 +542,11 @@ def test_files_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted
     """As for tars: ``perceptclip score`` over the prefix is SIGKILLed after two commits, while a file of
     the last virtual shard is held; the same command again reads the grouping the first recorded, skips
     what was committed, overwrites the orphan table and scores the rest, image by image once."""
-    import yaml
-
     bucket, contents, _ = upload_files(s3_server, iqa_artifact)
     out = tmp_path / "scores"
     cfg = files_config(bucket, iqa_artifact, str(out), num_cpus=2)
-    path = tmp_path / "score.yaml"
-    path.write_text(yaml.safe_dump({k: getattr(cfg, k) for k in (
-        "input", "output", "models", "block_rows", "batch_size", "cpus_per_reader", "reader_memory_mb", "num_cpus",
-        "input_format", "files_per_shard", "fetch_timeout_s")}))
-    cmd = [sys.executable, "-c", "from perceptclip.cli import main; main()", "score", "--config", str(path)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proxy.hold("GET", "/photos/007/03.jpg")
-
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:
-        wait_for(lambda: len(list(out.glob("_markers/*.json"))) >= 2 or first.poll() is not None, 240,
-                  "two commits")
-        assert first.poll() is None
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-        wait_for(lambda: _titles(first.pid) <= AGENTS, 60, "the killed driver's cluster to stop")
-        committed = {p.stem for p in out.glob("_markers/*.json")}
-        before = {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in committed}
-        listing = (out / "_inputs" / "photos" / "listing-000000.parquet").read_bytes()
-        (out / "photos-000007.parquet").write_bytes(b"half-written orphan")
-
-        proxy.release()
-        second = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  start_new_session=True)
-        try:
-            stdout, stderr = second.communicate(timeout=300)
-        finally:
-            kill_session(second)
-    finally:
-        kill_session(first)
-    assert second.returncode == 0, stderr[-3000:]
-    summary = json.loads(stdout)
-    assert summary["shards"] == {"planned": SHARDS, "done": SHARDS - len(committed), "skipped": len(committed),
-                                 "failed": 0}
-    assert {Path(o).stem for o in summary["outputs"]} == set(contents) - committed
-    assert {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in committed} == before
-    assert (out / "_inputs" / "photos" / "listing-000000.parquet").read_bytes() == listing
+    # the grouping the first run recorded is the one the rerun reads: its listing is left as it was
+    kill_after_two_commits_then_rerun(proxy, cfg, CONFIG_KEYS + ("input_format", "files_per_shard", "fetch_timeout_s"),
+                                      "/photos/007/03.jpg", "photos-000007", contents,
+                                      unchanged=[out / "_inputs" / "photos" / "listing-000000.parquet"])
     reconcile_files(fsspec.filesystem("file"), str(out), bucket, contents)
