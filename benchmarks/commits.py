@@ -2,19 +2,19 @@
 out, into an S3 server that answers every request after a fixed delay (a distant object store).
 
     python benchmarks/commits.py                         # 50 ms a request, 1,000-row shards
-    python benchmarks/commits.py --delay-ms 50 --rows 1000 --shards 400 --inline-shards 40
+    python benchmarks/commits.py --delay-ms 50 --rows 1000 --shards 800 --inline-shards 40
 
 The blocks are shaped as the model actors return them (``score.score_block``): three models (two
 regressions and an 8-class classifier), 64 rows a block, each shard's samples followed by its control
 row, blocks running across shards as Ray Data batches them. They are built before the clock starts; what
 is timed is ``ScoreWriter`` taking them and committing every shard: in line (one commit at a time, as
-the driver did before commits moved to threads), then with the run's pool (``COMMIT_WORKERS``). For
+the driver did before commits moved off its loop), then as the run does (``COMMIT_WORKERS`` at once). For
 scale, the same in line into a local folder: the driver's own work, no store latency.
 
-The store is the moto S3 server on loopback behind the tests' ``StoreProxy`` with ``delay``, both in a
-process of their own (the driver's threads do not share a GIL with them). Each line gives rows/s and the
-CPU seconds of the driver and of the store, which here shares the machine's cores with the driver. The
-last line is the pool's rate.
+The store is the moto S3 server on loopback behind the tests' ``StoreProxy`` with ``delay``: moto in a
+process of its own and the proxy in another, so neither shares a GIL with the driver or with the other (a
+real store is elsewhere and answers in parallel). Each line gives rows/s and the CPU seconds of the driver
+and of the store, which here shares the machine's cores with the driver. The last line is the rate with commits at once.
 """
 
 from __future__ import annotations
@@ -30,22 +30,37 @@ BLOCK_ROWS = 64
 
 
 def serve(delay: float) -> None:
-    """The store, in this process until its stdin closes: prints the moto URL, then the proxy's."""
+    """The store, until stdin closes: moto here, the proxy in a process of its own; prints the moto URL, then
+    the proxy's."""
     import logging
-
-    sys.path.insert(0, str(TESTS))
-    from moto.server import ThreadedMotoServer
-    from support.store_proxy import StoreProxy
+    import multiprocessing
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)     # a line per request otherwise
+    from moto.server import ThreadedMotoServer
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    proxy = StoreProxy(f"http://{host}:{port}", delay=delay)
-    print(f"http://{host}:{port} {proxy.url}", flush=True)
+    moto = f"http://{host}:{port}"
+    here, there = multiprocessing.get_context("spawn").Pipe()
+    proxy = multiprocessing.get_context("spawn").Process(target=serve_proxy, args=(moto, delay, there), daemon=True)
+    proxy.start()
+    print(f"{moto} {here.recv()}", flush=True)
     sys.stdin.read()
-    proxy.stop()
+    here.send("stop")
+    proxy.join(timeout=30)
     server.stop()
+
+
+def serve_proxy(moto: str, delay: float, conn) -> None:
+    """The proxy in front of ``moto``: sends its URL on ``conn``, and stops when ``conn`` says so."""
+    sys.path.insert(0, str(TESTS))
+    from support.store_proxy import StoreProxy
+
+    proxy = StoreProxy(moto, delay=delay)
+    conn.send(proxy.url)
+    conn.recv()
+    proxy.stop()
 
 
 def models() -> list:
@@ -122,11 +137,15 @@ def measure(what: str, store, shards: int, *args) -> float:
     """``commit_all(*args)``, and one line: rows/s, and the CPU seconds of the driver and of the store."""
     import psutil
 
-    before = sum(psutil.Process(store.pid).cpu_times()[:2])
+    def store_cpu() -> float:          # moto's process and the proxy's
+        processes = [psutil.Process(store.pid)] + psutil.Process(store.pid).children(recursive=True)
+        return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+    before = store_cpu()
     rows, seconds, cpu = commit_all(*args)
-    store_cpu = sum(psutil.Process(store.pid).cpu_times()[:2]) - before
+    store_seconds = store_cpu() - before
     print(f"{what}: {shards} shards, {rows:,} rows in {seconds:.2f} s = {rows / seconds:,.0f} rows/s "
-          f"(CPU s: driver {cpu:.2f}, store {store_cpu:.2f})", flush=True)
+          f"(CPU s: driver {cpu:.2f}, store {store_seconds:.2f})", flush=True)
     return rows / seconds
 
 
@@ -134,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--delay-ms", type=float, default=50.0, help="added to every store request")
     parser.add_argument("--rows", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--shards", type=int, default=400, help="shards committed by the pool")
+    parser.add_argument("--shards", type=int, default=800, help="shards committed as the run commits them")
     parser.add_argument("--inline-shards", type=int, default=40, help="shards committed in line")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +184,7 @@ def main() -> None:
         inline = blocks(args.inline_shards, args.rows, specs, "inline")
         measure("store, in line", store, args.inline_shards, "s3://bench/inline", options, specs, inline, 0)
         pooled = blocks(args.shards, args.rows, specs, "pool")
-        rate = measure(f"store, pool of {COMMIT_WORKERS}", store, args.shards, "s3://bench/pool", options, specs,
+        rate = measure(f"store, {COMMIT_WORKERS} commits at once", store, args.shards, "s3://bench/pool", options, specs,
                        pooled, COMMIT_WORKERS)
         assert len(committed_names("s3://bench/pool", options)) == args.shards
     finally:

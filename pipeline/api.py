@@ -25,7 +25,7 @@ import numpy as np
 from perceptclip.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessConfig, decode_image, preprocess
 
 if TYPE_CHECKING:
-    from perceptclip.commit import RunSummary
+    from perceptclip.runs import RunSummary
     from perceptclip.score import ScoreConfig
 
 

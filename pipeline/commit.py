@@ -12,14 +12,13 @@ outputs keep markers the same way) tell which shards are done.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 import logging
-import time
 import uuid
-from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections import Counter, defaultdict, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -43,9 +42,12 @@ METADATA_KEY = b"perceptclip"     # the score table's Parquet metadata key: its 
 BASE_COLUMNS = ("key", "shard", "status", "error", "width", "height", "url", "caption")
 SHARD_ROW = "shard"          # status of a shard's control row; never written to a table
 # Shards committed at once: a commit is two requests, one after the other (table, then marker), so in line
-# a run at 50 ms a request would commit 10 shards a second; 32 threads allow 320, and the driver's CPU is the
+# a run at 50 ms a request would commit 10 shards a second; 32 at once allow 320, and the driver's CPU is the
 # limit before that (benchmarks/commits.py). Each holds one shard's rows (~200 bytes a row).
 COMMIT_WORKERS = 32
+# Threads that encode the tables when the store's client is asynchronous (s3fs): the requests then wait on
+# its event loop, not on threads, and Parquet encoding mostly releases the GIL; more threads only contend
+ENCODE_THREADS = 4
 
 
 # --- layout --------------------------------------------------------------------------------------------
@@ -87,15 +89,41 @@ class ShardResult:
     output: str | None = None
 
 
+@dataclass
+class StagedShard:
+    """A shard ready to store: its result, its Parquet bytes, and the paths of its table and marker."""
+    result: ShardResult
+    data: bytes
+    sha256: str                 # of ``data``, taken while encoding (not on the client's event loop)
+    output: str
+    marker: str
+    run_id: str
+    models: list
+
+    def marker_json(self) -> bytes:
+        """The marker, written once the table is stored: what it holds, and when it was committed."""
+        r = self.result
+        return json.dumps({
+            "shard": r.shard, "output": r.output, "rows": r.rows, "ok": r.ok,
+            "errors": sum(r.errors.values()), "errors_by_reason": dict(r.errors),
+            "models": [{"name": m.name, "ref": m.given or m.ref, "weights_sha256": m.meta.weights_sha256}
+                       for m in self.models],
+            "sha256": self.sha256, "bytes": len(self.data), "run_id": self.run_id,
+            "committed_at": utc_now(),
+        }, indent=2).encode()
+
+
 class ScoreWriter:
     """Gathers score rows per shard on the driver and commits each shard once all its rows are in:
     Parquet first, then the marker. A shard is done only when its marker exists; object stores have
     no rename, so nothing here depends on one. A rerun overwrites any Parquet left without a marker.
 
-    With ``workers``, commits run on that many threads while the caller goes on adding rows; when all
-    are busy, ``add`` waits for one (so at most ``workers`` shards' rows wait to be stored). Call
-    ``finish`` once every row is in, and ``close`` in any case (after an error: commits in flight settle).
-    Without workers, ``add`` commits in line."""
+    With ``workers``, up to that many commits run at once while the caller goes on adding rows; when that
+    many are in flight, ``add`` waits for one (so at most ``workers`` shards' rows wait to be stored). Into
+    an object store whose client is asynchronous (s3fs), a commit encodes its table on one of a few threads
+    and makes its two requests on the client's event loop; otherwise it runs whole on one of ``workers``
+    threads. Call ``finish`` once every row is in, and ``close`` in any case (after an error: commits in
+    flight settle). Without workers, ``add`` commits in line."""
 
     def __init__(self, dest: str, options: dict, models: list[ModelSpec], run_id: str, overwrite: bool,
                  workers: int = 0):
@@ -110,29 +138,39 @@ class ScoreWriter:
         self.finished: set[str] = set()
         # every table's metadata: one entry per scored head, as quantiles, filter, report and the language read it
         self.described = [entry for m in models for entry in m.describe().get("outputs", [m.describe()])]
+        # Parquet dictionaries for the columns of few distinct values only: for keys, URLs and scores one is
+        # built and then dropped (40% of the write)
+        self.few_values = ["shard", "status", "error"] + [name for m in models for _, name, task in m.outputs
+                                                           if task.is_classification]
         self.workers = workers
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="commit") if workers else None
-        self.commits: list[Future] = []          # being committed, in the order they were started
+        self.loop = self.fs.loop if workers and getattr(self.fs, "async_impl", False) else None
+        threads = ENCODE_THREADS if self.loop is not None else workers
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="commit") if workers else None
+        self.commits: set[Future] = set()        # being committed
+        self.done: deque[Future] = deque()       # committed or failed, not yet collected
         self.ready: list[ShardResult] = []       # finished shards not yet handed back
 
     def add(self, table: pa.Table) -> list[ShardResult]:
         """Take one block of score rows; returns the shards finished since the last call (committed, or
         failed to read). A failed commit raises its ``StorageError``."""
-        import pyarrow.compute as pc
-
-        touched = pc.unique(table["shard"]).to_pylist()
-        if len(touched) == 1 and not pc.any(pc.equal(table["status"], SHARD_ROW)).as_py():
-            self._gather(touched[0], table)         # most blocks: samples of one shard, nothing to split
-        else:
-            for shard in touched:
-                rows = table.filter(pc.equal(table["shard"], shard))
-                self._gather(shard, rows.filter(pc.not_equal(rows["status"], SHARD_ROW)))
-                control = rows.filter(pc.equal(rows["status"], SHARD_ROW))
-                for row in control.select(["shard_rows", "error"]).to_pylist():
-                    if row["error"] is not None:
-                        self.failed[shard] = row["error"]
-                    else:
-                        self.expected[shard] = row["shard_rows"]
+        # a block is a few dozen rows, mostly of one shard: runs of one shard are found in Python and sliced
+        # (no copy); Arrow's compute calls cost more per call than this whole loop
+        shards, status = table.column("shard").to_pylist(), table.column("status").to_pylist()
+        start, touched = 0, []
+        for i in range(1, len(shards) + 1):
+            if (i < len(shards) and shards[i] == shards[start] and status[i] != SHARD_ROW
+                    and status[start] != SHARD_ROW):
+                continue
+            shard = shards[start]
+            if shard not in touched:
+                touched.append(shard)
+            if status[start] != SHARD_ROW:
+                self._gather(shard, table.slice(start, i - start))
+            elif (error := table.column("error")[start].as_py()) is not None:
+                self.failed[shard] = error
+            else:
+                self.expected[shard] = table.column("shard_rows")[start].as_py()
+            start = i
         for shard in touched:
             self._maybe_finish(shard)
         self._collect()
@@ -145,8 +183,7 @@ class ScoreWriter:
 
     def finish(self) -> list[ShardResult]:
         """Wait for every commit; returns the shards finished since the last call (and raises as ``add``)."""
-        wait(self.commits)
-        self._collect()
+        self._collect(wait(self.commits).done)
         return self._hand_back()
 
     def close(self) -> list[ShardResult]:
@@ -179,16 +216,23 @@ class ScoreWriter:
             self.ready.append(self.commit(shard, parts))
             return
         while len(self.commits) >= self.workers:      # all threads busy: wait for one, rows stay bounded
-            wait(self.commits, return_when=FIRST_COMPLETED)
-            self._collect()
-        self.commits.append(self.pool.submit(self.commit, shard, parts))
+            self._collect(wait(self.commits, return_when=FIRST_COMPLETED).done)
+        if self.loop is not None:
+            future = asyncio.run_coroutine_threadsafe(self.commit_async(shard, parts), self.loop)
+        else:
+            future = self.pool.submit(self.commit, shard, parts)
+        self.commits.add(future)
+        future.add_done_callback(self.done.append)
 
-    def _collect(self) -> None:
-        """Results of the commits that have finished to ``ready``. A failed one stops the run: its error is
-        raised here, on the caller's thread (``close`` then lets the others in flight finish, and counts them)."""
-        finished = [f.done() for f in self.commits]      # asked once: a commit may finish meanwhile
-        done = [f for f, d in zip(self.commits, finished) if d]
-        self.commits = [f for f, d in zip(self.commits, finished) if not d]
+    def _collect(self, finished: set[Future] | frozenset = frozenset()) -> None:
+        """Results of the commits that have finished (``finished``, and those their callbacks announced) to
+        ``ready``. A failed one stops the run: its error is raised here, on the caller's thread (``close``
+        then lets the others in flight finish, and counts them)."""
+        done = set(finished)
+        while self.done:        # filled by the commits' callbacks: a call with nothing new costs nothing
+            done.add(self.done.popleft())
+        done &= self.commits    # a callback may run after ``wait`` has already returned its future
+        self.commits -= done
         errors = [f.exception() for f in done if f.exception() is not None]
         self.ready += [f.result() for f in done if f.exception() is None]
         for other in errors[1:]:
@@ -199,7 +243,7 @@ class ScoreWriter:
     def _settle(self) -> list[BaseException]:
         """Wait for every commit in flight; their results to ``ready``; returns their errors."""
         wait(self.commits)
-        done, self.commits = self.commits, []
+        done, self.commits = self.commits, set()
         self.ready += [f.result() for f in done if f.exception() is None]
         return [f.exception() for f in done if f.exception() is not None]
 
@@ -210,7 +254,7 @@ class ScoreWriter:
     def table(self, shard: str, parts: list[pa.Table]) -> pa.Table:
         columns = list(BASE_COLUMNS) + [c for m in self.models for c in m.columns]
         if parts:
-            table = pa.concat_tables(parts).sort_by("ordinal")
+            table = in_order(parts)
         else:
             table = self.empty_table()
         carried = carried_columns(table, columns)
@@ -233,39 +277,48 @@ class ScoreWriter:
         return pa.schema(fields).empty_table()
 
     def commit(self, shard: str, parts: list[pa.Table]) -> ShardResult:
+        """Store the shard's table, then its marker; in line, or on a commit thread."""
+        staged = self.stage(shard, parts)
+        try:
+            if self.overwrite and self.fs.exists(staged.marker):
+                self.fs.rm_file(staged.marker)     # the shard is not done while its Parquet is being replaced
+            self.fs.pipe_file(staged.output, staged.data)
+            # only once the whole table is stored (one put: a failed put leaves no part of it visible)
+            self.fs.pipe_file(staged.marker, staged.marker_json())
+        except Exception as e:  # after the client's own retries: an outage or a revoked permission
+            raise storage_error(f"commit {shard_name(shard)}", self.dest, e, self.options) from None
+        return staged.result
+
+    async def commit_async(self, shard: str, parts: list[pa.Table]) -> ShardResult:
+        """``commit`` on the object store client's event loop: the table is encoded on a thread, then the
+        two requests are made on the loop, so a commit waiting on the store holds no thread."""
+        staged = await asyncio.get_running_loop().run_in_executor(self.pool, self.stage, shard, parts)
+        try:
+            if self.overwrite and await self.fs._exists(staged.marker):
+                await self.fs._rm_file(staged.marker)
+            await self.fs._pipe_file(staged.output, staged.data)
+            await self.fs._pipe_file(staged.marker, staged.marker_json())
+        except Exception as e:
+            raise storage_error(f"commit {shard_name(shard)}", self.dest, e, self.options) from None
+        return staged.result
+
+    def stage(self, shard: str, parts: list[pa.Table]) -> StagedShard:
+        """The shard's table encoded as Parquet, its counts and where it goes."""
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         name = shard_name(shard)
         table = self.table(shard, parts)
         buf = io.BytesIO()
-        # dictionaries for text only: for continuous scores one is built and then dropped (40% of the write)
-        text = [f.name for f in table.schema if pa.types.is_string(f.type)]
-        pq.write_table(table, buf, compression="zstd", use_dictionary=text)
-        data = buf.getvalue()
-        output = table_path(self.root, name)
-        marker = marker_path(self.root, name)
+        pq.write_table(table, buf, compression="zstd", use_dictionary=self.few_values)
         # counted in Arrow: commits run on threads, and Python objects for every row would hold the GIL
         ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
         errors = Counter(e.split(":", 1)[0] for e in pc.drop_null(table["error"]).to_pylist())
         result = ShardResult(shard=shard, rows=table.num_rows, ok=ok, errors=errors,
                              output=table_path(self.dest, name))
-        try:
-            if self.overwrite and self.fs.exists(marker):
-                self.fs.rm_file(marker)     # the shard is not done while its Parquet is being replaced
-            self.fs.pipe_file(output, data)
-            # only once the whole table is stored (one put: a failed put leaves no part of it visible)
-            self.fs.pipe_file(marker, json.dumps({
-                "shard": shard, "output": result.output, "rows": result.rows, "ok": result.ok,
-                "errors": sum(errors.values()), "errors_by_reason": dict(errors),
-                "models": [{"name": m.name, "ref": m.given or m.ref, "weights_sha256": m.meta.weights_sha256}
-                           for m in self.models],
-                "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "run_id": self.run_id,
-                "committed_at": utc_now(),
-            }, indent=2).encode())
-        except Exception as e:  # after the client's own retries: an outage or a revoked permission
-            raise storage_error(f"commit {name}", self.dest, e, self.options) from None
-        return result
+        data = buf.getvalue()
+        return StagedShard(result, data, hashlib.sha256(data).hexdigest(), table_path(self.root, name),
+                           marker_path(self.root, name), self.run_id, self.models)
 
     def uncommit(self, shard: str) -> None:
         """An --overwrite run could not read a shard committed earlier: its old scores no longer describe
@@ -281,6 +334,17 @@ class ScoreWriter:
     def pending(self) -> list[str]:
         """Shards that sent rows but never completed: must be empty at the end of a run."""
         return sorted((set(self.parts) | set(self.expected) | set(self.failed)) - self.finished)
+
+
+def in_order(parts: list[pa.Table]) -> pa.Table:
+    """One shard's rows in the order of its samples. Each part is a run of one block, in order; the parts
+    arrive in the order the model actors finished them, so they are put in order by their first sample, and
+    only rows out of order after that (never seen, but not ruled out) cost a full sort."""
+    import numpy as np
+
+    table = pa.concat_tables(sorted(parts, key=lambda part: part["ordinal"][0].as_py()))
+    ordinal = table["ordinal"].to_numpy()
+    return table if bool(np.all(ordinal[1:] > ordinal[:-1])) else table.sort_by("ordinal")
 
 
 def check_destination(dest: str, options: dict) -> None:
@@ -305,96 +369,3 @@ def check_destination(dest: str, options: dict) -> None:
 def utc_now() -> str:
     """The time as markers and run summaries record it."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# --- summary -------------------------------------------------------------------------------------------
-
-@dataclass
-class RunSummary:
-    run_id: str
-    output: str
-    started_at: str
-    models: list[dict]
-    storage: dict
-    planned: int = 0
-    skipped: int = 0
-    sample: dict | None = None           # a dry run's sample_fraction, seed and shards left out
-    done: list[ShardResult] = field(default_factory=list)
-    failed: list[ShardResult] = field(default_factory=list)
-    duration_s: float = 0.0
-    startup_s: float | None = None       # from start to the first committed shard
-    steady_images_per_s: float | None = None
-    aborted: str | None = None           # why the run stopped before the end, if it did
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and self.aborted is None
-
-    def to_dict(self) -> dict:
-        errors: Counter = Counter()
-        for r in self.done:
-            errors.update(r.errors)
-        ok = sum(r.ok for r in self.done)
-        rows = sum(r.rows for r in self.done)
-        return {
-            "run_id": self.run_id, "package_version": __version__, "output": self.output,
-            "started_at": self.started_at, "duration_s": round(self.duration_s, 3),
-            "startup_s": None if self.startup_s is None else round(self.startup_s, 3),
-            "sample": self.sample,
-            "shards": {"planned": self.planned, "done": len(self.done), "skipped": self.skipped,
-                       "failed": len(self.failed)},
-            "failed_shards": [{"shard": r.shard, "reason": r.failed.split(":", 1)[0], "message": r.failed}
-                              for r in self.failed],
-            "samples": {"total": rows, "ok": ok, "error": rows - ok, "errors_by_reason": dict(errors)},
-            "images_per_s": round(rows / self.duration_s, 2) if self.duration_s else None,
-            "steady_images_per_s": None if self.steady_images_per_s is None else round(self.steady_images_per_s, 2),
-            "aborted": self.aborted,
-            "outputs": [r.output for r in self.done],
-            "models": self.models, "storage": self.storage,
-        }
-
-
-class RunProgress:
-    """Counts each finished shard into the run's summary as the driver learns of it, says one line per
-    shard, hands ``show`` the summary, and times the run: start-up to the first committed shard, the rate after."""
-
-    def __init__(self, summary: RunSummary, todo: int, started: float, say: Callable[[str], None],
-                 show: Callable[[RunSummary], None] | None = None):
-        self.summary, self.todo, self.started, self.say, self.show = summary, todo, started, say, show
-        self.rows = 0
-        self.first: tuple[float, int] | None = None     # (time, rows) when the first shard was committed
-
-    def __call__(self, results: list[ShardResult]) -> None:
-        summary = self.summary
-        for result in results:
-            (summary.failed if result.failed else summary.done).append(result)
-            self.rows += result.rows
-            now = time.perf_counter()
-            if self.first is None and result.rows:
-                self.first = (now, self.rows)
-                summary.startup_s = now - self.started
-            status = f"FAILED {result.failed}" if result.failed else \
-                f"{result.rows} rows, {sum(result.errors.values())} errors"
-            self.say(f"[{len(summary.done) + len(summary.failed)}/{self.todo}] {shard_name(result.shard)}: "
-                     f"{status} ({self.rows / (now - self.started):.1f} images/s)")
-            if self.show is not None:
-                self.show(summary)
-
-    def finish(self) -> None:
-        """The steady rate: the rows after the first committed shard over the time they took."""
-        if self.first is not None and self.rows > self.first[1]:
-            elapsed = max(time.perf_counter() - self.first[0], 1e-9)
-            self.summary.steady_images_per_s = (self.rows - self.first[1]) / elapsed
-
-
-def write_summary(summary: RunSummary, options: dict) -> str:
-    path = join(summary.output, RUNS_DIR, f"{summary.run_id}.json")
-    try:
-        fs, p = filesystem(path, options)
-        if protocol(path) == "file":        # as in check_destination: object stores have no folders
-            fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(p, json.dumps(summary.to_dict(), indent=2).encode())
-    except Exception as e:
-        raise storage_error("write the run summary", path, e, options) from None
-    return path
-

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from perceptclip.commit import (BASE_COLUMNS, COMMIT_WORKERS, RunProgress, RunSummary, ScoreWriter, check_destination,
-                                utc_now, write_summary)
+from perceptclip.commit import BASE_COLUMNS, COMMIT_WORKERS, ScoreWriter, check_destination, utc_now
 from perceptclip.config import Config, require, setting
 from perceptclip.decode import read_and_decode
 from perceptclip.inputs import INPUT_FORMATS, InputSpec
 from perceptclip.plan import Plan, plan_shards
 from perceptclip.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig
+from perceptclip.runs import RunProgress, RunSummary, write_summary
 from perceptclip.storage import (StorageConfig, StorageError, redact, redact_text,
                                  storage_options)
 

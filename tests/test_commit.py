@@ -174,3 +174,23 @@ def test_commits_in_flight_when_the_loop_stops_finish_and_count(s3_server, proxy
             threading.Timer(0.5, proxy.release).start()
             results += writer.close()
     assert names(results) == {"shard-000000"} == committed(s3_server, dest)
+
+
+def test_rows_of_several_shards_out_of_order_give_each_table_in_sample_order(tmp_path, scored):
+    """Blocks cut across shards, a shard's rows split over blocks in any order, a control row ahead of
+    rows of another shard: each table holds its shard's rows in sample order, as one block in order gives."""
+    specs, blocks = scored
+    a, b = blocks[0], blocks[1]                  # each: 3 samples, then the shard's control row
+    mixed = [pa.concat_tables([a.slice(2, 1), b.slice(0, 1)]),
+             pa.concat_tables([b.slice(1, 1), a.slice(0, 2)]),
+             pa.concat_tables([a.slice(3, 1), b.slice(2, 2)])]
+    writer = ScoreWriter(str(tmp_path / "mixed"), {}, specs, "test-run", overwrite=False)
+    results = [r for block in mixed for r in writer.add(block)]
+    assert sorted(r.rows for r in results) == [PER_SHARD, PER_SHARD] and not writer.pending()
+    straight = ScoreWriter(str(tmp_path / "straight"), {}, specs, "test-run", overwrite=False)
+    assert names(straight.add(a) + straight.add(b)) == names(results)
+    for name in names(results):
+        got = pq.read_table(tmp_path / "mixed" / f"{name}.parquet")
+        want = pq.read_table(tmp_path / "straight" / f"{name}.parquet")
+        assert got["key"].to_pylist() == want["key"].to_pylist()
+        assert got.equals(want)

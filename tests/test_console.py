@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from perceptclip.commit import RunProgress, RunSummary, ShardResult
+from perceptclip.commit import ShardResult
 from perceptclip.console import Console, ShardTally, Tally, clock_time
+from perceptclip.runs import RunProgress, RunSummary
 
 from support.images import image_bytes, make_image
 from support.shards import write_labelled_shard

@@ -86,15 +86,27 @@ class StoreProxy:
                     return self._error(503, "SlowDown", "Please reduce your request rate.")
                 if denied:
                     return self._error(403, "AccessDenied", "Access Denied")
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                reply = conn.getresponse()
-                data = reply.read()
-                conn.close()
+                reply, data = self._upstream(headers, body)
                 self._reply(reply.status, [(k, v) for k, v in reply.getheaders()
                                            if k.lower() not in ("connection", "transfer-encoding", "content-length")
                                            or (k.lower() == "content-length" and self.command == "HEAD")], data)
+
+            def _upstream(self, headers: dict, body: bytes):
+                """Forward on this client connection's own connection to moto, kept open between requests (a
+                connection per request would cost both servers a thread and a handshake each time)."""
+                for attempt in (1, 2):
+                    if getattr(self, "_conn", None) is None:
+                        self._conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                    try:
+                        self._conn.request(self.command, self.path, body=body, headers=headers)
+                        reply = self._conn.getresponse()
+                        return reply, reply.read()
+                    except (http.client.HTTPException, ConnectionError):
+                        self._conn.close()
+                        self._conn = None       # moto closed a kept connection: one new try
+                        if attempt == 2:
+                            raise
 
             def _error(self, status: int, code: str, message: str):
                 xml = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
