@@ -46,8 +46,9 @@ SHARD_ROW = "shard"          # status of a shard's control row; never written to
 # limit before that (benchmarks/commits.py). Each holds one shard's rows (~200 bytes a row).
 COMMIT_WORKERS = 32
 # Threads that encode the tables when the store's client is asynchronous (s3fs): the requests then wait on
-# its event loop, not on threads, and Parquet encoding mostly releases the GIL; more threads only contend
-ENCODE_THREADS = 4
+# its event loop, not on threads. A 1,000-row table takes about 2 ms, so two threads encode 1,000 shards a
+# second; on 2 cores, 4 threads committed fewer shards a second than 2 (benchmarks/commits.py)
+ENCODE_THREADS = 2
 
 
 # --- layout --------------------------------------------------------------------------------------------
