@@ -210,10 +210,10 @@ class FilesReader(ShardReader):
             raise ShardError("missing", f"{url}: the listing holds no shard {self.name}")
 
     def blocks(self, block_rows: int) -> Iterator[list[dict]]:
-        from perceptclip.tables import fetch_images, in_blocks, with_timeouts
+        from perceptclip.tables import fetch_images, fetch_options, in_blocks
 
         samples = ({"__key__": key, "__url__": f"{self.root}/{key}", "__image__": None} for key in self.keys)
-        fetched = fetch_images(samples, with_timeouts(self.options, self.spec.fetch_timeout_s),
+        fetched = fetch_images(samples, fetch_options(self.options, self.spec.fetch_timeout_s),
                                self.spec.fetch_workers, self.spec.fetch_timeout_s)
         yield from in_blocks(fetched, block_rows)
 

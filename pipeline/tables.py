@@ -60,7 +60,7 @@ class TableReader:
         """``copy``: read the whole table to local disk now (a read task); without, only its header is
         read, where it is (the driver's check before any work)."""
         self.url, self.spec, self.options = url, spec, options
-        self.fetch_options = with_timeouts(options, spec.fetch_timeout_s)
+        self.fetch_options = fetch_options(options, spec.fetch_timeout_s)
         self.format = table_format(url)
         self.base = url.rstrip("/").rsplit("/", 1)[0]
         self.path, self.temporary = local_copy(url, options) if copy else (None, False)
@@ -274,11 +274,14 @@ def fetch_one(url: str, options: dict) -> bytes:
     return fs.cat_file(path)
 
 
-def with_timeouts(options: dict, timeout: float) -> dict:
-    """``options`` with the clients' own timeouts set to ``timeout``, so that a request that never
-    answers also ends in its thread, not only in the row's error."""
+def fetch_options(options: dict, timeout: float) -> dict:
+    """``options`` for fetching single images: the clients' own timeouts set to ``timeout``, so that a
+    request that never answers also ends in its thread, not only in the row's error; and one GET an image
+    from S3 (s3fs otherwise first asks for the object's size, a HEAD, to split large objects into parallel
+    ranges: a second round trip for every image)."""
     s3 = dict(options.get("s3", {}))
     s3["config_kwargs"] = {**s3.get("config_kwargs", {}), "connect_timeout": timeout, "read_timeout": timeout}
+    s3["max_concurrency"] = 1
     out = {**options, "s3": s3}
     try:
         import aiohttp

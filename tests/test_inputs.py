@@ -626,6 +626,36 @@ def test_files_on_an_object_store_prefix_record_and_score_there(s3_server, iqa_a
         create(todo[0].split("#")[0], b"another grouping", options)
 
 
+def test_each_image_on_an_object_store_is_one_request(s3_server, iqa_artifact, tmp_path, monkeypatch):
+    """A loose image costs one GET: not a HEAD for its size first, a second round trip for every image."""
+    import s3fs
+
+    from perceptclip.plan import plan_shards
+    from perceptclip.score import ScoreConfig
+    from perceptclip.storage import storage_options
+
+    from support.inputs import write_image_files
+    from support.scoring import score_here
+    from support.store_proxy import StoreProxy
+
+    bucket, fs = s3_server.bucket(), s3_server.filesystem()
+    names = [f"{i}.jpg" for i in range(5)]
+    write_image_files(f"{bucket[5:]}/photos", names, fs=fs)
+    cfg = ScoreConfig(input=[f"{bucket}/photos/"], output=f"{bucket}/scores", models=[iqa_artifact])
+    todo = plan_shards(cfg, storage_options()).todo
+    proxy = StoreProxy(s3_server.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)     # the read tasks' client now goes through it
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        results = score_here(todo, [iqa_artifact], str(tmp_path / "scores"), inputs=cfg.input_spec())
+    finally:
+        proxy.stop()
+    assert [(r.rows, r.ok) for r in results] == [(5, 5)]
+    images = sorted((method, path.split("?")[0]) for method, path, _ in proxy.log
+                    if path.startswith(f"/{bucket[5:]}/photos/"))
+    assert images == [("GET", f"/{bucket[5:]}/photos/{name}") for name in names]
+
+
 @pytest.mark.slow
 def test_a_growing_prefix_of_image_files_end_to_end(s3_server, iqa_artifact, ray_local):
     """The nightly job over a prefix: each run scores the files added since, and nothing else."""
