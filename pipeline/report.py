@@ -159,12 +159,12 @@ def shard_samples(url: str, keys: dict[str, str | None], options: dict) -> Itera
     of locations or a folder of image files, only the wanted images, fetched from where they were read."""
     from perceptclip.files import FilesReader
     from perceptclip.inputs import InputSpec, open_shard
-    from perceptclip.tables import TableReader, fetch_images
+    from perceptclip.tables import TableReader, fetch_images, fetch_options
 
     with open_shard(url, InputSpec(), options, check=True) as reader:
         if isinstance(reader, (TableReader, FilesReader)):
             located = ({"__key__": key, "__url__": where} for key, where in keys.items() if where)
-            yield from fetch_images(located, options, workers=8, timeout=60.0)
+            yield from fetch_images(located, fetch_options(options, 60.0), workers=8, timeout=60.0)
             return
         for block in reader.blocks(64):
             yield from block
