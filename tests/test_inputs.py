@@ -411,6 +411,32 @@ def test_a_url_that_hangs_is_an_error_row_after_the_timeout(tmp_path, iqa_artifa
         "ok", "fetch_timeout", "not_found"]
 
 
+def test_a_long_table_is_streamed_its_memory_flat_in_its_length(tmp_path):
+    """The read task's memory does not grow with the table: held whole, 10,000 rows would take about 5 MB;
+    read as the task reads them, the peak is the same for 10,000 rows as for 1,000 (8 bytes a row stay, to
+    find keys seen twice). benchmarks/table_memory.py does the same with a million rows."""
+    import tracemalloc
+
+    from perceptclip.inputs import InputSpec
+    from perceptclip.tables import TableReader
+
+    (tmp_path / "0.jpg").write_bytes(jpeg(0))
+    peaks = {}
+    for rows in (1_000, 10_000):
+        url = tmp_path / f"{rows}.csv"
+        url.write_text("key,path,caption\n" + "".join(f"{r},0.jpg,caption {r}\n" for r in range(rows)))
+        with TableReader(str(url), InputSpec(carry_columns=("caption",), fetch_workers=4), {}) as reader:
+            tracemalloc.start()
+            try:
+                read = sum(len(block) for block in reader.blocks(64))
+                peaks[rows] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        assert read == rows
+    assert peaks[10_000] < 2_000_000, peaks
+    assert peaks[10_000] < 1.5 * peaks[1_000] + 200_000, peaks
+
+
 def test_table_columns_that_cannot_be_found_fail_at_start(tmp_path):
     from perceptclip.score import ScoreConfig, plan_shards
 
