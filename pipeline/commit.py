@@ -5,7 +5,7 @@
                                   marker exists (object stores have no rename, so nothing depends on one)
     DEST/_runs/<run_id>.json      each run's summary: shards, samples, errors by reason, images/s
 
-``ScoreWriter`` commits each shard once all its rows have arrived, on a few threads while the driver goes on
+``ScoreWriter`` commits each shard once all its rows have arrived, many at once while the driver goes on
 pulling rows; ``committed_names`` is how a rerun, ``describe``, ``report`` and ``filter`` (whose curated
 outputs keep markers the same way) tell which shards are done.
 """
@@ -216,7 +216,7 @@ class ScoreWriter:
         if self.pool is None:
             self.ready.append(self.commit(shard, parts))
             return
-        while len(self.commits) >= self.workers:      # all threads busy: wait for one, rows stay bounded
+        while len(self.commits) >= self.workers:      # as many in flight as allowed: wait for one, rows stay bounded
             self._collect(wait(self.commits, return_when=FIRST_COMPLETED).done)
         if self.loop is not None:
             future = asyncio.run_coroutine_threadsafe(self.commit_async(shard, parts), self.loop)

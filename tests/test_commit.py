@@ -1,4 +1,4 @@
-"""Commits off the driver's loop: ``ScoreWriter`` with a pool of threads, against the moto S3 server behind
+"""Commits off the driver's loop: ``ScoreWriter`` with commits in flight, against the moto S3 server behind
 ``StoreProxy``, fed score blocks made by the job's own stages from shards written here. The proxy holds
 or refuses a table's upload, so what overlaps and what waits is seen, not timed."""
 
