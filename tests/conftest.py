@@ -94,6 +94,16 @@ def s3_server(_moto_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.fixture(autouse=True)
+def quick_train_polling(monkeypatch):
+    """Ray Train's controller learns of a reported checkpoint, and of a finished or failed worker, when it
+    polls the workers: every 2 s by default. Polling more often ends each training run sooner (every test
+    that trains, in this process or in a command it runs), and lets a test kill a worker soon after a
+    checkpoint is registered, well inside the next epoch. Ray Train hands the driver's value to its
+    controller and workers when a run starts."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One small local Ray cluster shared by every test that needs one (starting one costs seconds)."""

@@ -56,15 +56,6 @@ def write_shards(prefix: Path, seeds, per_shard: int = 40, label=quality) -> lis
             for start in range(0, len(seeds), per_shard)]
 
 
-@pytest.fixture
-def quick_train_polling(monkeypatch):
-    """Ray Train's controller learns of a reported checkpoint, and of a finished or failed worker, when it
-    polls the workers: every 2 s by default. Polling more often ends each run sooner, and lets a test kill
-    a worker soon after a checkpoint is registered, well inside the next epoch. Ray Train hands the
-    driver's value to its controller and workers when a run starts."""
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
@@ -237,7 +228,6 @@ def test_iqa_rows_crop_the_unresized_image():
 # ---------------------------------------------------------------------------------------------- Ray Train
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("quick_train_polling")
 def test_it_learns_the_synthetic_task_and_the_export_scores(ray_local, synthetic, s3_server, tmp_path):
     """The smoke config on the synthetic task, checkpointing to S3; the exported model is then
     evaluated on held-out images and scored by ``perceptclip score``."""
@@ -297,7 +287,6 @@ def _latest_checkpoint(dest: Path) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("quick_train_polling")
 def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_epochs(ray_local, synthetic, tmp_path):
     """Two workers (gloo DDP), two training sets with a head each, killed after a checkpoint, rerun;
     the rerun loses a worker too and Ray Train restarts the group from the latest checkpoint."""
@@ -397,7 +386,6 @@ def test_the_rows_a_worker_reads_in_an_epoch_depend_only_on_the_seed_the_epoch_a
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("quick_train_polling")
 def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_exports_the_uninterrupted_model(ray_local, synthetic,
                                                                                            tmp_path):
     """The same seed trained twice, side by side: once with its worker SIGKILLed during epoch 1, after
