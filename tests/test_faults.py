@@ -85,8 +85,8 @@ def upload(s3_server, iqa_artifact: str) -> tuple[str, dict, str]:
 def score_config(bucket: str, model: str, output: str, **extra) -> ScoreConfig:
     """Small blocks and half-CPU readers: the two-CPU test cluster reads two shards (one may be held)
     while the model actor scores."""
-    return ScoreConfig(input=[f"{bucket}/shards/*.tar"], output=output, models=[model], block_rows=2,
-                       batch_size=2, cpus_per_reader=0.5, reader_memory_mb=64, **extra)
+    settings = {"block_rows": 2, "batch_size": 2, "cpus_per_reader": 0.5, "reader_memory_mb": 64, **extra}
+    return ScoreConfig(input=[f"{bucket}/shards/*.tar"], output=output, models=[model], **settings)
 
 
 def reconcile(fs, out: str, contents: dict[str, list[dict]]) -> dict:
@@ -234,7 +234,9 @@ def test_a_throttling_store_is_retried_and_what_it_refuses_is_redone_by_the_next
     proxy.mode = "flaky"
     proxy.deny = {"/shards/shard-000003.tar": "GET", "/scores/shard-000007.parquet": "PUT"}
     proxy.hold("GET", "/shards/shard-000007.tar")
-    cfg = score_config(bucket, model, out)
+    # one row a model call: with two, the refused shard's lone control row could wait in Ray Data for a row
+    # of the held shard to fill its batch, and the run would wait on the test while the test waits on it
+    cfg = score_config(bucket, model, out, batch_size=1)
     result = {}
     thread = threading.Thread(target=_run_into, args=(result, cfg))
     thread.start()
