@@ -65,9 +65,9 @@ def serve_proxy(moto: str, delay: float, conn) -> None:
 
 def models() -> list:
     """The three models as the driver sees them (their columns and metadata; no weights)."""
-    from perceptclip.artifact import ArtifactMeta
-    from perceptclip.debug_model import tiny_model_config
-    from perceptclip.score import ModelSpec
+    from perceptclip.model.artifact import ArtifactMeta
+    from perceptclip.model.debug import tiny_model_config
+    from perceptclip.model.reference import ModelSpec
 
     return [ModelSpec(name=task, ref=f"bench/{task}", meta=ArtifactMeta.for_task(task, tiny_model_config(task)))
             for task in ("iqa", "memorability", "emotion")]
@@ -78,7 +78,7 @@ def shard_table(shard: str, rows: int, specs: list, seed: int):
     import numpy as np
     import pyarrow as pa
 
-    from perceptclip.commit import SHARD_ROW
+    from perceptclip.core.schema import SHARD_ROW
 
     rng = np.random.default_rng(seed)
     n = rows + 1
@@ -117,7 +117,7 @@ def blocks(shards: int, rows: int, specs: list, prefix: str) -> list:
 def commit_all(dest: str, options: dict, specs: list, stream: list, workers: int) -> tuple[int, float, float]:
     """Feed ``stream`` to a ``ScoreWriter`` and wait for every commit: (rows committed, seconds, driver
     CPU seconds)."""
-    from perceptclip.commit import ScoreWriter
+    from perceptclip.output.commit import ScoreWriter
 
     writer = ScoreWriter(dest, options, specs, "bench", overwrite=False, workers=workers)
     results = []
@@ -164,8 +164,9 @@ def main() -> None:
 
     import s3fs
 
-    from perceptclip.commit import COMMIT_WORKERS, committed_names
-    from perceptclip.storage import StorageConfig, storage_options
+    from perceptclip.core.storage import StorageConfig, storage_options
+    from perceptclip.output.commit import COMMIT_WORKERS
+    from perceptclip.output.layout import committed_names
 
     store = subprocess.Popen([sys.executable, __file__, "--serve", "--delay-ms", str(args.delay_ms)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from perceptclip.device_decode import decode_on_device
-from perceptclip.preprocess import PreprocessConfig, decode_image, preprocess
+from perceptclip.model.device_decode import decode_on_device
+from perceptclip.model.preprocess import PreprocessConfig, decode_image, preprocess
 
 # the generated images are the tests' (tests/support/images.py): fixtures stay out of the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -18,14 +18,13 @@ import argparse
 import time
 
 import torch
-
-from perceptclip.artifact import ArtifactMeta
-from perceptclip.model import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
-from perceptclip.preprocess import decode_image
-from perceptclip.scorer import Scorer
-from perceptclip.tasks import Task
-
 import workload  # noqa: F401, I001  (puts tests/ on the path: the generated images are the tests')
+
+from perceptclip.core.tasks import Task
+from perceptclip.model.artifact import ArtifactMeta
+from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
+from perceptclip.model.preprocess import decode_image
+from perceptclip.model.scorer import Scorer
 from support.images import image_bytes, make_image
 
 TASKS = {

@@ -45,7 +45,7 @@ ROW_GROUP = 100
 
 def store_inputs(tars: list[str], fs, root: Path) -> dict[str, tuple[list[str], dict]]:
     """The tars' images on the store as each kind: kind -> (``input`` of the score config, its other settings)."""
-    from perceptclip.shards import read_shard
+    from perceptclip.inputs.shards import read_shard
     from support.inputs import write_image_parquet
 
     per_shard = 0
@@ -67,7 +67,8 @@ def score(kind: str, inputs: tuple[list[str], dict], model: str, storage, run: i
     """One scoring run of ``kind`` on the connected Ray cluster, into a prefix of its own."""
     import ray
 
-    from perceptclip.score import ScoreConfig, run_score
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.job import run_score
 
     urls, settings = inputs
     cpu_only = {} if ray.cluster_resources().get("GPU", 0) else {"cpus_per_actor": 0, "torch_threads": 1}
@@ -98,7 +99,7 @@ def main() -> None:
     import ray
     import s3fs
 
-    from perceptclip.storage import StorageConfig
+    from perceptclip.core.storage import StorageConfig
 
     store = subprocess.Popen([sys.executable, commits.__file__, "--serve", "--delay-ms", str(args.delay_ms)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -1,5 +1,5 @@
 """What the batch-invariant model calls cost: each model call padded to the canonical number of crops
-(``perceptclip.scorer.canonical_batch``) against one unpadded call per batch, as before.
+(``perceptclip.model.scorer.canonical_batch``) against one unpadded call per batch, as before.
 
     python benchmarks/invariance.py [--seconds 3] [--backbones debug-vit,ViT-B-16]
 
@@ -21,15 +21,15 @@ import time
 
 import torch
 
-from perceptclip.artifact import ArtifactMeta
-from perceptclip.model import BackboneConfig, ClipLoraModel, ModelConfig
-from perceptclip.scorer import Scorer
+from perceptclip.model.artifact import ArtifactMeta
+from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel, ModelConfig
+from perceptclip.model.scorer import Scorer
 
 
 def scorers(backbone: str) -> tuple[Scorer, Scorer]:
     """The same random model twice: unpadded calls, and calls padded to its canonical size."""
     if backbone == "debug-vit":
-        from perceptclip.debug_model import tiny_model
+        from perceptclip.model.debug import tiny_model
 
         model = tiny_model("memorability")
     else:

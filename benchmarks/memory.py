@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from workload import workload_model, write_workload
@@ -40,7 +39,8 @@ def run_once(urls: list[str], model: str, out: Path, cpus: int, interval: float)
     import psutil
     import ray
 
-    from perceptclip.score import ScoreConfig, run_score
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.job import run_score
 
     me = psutil.Process()
     peaks = {"driver": 0, "total": 0}

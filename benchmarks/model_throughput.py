@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from perceptclip.artifact import ArtifactMeta
-from perceptclip.model import BackboneConfig, ClipLoraModel, ModelConfig
-from perceptclip.scorer import Scorer
+from perceptclip.model.artifact import ArtifactMeta
+from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel, ModelConfig
+from perceptclip.model.scorer import Scorer
 
 
 def build_scorer(backbone: str, device: str, precision: str | None, compile: bool,

@@ -36,9 +36,9 @@ from workload import commit_timeline, describe_rates, rates, workload_model, wri
 def plain_loop(urls: list[str], model: str, batch_size: int, model_batch: int | None = None) -> dict:
     """Read each tar, decode, preprocess, batch, score: one process, as a user would write it."""
     started = time.perf_counter()
-    from perceptclip.preprocess import ImageError, decode_image
-    from perceptclip.scorer import Scorer
-    from perceptclip.shards import read_shard
+    from perceptclip.inputs.shards import read_shard
+    from perceptclip.model.preprocess import ImageError, decode_image
+    from perceptclip.model.scorer import Scorer
 
     scorer = Scorer.load(model, batch=model_batch)
     scores, timeline = [], []
@@ -67,7 +67,8 @@ def pipeline(urls: list[str], model: str, out: Path, cpus: int, batch_size: int,
              model_batch: int | None = None) -> dict:
     import ray
 
-    from perceptclip.score import ScoreConfig, run_score
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.job import run_score
 
     started = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")

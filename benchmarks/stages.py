@@ -7,11 +7,11 @@
 
 Stages (one process, the job's own functions, every image of the workload):
 
-    read        perceptclip.shards.read_shard: a whole tar into memory
-    decode      perceptclip.preprocess.decode_image: bytes -> RGB image
-    preprocess  perceptclip.preprocess.preprocess: image -> uint8 crops
-    model       perceptclip.score.score_block: every model on the crops (device synchronised: scores come back)
-    write       perceptclip.commit.ScoreWriter: Parquet + marker per shard (skipped with --no-write)
+    read        perceptclip.inputs.shards.read_shard: a whole tar into memory
+    decode      perceptclip.model.preprocess.decode_image: bytes -> RGB image
+    preprocess  perceptclip.model.preprocess.preprocess: image -> uint8 crops
+    model       perceptclip.scoring.job.score_block: every model on the crops (device synchronised: scores come back)
+    write       perceptclip.output.commit.ScoreWriter: Parquet + marker per shard (skipped with --no-write)
 
 Each line gives the stage's seconds, milliseconds per image and images/s on one core (or one device).
 
@@ -57,11 +57,11 @@ def timed(totals: dict, stage: str):
 
 def stage_times(urls: list[str], model: str, batch_size: int, write_to: Path | None) -> tuple[int, dict]:
     """Seconds per stage over every image of ``urls``, running the job's own stage functions in order."""
-    import perceptclip.decode as decode
-    import perceptclip.score as score
-    from perceptclip.commit import ScoreWriter
-    from perceptclip.scorer import Scorer
-    from perceptclip.shards import read_shard
+    import perceptclip.scoring.decode as decode
+    import perceptclip.scoring.job as score
+    from perceptclip.inputs.shards import read_shard
+    from perceptclip.model.scorer import Scorer
+    from perceptclip.output.commit import ScoreWriter
 
     totals: dict[str, float] = defaultdict(float)
     decode_image, preprocess = decode.decode_image, decode.preprocess
@@ -108,9 +108,9 @@ def block_bytes(urls: list[str], block_rows: int, limit: int = 256) -> tuple[int
     read task's milliseconds per image for them (decode, crop, table: ``ms``). Over the first ``limit`` images."""
     from ray.data.block import BlockAccessor
 
-    from perceptclip.decode import decode_samples, encoded_samples
-    from perceptclip.preprocess import PreprocessConfig
-    from perceptclip.shards import read_shard
+    from perceptclip.inputs.shards import read_shard
+    from perceptclip.model.preprocess import PreprocessConfig
+    from perceptclip.scoring.decode import decode_samples, encoded_samples
 
     samples: list[tuple[str, list[dict]]] = []
     count = 0
@@ -147,8 +147,10 @@ def end_to_end(urls: list[str], model: str, cpus: int | None, batch_size: int, w
                decode: str) -> dict:
     import ray
 
-    from perceptclip.commit import SHARD_ROW
-    from perceptclip.score import ModelSpec, ScoreConfig, run_score, score_dataset
+    from perceptclip.core.schema import SHARD_ROW
+    from perceptclip.model.reference import ModelSpec
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.job import run_score, score_dataset
 
     started = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")

@@ -53,8 +53,8 @@ def peak_mb() -> float:
 
 def read_once(rows: int, fmt: str) -> None:
     """In this process: write the table, read it as a read task does, print one JSON line."""
-    from perceptclip.inputs import InputSpec
-    from perceptclip.tables import TableReader
+    from perceptclip.inputs.base import InputSpec
+    from perceptclip.inputs.tables import TableReader
 
     with tempfile.TemporaryDirectory() as tmp:
         url = write_table(Path(tmp), rows, fmt)

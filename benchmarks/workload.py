@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 def write_workload(root: Path, images: int, shards: int, size: int) -> list[str]:
     """``images`` JPEGs of ``size`` x ``size`` px (256 distinct, repeated) in ``shards`` shards under ``root``."""
-    from perceptclip.shards import write_shard
+    from perceptclip.inputs.shards import write_shard
     from support.images import image_bytes, make_image
 
     distinct = [image_bytes(make_image(seed, (size, size)), "JPEG", quality=90) for seed in range(min(images, 256))]
@@ -35,12 +35,12 @@ def workload_model(model: str, root: Path) -> str:
     weights (``random:ViT-L-14-quickgelu`` costs what the released models cost; nothing is downloaded).
     Anything else is a model reference as ``perceptclip score --model`` takes it."""
     if model == "tiny":
-        from perceptclip.debug_model import make_tiny_artifact
+        from perceptclip.model.debug import make_tiny_artifact
 
         return make_tiny_artifact(str(root / "model"), task="memorability", seed=0)
     if model.startswith("random:"):
-        from perceptclip.artifact import ArtifactMeta, save_artifact
-        from perceptclip.model import BackboneConfig, ClipLoraModel, ModelConfig
+        from perceptclip.model.artifact import ArtifactMeta, save_artifact
+        from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel, ModelConfig
 
         cfg = ModelConfig(backbone=BackboneConfig.from_open_clip(model.removeprefix("random:"), pretrained=None))
         meta = ArtifactMeta.for_task("iqa", cfg)

@@ -14,7 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parent.parent / "pipeline"
+SOURCE = Path(__file__).resolve().parent.parent / "pipeline" / "perceptclip"
 
 
 def function_lengths(path: Path) -> list[tuple[str, int]]:
@@ -22,7 +22,7 @@ def function_lengths(path: Path) -> list[tuple[str, int]]:
     out = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            out.append((f"{path.name}:{node.lineno} {node.name}", node.end_lineno - node.lineno + 1))
+            out.append((f"{path.relative_to(SOURCE)}:{node.lineno} {node.name}", node.end_lineno - node.lineno + 1))
     return out
 
 
@@ -32,8 +32,9 @@ def main() -> int:
     parser.add_argument("--max-function", type=int, default=60)
     args = parser.parse_args()
 
-    modules = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in sorted(SOURCE.glob("*.py"))}
-    functions = [f for p in sorted(SOURCE.glob("*.py")) for f in function_lengths(p)]
+    modules = {str(p.relative_to(SOURCE)): len(p.read_text(encoding="utf-8").splitlines())
+               for p in sorted(SOURCE.rglob("*.py"))}
+    functions = [f for p in sorted(SOURCE.rglob("*.py")) for f in function_lengths(p)]
     sizes = sorted(n for _, n in functions)
     print(f"{len(modules)} modules, {sum(modules.values())} lines; {len(functions)} functions, "
           f"median {statistics.median(sizes):.0f} lines, 90th percentile {sizes[int(0.9 * (len(sizes) - 1))]}")

@@ -10,8 +10,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from perceptclip.debug_model import make_tiny_artifact
-from perceptclip.score import load_score_config, run_score
+from perceptclip.model.debug import make_tiny_artifact
+from perceptclip.scoring.config import load_score_config
+from perceptclip.scoring.job import run_score
 
 # the hostile cases are the tests' (the same cases tests/test_hostile.py checks): not in the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

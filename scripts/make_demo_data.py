@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from perceptclip.shards import write_shard
+from perceptclip.inputs.shards import write_shard
 
 # the generated images are the tests' (tests/support/images.py): fixtures stay out of the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -16,7 +16,7 @@
 #   perceptclip/offline-site/    ray (Ray Data; no Java jars, dashboard web client, rllib, tune, serve
 #                                or ray.llm), open_clip_torch, webdataset, braceexpand, ftfy, and the
 #                                runtime dependencies of those that the node lacks; `perceptclip` there
-#                                is a link to ../pipeline, so the package imports without installing
+#                                is a link to ../pipeline/perceptclip, so the package imports without installing
 #   perceptclip/OFFLINE-BUNDLE.txt   commit, Python version, the packages and their versions
 #
 # Not in it: what the node has (torch, torchvision, triton, numpy, pyarrow, pandas, pillow, fsspec,
@@ -81,7 +81,7 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
   "${platform[@]}" --target "$site" "$work"/wheels/*.whl
 for p in "${prune[@]}"; do rm -rf "${site:?}/$p"; done
 find "$site" -name __pycache__ -type d -prune -exec rm -rf {} +
-ln -s ../pipeline "$site/perceptclip"
+ln -s ../pipeline/perceptclip "$site/perceptclip"
 
 {
   echo "perceptclip offline bundle"

@@ -29,21 +29,21 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def iqa_artifact(tmp_path_factory):
-    from perceptclip.debug_model import make_tiny_artifact
+    from perceptclip.model.debug import make_tiny_artifact
 
     return make_tiny_artifact(str(tmp_path_factory.mktemp("models") / "iqa"), task="iqa", seed=1)
 
 
 @pytest.fixture(scope="session")
 def emotion_artifact(tmp_path_factory):
-    from perceptclip.debug_model import make_tiny_artifact
+    from perceptclip.model.debug import make_tiny_artifact
 
     return make_tiny_artifact(str(tmp_path_factory.mktemp("models") / "emotion"), task="emotion", seed=2)
 
 
 @pytest.fixture(scope="session")
 def memorability_artifact(tmp_path_factory):
-    from perceptclip.debug_model import make_tiny_artifact
+    from perceptclip.model.debug import make_tiny_artifact
 
     return make_tiny_artifact(str(tmp_path_factory.mktemp("models") / "memorability"), task="memorability", seed=3)
 

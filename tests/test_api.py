@@ -12,10 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import perceptclip
-from perceptclip.preprocess import decode_image
-from perceptclip.scorer import Scorer
-from perceptclip.shards import write_shard
-
+from perceptclip.inputs.shards import write_shard
+from perceptclip.model.preprocess import decode_image
+from perceptclip.model.scorer import Scorer
 from support.images import image_bytes, make_image
 from support.wide_model import make_wide_artifact
 

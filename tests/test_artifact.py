@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from perceptclip.artifact import ArtifactError, ArtifactMeta, load_artifact, read_meta, save_artifact
-from perceptclip.debug_model import tiny_model
+from perceptclip.model.artifact import ArtifactError, ArtifactMeta, load_artifact, read_meta, save_artifact
+from perceptclip.model.debug import tiny_model
 
 
 def test_save_and_load_round_trip_exactly(tmp_path):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from perceptclip.score import ScoreConfig, run_score
-from perceptclip.shards import write_shard
-
+from perceptclip.inputs.shards import write_shard
+from perceptclip.scoring.config import ScoreConfig
+from perceptclip.scoring.job import run_score
 from support.images import image_bytes, make_image
 from support.processes import kill_session, session_pids
 from support.waiting import wait_for
@@ -39,7 +39,8 @@ import ray
 from ray._private.state import actors, state
 from ray.core.generated.common_pb2 import TaskStatus
 from ray.cluster_utils import Cluster
-from perceptclip.score import ScoreConfig, run_score
+from perceptclip.scoring.config import ScoreConfig
+from perceptclip.scoring.job import run_score
 
 fields, gpu_nodes, shards = json.loads(sys.argv[1])
 cfg = ScoreConfig(**fields)

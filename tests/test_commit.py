@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from perceptclip.commit import ScoreWriter
-from perceptclip.decode import read_and_decode
-from perceptclip.preprocess import DEFAULT_MAX_PIXELS
-from perceptclip.score import ModelSpec, distinct_preprocessing, score_block
-from perceptclip.shards import write_shard
-from perceptclip.storage import StorageConfig, StorageError, storage_options
-
+from perceptclip.core.storage import StorageConfig, StorageError, storage_options
+from perceptclip.inputs.shards import write_shard
+from perceptclip.model.preprocess import DEFAULT_MAX_PIXELS
+from perceptclip.model.reference import ModelSpec, distinct_preprocessing
+from perceptclip.output.commit import ScoreWriter
+from perceptclip.scoring.actor import score_block
+from perceptclip.scoring.decode import read_and_decode
 from support.images import image_bytes, make_image
 from support.store_proxy import StoreProxy
 from support.waiting import wait_for
@@ -31,7 +31,7 @@ PER_SHARD = 3
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, iqa_artifact):
     """The model, and one score block per shard (its samples, then its control row) as the actors send them."""
-    from perceptclip.scorer import Scorer
+    from perceptclip.model.scorer import Scorer
 
     root = tmp_path_factory.mktemp("shards")
     spec = ModelSpec.resolve(iqa_artifact)

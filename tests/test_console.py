@@ -1,4 +1,4 @@
-"""What a run prints for a person (perceptclip.console): the progress bar on a terminal, progress lines
+"""What a run prints for a person (perceptclip.core.console): the progress bar on a terminal, progress lines
 in a log, messages always; Ray's own output kept off stderr; a built-in model on a machine that cannot
 reach the hub failing at once. The console's logic runs on a fake stream and a fake clock; the commands
 themselves run in subprocesses, their stderr captured as a log would be."""
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from perceptclip.commit import ShardResult
-from perceptclip.console import Console, ShardTally, Tally, clock_time
-from perceptclip.runs import RunProgress, RunSummary
-
+from perceptclip.core.console import Console, ShardTally, Tally, clock_time
+from perceptclip.output.commit import ShardResult
+from perceptclip.output.runs import RunProgress, RunSummary
 from support.images import image_bytes, make_image
 from support.shards import write_labelled_shard
 
@@ -169,7 +168,7 @@ def test_run_progress_says_every_shard_and_on_a_console_only_the_failed_ones():
 def test_ray_output_goes_to_a_file_and_ours_still_to_stderr(tmp_path):
     script = textwrap.dedent("""
         import logging, os, sys
-        from perceptclip.console import Console, ray_output
+        from perceptclip.core.console import Console, ray_output
         logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(message)s")
         console = Console(sys.stderr, verbose=sys.argv[1] == "verbose")
         with console, ray_output(console) as output:
@@ -201,9 +200,10 @@ def test_a_read_only_block_is_scored_without_a_warning(iqa_artifact):
         import numpy as np, sys
         sys.path.insert(0, {str(REPO / "tests")!r})
         from support.images import image_bytes, make_image
-        from perceptclip.decode import decode_samples
-        from perceptclip.score import ModelSpec, distinct_preprocessing, score_block
-        from perceptclip.scorer import Scorer
+        from perceptclip.scoring.decode import decode_samples
+        from perceptclip.model.reference import ModelSpec, distinct_preprocessing
+        from perceptclip.scoring.actor import score_block
+        from perceptclip.model.scorer import Scorer
 
         spec = ModelSpec.resolve({iqa_artifact!r})
         preprocessing, index = distinct_preprocessing([spec])

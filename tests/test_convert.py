@@ -11,9 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from perceptclip.cli import main
-from perceptclip.convert import convert, parse_fractions
-from perceptclip.datasets import make_key
-
+from perceptclip.training.convert import convert, parse_fractions
+from perceptclip.training.datasets import make_key
 from support.images import image_bytes, make_image
 
 
@@ -78,7 +77,7 @@ def test_conversion_is_deterministic_and_random_splits_partition(koniq, tmp_path
         r = convert("koniq", str(root), str(tmp_path / "splits"), split=split, seed=3,
                     fractions={"train": 0.5, "val": 0.25, "test": 0.25})
         parts[split] = set(read_shards(r.shards)) if r.shards else set()
-        for key, sample in read_shards(r.shards).items():
+        for _key, sample in read_shards(r.shards).items():
             assert json.loads(sample["json"])["split"] == split
     assert parts["train"] and parts["val"] | parts["test"]
     assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"] or parts["val"] & parts["test"])

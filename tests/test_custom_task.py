@@ -15,8 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from perceptclip.cli import main
-from perceptclip.tasks import load_task
-
+from perceptclip.core.tasks import load_task
 from support.images import image_bytes, make_image
 
 REPO = Path(__file__).resolve().parents[1]

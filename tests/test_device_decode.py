@@ -10,13 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from perceptclip.artifact import ArtifactMeta
-from perceptclip.device_decode import decode_on_device
-from perceptclip.metrics import srcc
-from perceptclip.preprocess import ImageError, PreprocessConfig, decode_image, preprocess
-from perceptclip.scorer import Scorer
-from perceptclip.debug_model import tiny_model
-
+from perceptclip.core.metrics import srcc
+from perceptclip.model.artifact import ArtifactMeta
+from perceptclip.model.debug import tiny_model
+from perceptclip.model.device_decode import decode_on_device
+from perceptclip.model.preprocess import ImageError, PreprocessConfig, decode_image, preprocess
+from perceptclip.model.scorer import Scorer
 from support.images import image_bytes, make_image
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -7,12 +7,11 @@ import pytest
 from click.testing import CliRunner
 
 from perceptclip.cli import main
-from perceptclip.evaluate import evaluate
-from perceptclip.metrics import plcc, srcc
-from perceptclip.preprocess import decode_image
-from perceptclip.scorer import Scorer
-from perceptclip.tasks import EMOSET_LABELS
-
+from perceptclip.core.metrics import plcc, srcc
+from perceptclip.core.tasks import EMOSET_LABELS
+from perceptclip.model.preprocess import decode_image
+from perceptclip.model.scorer import Scorer
+from perceptclip.training.evaluate import evaluate
 from support.images import image_bytes, make_image
 from support.shards import write_labelled_shard
 

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from perceptclip.score import ScoreConfig, run_score
-from perceptclip.shards import write_shard
-from perceptclip.storage import StorageError
-
+from perceptclip.core.storage import StorageError
+from perceptclip.inputs.shards import write_shard
+from perceptclip.scoring.config import ScoreConfig
+from perceptclip.scoring.job import run_score
 from support.images import image_bytes, make_image
 from support.processes import kill_session, raylet_pid, session_pids, worker_pids
 from support.store_proxy import StoreProxy
@@ -151,7 +151,8 @@ def test_a_killed_model_actor_is_restarted_and_every_shard_commits_once(proxy, s
 NODE_LOSS = r"""
 import json, os, sys, threading, time
 from ray.cluster_utils import Cluster
-from perceptclip.score import ScoreConfig, run_score
+from perceptclip.scoring.config import ScoreConfig
+from perceptclip.scoring.job import run_score
 sys.path.insert(0, "tests")
 from support.processes import raylet_pid, worker_pids
 

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from perceptclip.cli import main
-from perceptclip.expression import ExpressionError, kept_rows, parse_expression
-from perceptclip.filter import safe_member_name
-from perceptclip.score import ScoreConfig, run_score
-from perceptclip.shards import read_shard, write_shard
-
+from perceptclip.curation.expression import ExpressionError, kept_rows, parse_expression
+from perceptclip.curation.filter import safe_member_name
+from perceptclip.inputs.shards import read_shard, write_shard
+from perceptclip.scoring.config import ScoreConfig
+from perceptclip.scoring.job import run_score
 from support.images import image_bytes, make_image
 
 TABLE = pa.table({
@@ -244,8 +244,8 @@ def test_safe_member_names_stay_inside_for_python_tarfile_too(tmp_path):
     ("/data/..", None), ("s3://bucket/x/../", None), ("/data/a\\..\\b.tar", None), ("s3://b/C:x.tar", None),
 ])
 def test_curated_shards_are_named_only_after_a_plain_shard_file_name(shard, name):
-    from perceptclip.filter import output_name
-    from perceptclip.shards import ShardError
+    from perceptclip.curation.filter import output_name
+    from perceptclip.inputs.shards import ShardError
 
     if name is not None:
         assert output_name(shard) == name
@@ -388,10 +388,9 @@ def test_filter_writes_each_input_kind_as_its_own_kind_or_as_tars(iqa_artifact, 
     from click.testing import CliRunner
 
     from perceptclip.cli import main
-    from perceptclip.plan import plan_shards
-    from perceptclip.score import ScoreConfig
-    from perceptclip.shards import read_shard
-
+    from perceptclip.inputs.shards import read_shard
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.plan import plan_shards
     from support.images import image_bytes, make_image
     from support.inputs import write_image_files, write_image_parquet
     from support.scoring import score_here

@@ -14,16 +14,15 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from perceptclip.artifact import ArtifactError, ArtifactMeta, load_artifact, read_meta, save_artifact
 from perceptclip.cli import main
-from perceptclip.debug_model import make_tiny_artifact, tiny_model_config
-from perceptclip.evaluate import evaluate
-from perceptclip.model import ClipLoraModel
-from perceptclip.preprocess import decode_image
-from perceptclip.score import ModelSpec, check_columns
-from perceptclip.scorer import Scorer
-from perceptclip.tasks import Task
-
+from perceptclip.core.tasks import Task
+from perceptclip.model.artifact import ArtifactError, ArtifactMeta, load_artifact, read_meta, save_artifact
+from perceptclip.model.clip_lora import ClipLoraModel
+from perceptclip.model.debug import make_tiny_artifact, tiny_model_config
+from perceptclip.model.preprocess import decode_image
+from perceptclip.model.reference import ModelSpec, check_columns
+from perceptclip.model.scorer import Scorer
+from perceptclip.training.evaluate import evaluate
 from support.images import image_bytes, make_image
 from support.scoring import score_here
 from support.shards import write_labelled_shard
@@ -177,8 +176,8 @@ def test_the_job_writes_every_heads_columns_and_each_equals_its_head_alone(two_t
 # --- 3, 4. training a model of two tasks, end to end ------------------------------------------------------
 
 def test_a_config_gives_each_training_set_its_task():
-    from perceptclip.config import ConfigError
-    from perceptclip.train import TrainConfig, init_model_config
+    from perceptclip.core.config import ConfigError
+    from perceptclip.training.train import TrainConfig, init_model_config
 
     smoke = yaml.safe_load(SMOKE.read_text())
     cfg = TrainConfig.from_mapping({**smoke, "task": None, "tasks": {"light": BRIGHTNESS.definition(),
@@ -248,8 +247,8 @@ def test_a_model_of_two_tasks_trains_exports_and_scores_both_heads_in_one_pass(r
 def test_quantiles_filter_and_the_language_see_every_heads_columns(two_task, tmp_path):
     """Each head is one entry of the tables' metadata: quantiles per regression column, class shares per
     classification, and the filter language knows the classification's classes."""
-    from perceptclip.filter import run_filter
-    from perceptclip.quantiles import class_shares, quantiles, read_scores
+    from perceptclip.curation.filter import run_filter
+    from perceptclip.curation.quantiles import class_shares, quantiles, read_scores
 
     images = [(f"k{i}", image_bytes(make_image(i, (48, 40))), {}) for i in range(12)]
     shard = write_labelled_shard(tmp_path / "in" / "part-0.tar", images)

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from perceptclip.decode import decode_samples
-from perceptclip.filter import run_filter, safe_member_name
-from perceptclip.preprocess import PreprocessConfig
-from perceptclip.score import load_score_config, run_score
-from perceptclip.shards import IMAGE_EXTENSIONS, ShardError, read_shard, shard_bytes
-
+from perceptclip.curation.filter import run_filter, safe_member_name
+from perceptclip.inputs.shards import IMAGE_EXTENSIONS, ShardError, read_shard, shard_bytes
+from perceptclip.model.preprocess import PreprocessConfig
+from perceptclip.scoring.config import load_score_config
+from perceptclip.scoring.decode import decode_samples
+from perceptclip.scoring.job import run_score
 from support.hostile import IGNORED, MAX_PIXELS, observe, write_hostile_shards
 from support.images import image_bytes, make_image
 
@@ -139,7 +139,7 @@ def test_any_bytes_make_exactly_one_row_per_sample(batch):
         assert error is None or re.match(REASON, error)
     for name in ("key", "error", "url", "caption"):      # everything is writable to Parquet
         pa.array(list(block[name]), pa.string())
-    for i, p in enumerate(PREPROCESSING):
+    for i, _p in enumerate(PREPROCESSING):
         assert block[f"crops_{i}"].shape[0] == len(batch) and block[f"crops_{i}"].dtype == np.uint8
 
 

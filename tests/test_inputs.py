@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from perceptclip.shards import EmptyFolderError, expand_shards, write_shard
-
+from perceptclip.inputs.shards import EmptyFolderError, expand_shards, write_shard
 from support.images import image_bytes, make_image
 from support.shards import write_labelled_shard
 
@@ -46,7 +45,7 @@ def test_a_folder_without_shards_is_an_error_naming_it(tmp_path):
 
 
 def test_a_prefix_on_object_storage_means_its_shards(s3_server):
-    from perceptclip.storage import storage_options
+    from perceptclip.core.storage import storage_options
 
     bucket, options = s3_server.bucket(), storage_options()
     for i in (2, 0, 1):
@@ -61,8 +60,8 @@ def test_a_prefix_on_object_storage_means_its_shards(s3_server):
 
 
 def test_evaluate_and_train_take_a_folder_of_labelled_shards(iqa_artifact, tmp_path):
-    from perceptclip.evaluate import evaluate
-    from perceptclip.train import TrainConfig, worker_plan
+    from perceptclip.training.evaluate import evaluate
+    from perceptclip.training.train import TrainConfig, worker_plan
 
     root = tmp_path / "labelled"
     for s in range(2):
@@ -82,7 +81,8 @@ def test_evaluate_and_train_take_a_folder_of_labelled_shards(iqa_artifact, tmp_p
 
 
 def test_score_takes_a_folder_of_shards(tmp_path, iqa_artifact):
-    from perceptclip.score import ScoreConfig, plan_shards
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.plan import plan_shards
 
     root = tmp_path / "shards"
     for i in range(3):
@@ -108,8 +108,7 @@ def scored(dest, name):
 
 
 def test_parquet_with_images_inside_is_one_score_row_per_row(tmp_path, iqa_artifact):
-    from perceptclip.inputs import InputSpec
-
+    from perceptclip.inputs.base import InputSpec
     from support.inputs import write_image_parquet
     from support.scoring import score_here
 
@@ -138,8 +137,7 @@ def test_parquet_with_images_inside_is_one_score_row_per_row(tmp_path, iqa_artif
 
 
 def test_parquet_duplicate_and_null_keys_are_error_rows(tmp_path, iqa_artifact):
-    from perceptclip.inputs import InputSpec
-
+    from perceptclip.inputs.base import InputSpec
     from support.inputs import write_image_parquet
     from support.scoring import score_here
 
@@ -153,8 +151,7 @@ def test_parquet_duplicate_and_null_keys_are_error_rows(tmp_path, iqa_artifact):
 
 
 def test_parquet_files_that_cannot_be_read_fail_their_shard(tmp_path, iqa_artifact):
-    from perceptclip.inputs import InputSpec
-
+    from perceptclip.inputs.base import InputSpec
     from support.inputs import write_image_parquet
     from support.scoring import score_here
 
@@ -175,8 +172,7 @@ def test_parquet_files_that_cannot_be_read_fail_their_shard(tmp_path, iqa_artifa
 def test_an_unreadable_row_group_is_error_rows_and_the_rest_scores(tmp_path, iqa_artifact):
     import pyarrow.parquet as pq
 
-    from perceptclip.inputs import InputSpec
-
+    from perceptclip.inputs.base import InputSpec
     from support.inputs import write_image_parquet
     from support.scoring import score_here
 
@@ -196,7 +192,8 @@ def test_parquet_columns_that_cannot_be_told_fail_at_start_naming_the_columns(tm
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from perceptclip.score import ScoreConfig, plan_shards
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.plan import plan_shards
 
     pq.write_table(pa.table({"a": pa.array([b"x"]), "b": pa.array([b"y"]), "n": [1]}), tmp_path / "two.parquet")
     pq.write_table(pa.table({"caption": ["x"], "n": [1]}), tmp_path / "none.parquet")
@@ -222,7 +219,7 @@ def test_input_settings_are_checked_at_the_edge(tmp_path):
     from click.testing import CliRunner
 
     from perceptclip.cli import main
-    from perceptclip.score import load_score_config
+    from perceptclip.scoring.config import load_score_config
 
     with pytest.raises(ValueError, match="^input_format: must be one of"):
         load_score_config(None, input=["a"], output="o", models=["m"], input_format="zip")
@@ -237,8 +234,8 @@ def test_input_settings_are_checked_at_the_edge(tmp_path):
 def test_parquet_on_object_storage_end_to_end_and_rerun(s3_server, iqa_artifact, ray_local, tmp_path):
     import pyarrow.parquet as pq
 
-    from perceptclip.score import load_score_config, run_score
-
+    from perceptclip.scoring.config import load_score_config
+    from perceptclip.scoring.job import run_score
     from support.inputs import write_image_parquet
 
     bucket, fs = s3_server.bucket(), s3_server.filesystem()
@@ -271,8 +268,7 @@ def test_carried_columns_join_scores_back_to_the_input_with_their_types(tmp_path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from perceptclip.inputs import InputSpec
-
+    from perceptclip.inputs.base import InputSpec
     from support.inputs import write_image_parquet
     from support.scoring import score_here
 
@@ -305,8 +301,7 @@ def test_carried_columns_join_scores_back_to_the_input_with_their_types(tmp_path
 def test_a_csv_table_of_paths_is_one_row_per_line_with_a_reason_for_each_failure(tmp_path, iqa_artifact):
     import pyarrow.parquet as pq
 
-    from perceptclip.inputs import InputSpec
-
+    from perceptclip.inputs.base import InputSpec
     from support.scoring import score_here
 
     images = tmp_path / "images"
@@ -343,8 +338,7 @@ def test_jsonl_and_parquet_tables_and_duplicate_keys(tmp_path, iqa_artifact):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from perceptclip.inputs import InputSpec
-
+    from perceptclip.inputs.base import InputSpec
     from support.scoring import score_here
 
     for i in range(3):
@@ -369,8 +363,7 @@ def test_a_url_that_hangs_is_an_error_row_after_the_timeout(tmp_path, iqa_artifa
 
     import pyarrow.parquet as pq
 
-    from perceptclip.inputs import InputSpec
-
+    from perceptclip.inputs.base import InputSpec
     from support.scoring import score_here
 
     release = threading.Event()
@@ -417,8 +410,8 @@ def test_a_long_table_is_streamed_its_memory_flat_in_its_length(tmp_path):
     find keys seen twice). benchmarks/table_memory.py does the same with a million rows."""
     import tracemalloc
 
-    from perceptclip.inputs import InputSpec
-    from perceptclip.tables import TableReader
+    from perceptclip.inputs.base import InputSpec
+    from perceptclip.inputs.tables import TableReader
 
     (tmp_path / "0.jpg").write_bytes(jpeg(0))
     peaks = {}
@@ -438,7 +431,8 @@ def test_a_long_table_is_streamed_its_memory_flat_in_its_length(tmp_path):
 
 
 def test_table_columns_that_cannot_be_found_fail_at_start(tmp_path):
-    from perceptclip.score import ScoreConfig, plan_shards
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.plan import plan_shards
 
     (tmp_path / "t.csv").write_text("name,label\na.jpg,1\n")
 
@@ -458,7 +452,8 @@ def test_table_columns_that_cannot_be_found_fail_at_start(tmp_path):
 def test_a_table_on_object_storage_fetches_its_images_there(s3_server, iqa_artifact, ray_local):
     import pyarrow.parquet as pq
 
-    from perceptclip.score import load_score_config, run_score
+    from perceptclip.scoring.config import load_score_config
+    from perceptclip.scoring.job import run_score
 
     bucket, fs = s3_server.bucket(), s3_server.filesystem()
     for i in range(4):
@@ -480,15 +475,14 @@ def test_a_table_on_object_storage_fetches_its_images_there(s3_server, iqa_artif
 # --- folders of image files: virtual shards ------------------------------------------------------
 
 def files_config(root, dest, artifact, **settings):
-    from perceptclip.score import ScoreConfig
+    from perceptclip.scoring.config import ScoreConfig
 
     return ScoreConfig(input=[str(root)], output=str(dest), models=[artifact], **settings)
 
 
 def score_files(cfg, options=None):
     """Plan as the job does (recording the grouping), then score what is left in this process."""
-    from perceptclip.plan import plan_shards
-
+    from perceptclip.scoring.plan import plan_shards
     from support.scoring import score_here
 
     plan = plan_shards(cfg, options or {})
@@ -542,7 +536,7 @@ def test_a_folder_of_image_files_is_scored_as_virtual_shards_recorded_under_the_
     assert pq.read_table(second)["key"].to_pylist() == ["0-first.jpg", "b/new.jpg", "y.png"]
     # a file gone before its shard was scored is an error row
     write_image_files(root, ["late-1.jpg", "late-2.jpg"])
-    from perceptclip.plan import plan_shards
+    from perceptclip.scoring.plan import plan_shards
 
     todo = plan_shards(cfg, {}).todo                                     # recorded, not yet scored
     (root / "late-2.jpg").unlink()
@@ -557,9 +551,8 @@ def test_a_folder_of_image_files_is_scored_as_virtual_shards_recorded_under_the_
 
 
 def test_auto_tells_a_folder_of_image_files_from_a_folder_of_shards(tmp_path, iqa_artifact):
-    from perceptclip.plan import plan_shards
-    from perceptclip.score import load_score_config
-
+    from perceptclip.scoring.config import load_score_config
+    from perceptclip.scoring.plan import plan_shards
     from support.inputs import write_image_files
 
     write_image_files(tmp_path / "photos", ["a.jpg", "b.png", "c/d.jpg"])
@@ -600,7 +593,7 @@ def test_runs_racing_to_record_a_grouping_end_with_one(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from perceptclip.files import FileSource, create, virtual_shards
+    from perceptclip.inputs.files import FileSource, create, virtual_shards
 
     for attempt in range(5):
         dest = tmp_path / f"dest-{attempt}"
@@ -621,7 +614,7 @@ def test_runs_racing_to_record_a_grouping_end_with_one(tmp_path):
         keys = [k for r in recorded for k in r["key"]]
         assert sorted(keys) == sorted(set(keys)) == views[3][:9] + ["009.jpg", "010.jpg", "011.jpg"]
         final = [f"{p}#{name}" for p, r in zip(listings, recorded) for name in dict.fromkeys(r["shard"])]
-        for i, shards in results.items():
+        for _i, shards in results.items():
             assert shards == final[:len(shards)]                  # a prefix of the one grouping
         assert not list((dest / "_inputs" / "photos").glob("*.tmp"))
     with pytest.raises(FileExistsError):
@@ -629,11 +622,10 @@ def test_runs_racing_to_record_a_grouping_end_with_one(tmp_path):
 
 
 def test_files_on_an_object_store_prefix_record_and_score_there(s3_server, iqa_artifact, tmp_path):
-    from perceptclip.files import create
-    from perceptclip.plan import plan_shards
-    from perceptclip.score import ScoreConfig
-    from perceptclip.storage import storage_options
-
+    from perceptclip.core.storage import storage_options
+    from perceptclip.inputs.files import create
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.plan import plan_shards
     from support.inputs import write_image_files
     from support.scoring import score_here
 
@@ -656,10 +648,9 @@ def test_each_image_on_an_object_store_is_one_request(s3_server, iqa_artifact, t
     """A loose image costs one GET: not a HEAD for its size first, a second round trip for every image."""
     import s3fs
 
-    from perceptclip.plan import plan_shards
-    from perceptclip.score import ScoreConfig
-    from perceptclip.storage import storage_options
-
+    from perceptclip.core.storage import storage_options
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.plan import plan_shards
     from support.inputs import write_image_files
     from support.scoring import score_here
     from support.store_proxy import StoreProxy
@@ -687,8 +678,8 @@ def test_a_growing_prefix_of_image_files_end_to_end(s3_server, iqa_artifact, ray
     """The nightly job over a prefix: each run scores the files added since, and nothing else."""
     import pyarrow.parquet as pq
 
-    from perceptclip.score import load_score_config, run_score
-
+    from perceptclip.scoring.config import load_score_config
+    from perceptclip.scoring.job import run_score
     from support.inputs import write_image_files
 
     bucket, fs = s3_server.bucket(), s3_server.filesystem()

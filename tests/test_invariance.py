@@ -9,10 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from perceptclip.model import BackboneConfig, ModelConfig
-from perceptclip.preprocess import decode_image
-from perceptclip.scorer import Scorer, canonical_batch
-
+from perceptclip.model.clip_lora import BackboneConfig, ModelConfig
+from perceptclip.model.preprocess import decode_image
+from perceptclip.model.scorer import Scorer, canonical_batch
 from support.images import image_bytes, make_image
 from support.wide_model import make_wide_artifact
 
@@ -45,7 +44,7 @@ def placements(scorer: Scorer, images: list) -> dict[str, bytes]:
 
 
 def test_the_canonical_batch_is_per_device_and_model_cost():
-    from perceptclip.debug_model import tiny_model_config
+    from perceptclip.model.debug import tiny_model_config
 
     vit_l, vit_b = ModelConfig(), ModelConfig(backbone=BackboneConfig.from_open_clip("ViT-B-16", None))
     assert canonical_batch("cpu", vit_l) == canonical_batch("cpu", vit_b) == 1     # one image stays as fast
@@ -77,8 +76,8 @@ def test_several_crops_an_image_too(wide_iqa):
 def test_predict_and_the_jobs_stages_give_the_bits_of_one_image_alone(wide, tmp_path):
     """``predict`` in batches of 3 and the job's stages (blocks of 5, two shards holding the images in
     other orders) give every image the value it gets scored alone."""
-    from perceptclip.predict import predict
-    from perceptclip.shards import write_shard
+    from perceptclip.inputs.shards import write_shard
+    from perceptclip.model.predict import predict
     from support.scoring import score_here
 
     data = [image_bytes(make_image(50 + i, (90 + 4 * i, 72))) for i in range(12)]

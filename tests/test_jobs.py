@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from perceptclip.cli import main
-from perceptclip.score import load_score_config
+from perceptclip.scoring.config import load_score_config
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"

@@ -3,8 +3,17 @@ import math
 import numpy as np
 import pytest
 
-from perceptclip.metrics import (bootstrap_ci, classification_metrics, confusion_matrix, json_ready, macro_f1,
-                                 plcc, regression_metrics, srcc, undefined)
+from perceptclip.core.metrics import (
+    bootstrap_ci,
+    classification_metrics,
+    confusion_matrix,
+    json_ready,
+    macro_f1,
+    plcc,
+    regression_metrics,
+    srcc,
+    undefined,
+)
 
 
 def test_correlations_of_known_pairs():

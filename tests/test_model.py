@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from perceptclip.lora import LoraAttention, LoraPair
-from perceptclip.model import BackboneConfig, ClipLoraModel
-from perceptclip.tasks import TASKS, get_task
-from perceptclip.debug_model import tiny_model, tiny_model_config
+from perceptclip.core.tasks import TASKS, get_task
+from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel
+from perceptclip.model.debug import tiny_model, tiny_model_config
+from perceptclip.model.lora import LoraAttention, LoraPair
 
 
 def test_only_lora_and_head_parameters_are_trainable():
@@ -55,7 +55,7 @@ def test_merged_and_unmerged_give_the_same_outputs():
 
 def test_base_attention_equals_open_clip_multihead_attention():
     """With B = 0 the adapted block computes exactly what open_clip's own block computes."""
-    from perceptclip.model import build_vision_tower
+    from perceptclip.model.clip_lora import build_vision_tower
 
     torch.manual_seed(0)
     cfg = tiny_model_config("iqa")

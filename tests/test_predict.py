@@ -3,10 +3,9 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from perceptclip.artifact import load_artifact
 from perceptclip.cli import main
-from perceptclip.preprocess import decode_image, normalize
-
+from perceptclip.model.artifact import load_artifact
+from perceptclip.model.preprocess import decode_image, normalize
 from support.images import image_bytes, make_image
 
 

@@ -5,9 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from perceptclip.preprocess import (ImageError, PreprocessConfig, crop_positions, decode_image, normalize,
-                                 preprocess)
-
+from perceptclip.model.preprocess import (
+    ImageError,
+    PreprocessConfig,
+    crop_positions,
+    decode_image,
+    normalize,
+    preprocess,
+)
 from support.images import image_bytes, make_image
 
 
@@ -175,8 +180,8 @@ def test_strips_are_cropped_without_building_a_huge_image(size):
 
 
 def test_only_the_listed_formats_are_opened():
-    from perceptclip.preprocess import IMAGE_FORMATS
-    from perceptclip.shards import IMAGE_EXTENSIONS
+    from perceptclip.inputs.shards import IMAGE_EXTENSIONS
+    from perceptclip.model.preprocess import IMAGE_FORMATS
 
     registered = Image.registered_extensions()
     assert {registered[f".{ext}"] for ext in IMAGE_EXTENSIONS} == set(IMAGE_FORMATS)

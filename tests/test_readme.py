@@ -33,8 +33,8 @@ def test_the_walkthrough_names_every_command():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    from perceptclip.model.debug import make_tiny_artifact
     from support.images import image_bytes, make_image
-    from perceptclip.debug_model import make_tiny_artifact
 
     work = tmp_path_factory.mktemp("readme")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), str(work / "demo-output" / "shards")],
@@ -79,9 +79,8 @@ def test_every_walkthrough_command_runs(workdir, ray_local):
 
 def test_your_own_task_runs_as_written(workdir, ray_local):
     """The README's "Your own task": its config's ViT-L/14 swapped for the debug model, 2 epochs."""
-    import yaml
-
     import pyarrow.parquet as pq
+    import yaml
 
     work, _ = workdir
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

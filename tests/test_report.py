@@ -20,9 +20,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from perceptclip.cli import main
-from perceptclip.score import ScoreConfig, run_score
-from perceptclip.shards import write_shard
-
+from perceptclip.inputs.shards import write_shard
+from perceptclip.scoring.config import ScoreConfig
+from perceptclip.scoring.job import run_score
 from support.images import image_bytes, make_image
 from support.scoring import score_here
 
@@ -359,8 +359,7 @@ def chromium(tmp_path: Path, *args: str) -> str:
 def test_report_shows_thumbnails_for_every_input_kind(iqa_artifact, tmp_path):
     """Tars, Parquet with the images inside, a table of paths and a folder of image files, scored into one
     DEST: every figure of the report is a thumbnail read from where its image is."""
-    from perceptclip.plan import plan_shards
-
+    from perceptclip.scoring.plan import plan_shards
     from support.inputs import write_image_files, write_image_parquet
 
     data = tmp_path / "data"

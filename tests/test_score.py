@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from perceptclip.cli import main
-from perceptclip.score import ScoreConfig, load_score_config, run_score
-from perceptclip.shards import read_shard, shard_bytes, write_shard
-from perceptclip.storage import storage_options
-
+from perceptclip.core.storage import storage_options
+from perceptclip.inputs.shards import read_shard, shard_bytes, write_shard
+from perceptclip.scoring.config import ScoreConfig, load_score_config
+from perceptclip.scoring.job import run_score
 from support.images import image_bytes, make_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def test_s3_end_to_end(s3_server, iqa_artifact, ray_local):
     assert summary["shards"] == {"planned": 4, "done": 1, "skipped": 3, "failed": 0}
     assert len(read_shard(f"{bucket}/shards/part-003.tar", options)) == 2
     # curation from and to the object store
-    from perceptclip.filter import run_filter
+    from perceptclip.curation.filter import run_filter
 
     curated = run_filter(f"{bucket}/scores", "quality > -1000", f"{bucket}/curated", options).to_dict()
     assert curated["shards"]["done"] == 4 and curated["samples"] == {"seen": 17, "kept": 16}
@@ -306,7 +306,7 @@ def test_score_config_file_documents_every_option():
 
     import yaml
 
-    from perceptclip.storage import StorageConfig
+    from perceptclip.core.storage import StorageConfig
 
     text = (REPO / "configs" / "score.yaml").read_text()
     documented = yaml.safe_load(text)
@@ -352,7 +352,7 @@ def test_sample_fraction_scores_a_seeded_share_then_the_full_run_completes(tmp_p
     sampled = sorted(p.name for p in (tmp_path / "out" / "_markers").glob("*.json"))
     again = load_score_config(None, input=[spec], output=str(tmp_path / "other"), models=[iqa_artifact],
                               sample_fraction=0.3)
-    from perceptclip.score import plan_shards
+    from perceptclip.scoring.plan import plan_shards
 
     # the same listing and seed plan the same sample, wherever it is written
     assert sorted(f"{Path(u).stem}.json" for u in plan_shards(again, storage_options(again.storage)).todo) == sampled
@@ -364,7 +364,7 @@ def test_sample_fraction_scores_a_seeded_share_then_the_full_run_completes(tmp_p
 
 def test_the_decode_tasks_import_no_torch():
     """Every decode task process imports this module; torch would add seconds to each one's start."""
-    code = "import sys, perceptclip.decode; print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))"
+    code = "import sys, perceptclip.scoring.decode; print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -373,11 +373,11 @@ def test_the_model_actor_skips_importing_transformers(iqa_artifact):
     """open_clip imports transformers whenever it is installed (seconds of a scoring run's start-up); the
     actor loads its models without it, scores as a process that imported everything does, and leaves
     transformers importable."""
-    from perceptclip.scorer import Scorer
+    from perceptclip.model.scorer import Scorer
 
     code = (
         "import sys, json, numpy as np\n"
-        "from perceptclip.score import ModelActor\n"
+        "from perceptclip.scoring.job import ModelActor\n"
         f"actor = ModelActor([('iqa', {iqa_artifact!r}, None)], [0], 1)\n"
         "crops = np.random.default_rng(0).integers(0, 256, (3, 1, 3, 32, 32), dtype=np.uint8)\n"
         "scores = actor.scorers[0].score(list(crops)).tolist()\n"
@@ -422,7 +422,7 @@ def test_an_output_that_holds_the_input_shards_is_refused_before_any_work(tmp_pa
 
 
 def test_a_score_column_named_as_a_carried_column_is_refused_at_start(iqa_artifact):
-    from perceptclip.score import ModelSpec, check_columns
+    from perceptclip.model.reference import ModelSpec, check_columns
 
     check_columns([ModelSpec.resolve(f"quality={iqa_artifact}")], ["id"])
     with pytest.raises(ValueError, match="models: a carried column would be called 'id'; name the model NAME=MODEL"):

@@ -5,10 +5,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from perceptclip.artifact import load_artifact
-from perceptclip.preprocess import decode_image
-from perceptclip.scorer import Scorer
-
+from perceptclip.model.artifact import load_artifact
+from perceptclip.model.preprocess import decode_image
+from perceptclip.model.scorer import Scorer
 from support.images import image_bytes, make_image
 
 
@@ -28,7 +27,7 @@ def test_bf16_scores_rank_like_fp32(iqa_artifact, crops):
 def test_merged_sdpa_path_equals_unmerged_reference_in_fp32(iqa_artifact, crops):
     scorer = Scorer.load(iqa_artifact, device="cpu", precision="fp32")
     model, meta = load_artifact(iqa_artifact)                      # unmerged, LoRA applied per forward
-    from perceptclip.preprocess import normalize
+    from perceptclip.model.preprocess import normalize
 
     with torch.no_grad():
         reference = np.stack([model(normalize(torch.from_numpy(c), meta.preprocess.mean, meta.preprocess.std)).mean(0).numpy()

@@ -17,10 +17,10 @@ import yaml
 from click.testing import CliRunner
 
 from perceptclip.cli import main
-from perceptclip.score import load_score_config, run_score
-from perceptclip.shards import write_shard
-from perceptclip.storage import storage_options
-
+from perceptclip.core.storage import storage_options
+from perceptclip.inputs.shards import write_shard
+from perceptclip.scoring.config import load_score_config
+from perceptclip.scoring.job import run_score
 from support.images import image_bytes, make_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_the_canary_appears_in_no_exception_when_the_model_cannot_load(canary, i
 
 
 def test_a_storage_config_never_shows_its_secret_in_a_repr():
-    from perceptclip.storage import StorageConfig
+    from perceptclip.core.storage import StorageConfig
 
     cfg = StorageConfig(key="AKIDEXAMPLE", secret="canary-secret-in-a-repr", token="canary-token-in-a-repr")
     assert "canary" not in repr(cfg) and "canary" not in str(cfg)

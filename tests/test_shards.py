@@ -8,9 +8,19 @@ import tarfile
 import pyarrow as pa
 import pytest
 
-from perceptclip.shards import (MAX_META_BYTES, ShardError, expand_shards, image_member, iter_shard, read_shard,
-                             sample_info, shard_bytes, shard_name, write_shard)
-from perceptclip.storage import StorageConfig, redact, redact_text, storage_options
+from perceptclip.core.storage import StorageConfig, redact, redact_text, storage_options
+from perceptclip.inputs.shards import (
+    MAX_META_BYTES,
+    ShardError,
+    expand_shards,
+    image_member,
+    iter_shard,
+    read_shard,
+    sample_info,
+    shard_bytes,
+    shard_name,
+    write_shard,
+)
 
 
 def samples(n, prefix="s"):

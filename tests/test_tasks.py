@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from perceptclip.artifact import ArtifactMeta, read_meta
-from perceptclip.debug_model import make_tiny_artifact, tiny_model_config
-from perceptclip.tasks import TASKS, Task, resolve_task
-from perceptclip.train import TrainConfig
+from perceptclip.core.tasks import TASKS, Task, resolve_task
+from perceptclip.model.artifact import ArtifactMeta, read_meta
+from perceptclip.model.debug import make_tiny_artifact, tiny_model_config
+from perceptclip.training.train import TrainConfig
 
 WARMTH = {"name": "warmth", "kind": "regression", "description": "how warm the picture feels, 1 to 5"}
 SAFETY = {"name": "brand_safety", "kind": "classification", "labels": ["safe", "borderline", "unsafe"],

@@ -14,15 +14,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from perceptclip.augment import AugmentConfig, random_crop
 from perceptclip.cli import main
-from perceptclip.losses import plcc_loss, task_loss
-from perceptclip.metrics import srcc
-from perceptclip.preprocess import PreprocessConfig
-from perceptclip.shards import write_shard
-from perceptclip.train import TrainConfig, parse_datasets, train
-from perceptclip.train_data import shard_rows
-
+from perceptclip.core.metrics import srcc
+from perceptclip.inputs.shards import write_shard
+from perceptclip.model.preprocess import PreprocessConfig
+from perceptclip.training.augment import AugmentConfig, random_crop
+from perceptclip.training.data import shard_rows
+from perceptclip.training.losses import plcc_loss, task_loss
+from perceptclip.training.train import TrainConfig, parse_datasets, train
 from support.images import image_bytes, make_image
 from support.processes import raylet_pid, worker_pids
 from support.shards import write_labelled_shard
@@ -126,7 +125,7 @@ def test_dataset_arguments_name_the_heads():
 
 
 def test_a_local_machine_that_cannot_place_the_workers_fails_at_start():
-    from perceptclip.train import ScalingConfig, check_local_resources
+    from perceptclip.training.train import ScalingConfig, check_local_resources
 
     with pytest.raises(ValueError, match="scaling.use_gpu: 1 GPU worker"):
         check_local_resources(ScalingConfig(use_gpu=True), {"CPU": 16.0})
@@ -161,9 +160,9 @@ def test_task_loss_uses_only_valid_rows_and_keeps_the_graph_when_none_are():
 
 
 def test_init_from_a_model_keeps_its_backbone_and_lora_and_copies_its_head_to_every_head(iqa_artifact):
-    from perceptclip.artifact import load_artifact
-    from perceptclip.train import init_model_config
-    from perceptclip.train_worker import build_model
+    from perceptclip.model.artifact import load_artifact
+    from perceptclip.training.train import init_model_config
+    from perceptclip.training.worker import build_model
 
     cfg = TrainConfig(task="iqa", init=iqa_artifact)
     model_cfg = init_model_config(cfg, ("koniq", "spaq"))
@@ -290,7 +289,7 @@ def _latest_checkpoint(dest: Path) -> str | None:
 def test_two_workers_two_datasets_an_interrupted_run_resumes_without_repeating_epochs(ray_local, synthetic, tmp_path):
     """Two workers (gloo DDP), two training sets with a head each, killed after a checkpoint, rerun;
     the rerun loses a worker too and Ray Train restarts the group from the latest checkpoint."""
-    from perceptclip.evaluate import evaluate
+    from perceptclip.training.evaluate import evaluate
 
     # the second set rates the same kind of images the opposite way: only its own head can fit it
     second = write_shards(tmp_path / "second" / "train", list(range(300, 500)), label=lambda s: -quality(s))
@@ -365,7 +364,7 @@ def test_the_rows_a_worker_reads_in_an_epoch_depend_only_on_the_seed_the_epoch_a
     rows in the same order (with the order preserved, as each worker sets it)."""
     import ray.data
 
-    from perceptclip.train_data import epoch_rows
+    from perceptclip.training.data import epoch_rows
 
     monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)
     pre = PreprocessConfig(kind="multi_crop", size=32, crops=3, max_side=256)
@@ -395,7 +394,7 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_exports_the_uninterr
     workers reads are checked by the test above)."""
     from safetensors.torch import load_file
 
-    from perceptclip.scorer import Scorer
+    from perceptclip.model.scorer import Scorer
 
     cfg = TrainConfig.load(str(SMOKE))
     cfg.epochs = 3
@@ -483,7 +482,7 @@ def test_the_output_may_not_hold_the_runs_shards(synthetic, tmp_path):
 
 
 def test_a_run_record_refuses_another_config_or_other_data_and_names_what_changed(synthetic, tmp_path):
-    from perceptclip.train import begin_run
+    from perceptclip.training.train import begin_run
 
     cfg = TrainConfig.load(str(SMOKE))
     sets = {"default": synthetic["train"][:2]}, {"default": synthetic["val"][:1]}
@@ -513,7 +512,7 @@ def test_a_run_record_refuses_another_config_or_other_data_and_names_what_change
 
 
 def test_an_earlier_run_without_a_record_is_not_resumed(tmp_path, synthetic):
-    from perceptclip.train import begin_run
+    from perceptclip.training.train import begin_run
 
     cfg = TrainConfig.load(str(SMOKE))
     (tmp_path / "run" / "checkpoints" / "epoch-0003").mkdir(parents=True)
@@ -525,7 +524,7 @@ def test_an_earlier_run_without_a_record_is_not_resumed(tmp_path, synthetic):
 
 def test_a_set_that_cannot_be_used_stops_the_run(tmp_path):
     """The decision after every epoch, from the epoch's record (the same on every worker)."""
-    from perceptclip.validation import run_problems
+    from perceptclip.training.validation import run_problems
 
     provenance = {"train": {"a": "a/*.tar", "b": "b/"}, "val": {"a": "va/*.tar"}}
     record = {"train_sets": {"a": {"n": 40, "errors": 0, "error_reasons": {}},
@@ -605,8 +604,8 @@ def test_an_epoch_whose_predictions_cannot_be_ranked_has_no_score_and_never_beco
     predictions are all equal is the model's doing: the run goes on, but that epoch has no score."""
     from collections import Counter
 
-    from perceptclip.tasks import get_task
-    from perceptclip.validation import epoch_score, set_metrics
+    from perceptclip.core.tasks import get_task
+    from perceptclip.training.validation import epoch_score, set_metrics
 
     iqa = get_task("iqa")
     flat = set_metrics(iqa, [np.full((4, 1), 0.3)], [np.array([1.0, 2.0, 3.0, 4.0])], Counter({"bad_label": 1}))

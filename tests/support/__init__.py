@@ -1,5 +1,5 @@
 """What the tests share, and nothing the product needs (the debug model is product:
-``perceptclip.debug_model``):
+``perceptclip.model.debug``):
 
 - ``images``: generated photo-like images (``make_image``, ``image_bytes``), also for the demo data and
   the benchmarks;

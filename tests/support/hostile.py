@@ -236,7 +236,7 @@ def observe(cases: list[Case], output: str, summary: dict) -> tuple[list[Outcome
     against the rows written, with the keys written twice and the keys lost."""
     import pyarrow.parquet as pq
 
-    from perceptclip.shards import shard_name
+    from perceptclip.inputs.shards import shard_name
 
     failed = {posixpath.basename(f["shard"]): f["reason"] for f in summary["failed_shards"]}
     rows: dict[str, list[dict]] = {}

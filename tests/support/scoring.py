@@ -8,14 +8,15 @@ from __future__ import annotations
 def score_here(shards: list[str], models: list[str], dest: str, block_rows: int = 8, inputs=None) -> list:
     """Score local ``shards`` with ``models`` (as ``--model`` takes them) into local ``dest`` through
     the job's stages: ``read_and_decode``, ``score_block``, ``ScoreWriter``. Returns each shard's
-    ``ShardResult``; writes no run summary. ``inputs``: the shards' ``perceptclip.inputs.InputSpec``."""
+    ``ShardResult``; writes no run summary. ``inputs``: the shards' ``perceptclip.inputs.readers.InputSpec``."""
     import numpy as np
 
-    from perceptclip.commit import ScoreWriter
-    from perceptclip.decode import read_and_decode
-    from perceptclip.preprocess import DEFAULT_MAX_PIXELS
-    from perceptclip.score import ModelSpec, distinct_preprocessing, score_block
-    from perceptclip.scorer import Scorer
+    from perceptclip.model.preprocess import DEFAULT_MAX_PIXELS
+    from perceptclip.model.reference import ModelSpec, distinct_preprocessing
+    from perceptclip.model.scorer import Scorer
+    from perceptclip.output.commit import ScoreWriter
+    from perceptclip.scoring.actor import score_block
+    from perceptclip.scoring.decode import read_and_decode
 
     specs = [ModelSpec.resolve(m) for m in models]
     preprocessing, crops_index = distinct_preprocessing(specs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from perceptclip.shards import write_shard
+from perceptclip.inputs.shards import write_shard
 
 
 def write_labelled_shard(path: str | Path, samples: list[tuple], ext: str = "jpg") -> str:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from perceptclip.artifact import ArtifactMeta, save_artifact
-from perceptclip.model import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
-from perceptclip.tasks import get_task
+from perceptclip.core.tasks import get_task
+from perceptclip.model.artifact import ArtifactMeta, save_artifact
+from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
 
 
 def wide_model_config(task: str) -> ModelConfig:
