@@ -247,10 +247,11 @@ def test_a_second_conversion_into_the_same_output_is_refused_naming_the_first_un
     assert sorted(p.name for p in out.glob("*.tar")) == ["all-000000.tar"]
     assert len(read_shards(sorted(out.glob("*.tar")))) == 25
 
-    # another split is another prefix: it goes beside the first, and the first stays as it was
+    # another split beside 'all' would hold samples that 'all' holds too: refused, the first kept as it was
     other = CliRunner().invoke(main, ["convert", "manifest", str(manifest), "--output", str(out), "--split", "val"])
-    assert other.exit_code == 0, other.output
-    assert "all-000000.tar" in {p.name for p in out.glob("*.tar")}
+    assert other.exit_code != 0
+    assert "splits all" in other.output and "two splits" in other.output
+    assert sorted(p.name for p in out.glob("*.tar")) == ["all-000000.tar"]
 
 
 def test_shards_of_the_split_that_no_conversion_recorded_are_never_overwritten(tmp_path):

@@ -594,6 +594,7 @@ def test_runs_racing_to_record_a_grouping_end_with_one(tmp_path):
     import pyarrow.parquet as pq
 
     from perceptclip.inputs.files import FileSource, create, virtual_shards
+    from perceptclip.output.layout import listings_dir
 
     for attempt in range(5):
         dest = tmp_path / f"dest-{attempt}"
@@ -602,7 +603,8 @@ def test_runs_racing_to_record_a_grouping_end_with_one(tmp_path):
 
         def run(i):
             barrier.wait()
-            results[i] = virtual_shards(FileSource("src", str(tmp_path / "photos"), views[i]), str(dest), 2, {})
+            results[i] = virtual_shards(FileSource("src", str(tmp_path / "photos"), views[i]), listings_dir(str(dest)),
+                                        2, {})
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(views))]
         for t in threads:

@@ -7,7 +7,7 @@
 Importing this package starts nothing: no Ray, no CUDA, no downloads (the names above load on first use).
 """
 
-from perceptclip.core.version import __version__
+from perceptclip.core.version import __version__ as __version__
 
 __all__ = ["Scorer", "add_scores", "score"]
 

@@ -12,9 +12,11 @@ written. Only scored samples (status ``ok``) can be kept. What a curated shard i
                               where the image was read from, the scores); a tar key has no dots (``_``)
 
 A curated shard is named after the input shard (``.tar`` or ``.parquet``). Per shard: the curated
-file, then a marker recording the expression; a rerun skips shards with a marker and refuses
-to mix in another expression (``--overwrite`` redoes every shard). The output must lie apart from the
-score tables and the input shards: a curation never overwrites what it reads.
+file, then a marker recording the expression. The output is opened through ``output.destination``: it
+must lie apart from the score tables, the inputs they were scored from and the input shards (a curation
+never overwrites what it reads), and a rerun with another expression or format is refused;
+``--overwrite`` removes the earlier curation's files and redoes every shard. A rerun skips shards with
+a marker.
 
 Nothing is ever written outside the output, whatever the shards and keys say. A curated shard's path
 is the output folder plus the input shard's file name, refused (``unsafe_name``, the shard fails)
@@ -39,10 +41,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from perceptclip.core.schema import METADATA_KEY
-from perceptclip.core.storage import check_apart, filesystem, holds, join, redact_text
+from perceptclip.core.storage import filesystem, join, redact_text
 from perceptclip.curation.expression import KeepExpression, kept_rows, parse_expression
 from perceptclip.inputs.shards import ShardError, parse_json, shard_bytes, shard_name
-from perceptclip.output.layout import MARKERS_DIR, committed_names, marker_path, table_path
+from perceptclip.output.destination import Destination, made_from
+from perceptclip.output.layout import MARKERS_DIR, committed_names, marker_path, read_markers, table_path
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -252,21 +255,11 @@ def check_table(expression: KeepExpression, scores: str, marker: dict, options: 
     expression.check(schema, where=f"the score table of {name}")
 
 
-def check_same_curation(output: str, where: str, options: dict) -> None:
-    """A rerun into an output must finish the same curation, not mix a second one into it."""
-    fs, root = filesystem(join(output, MARKERS_DIR), options)
-    try:
-        paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
-    except FileNotFoundError:
-        return
-    for path in paths:
-        try:
-            earlier = json.loads(fs.cat_file(path)).get("where")
-        except (ValueError, OSError):
-            earlier = None
-        if earlier != where:
-            raise ValueError(f"--output: {output} holds shards curated with --where {earlier!r}, not {where!r}; "
-                             f"choose another output, or --overwrite to redo every shard with the new expression")
+def legacy_curation(output: str, form: str, options: dict) -> dict | None:
+    """A curation written before outputs had records: the expression its markers record."""
+    wheres = {m.get("where") for m in read_markers(output, options)}
+    return {"where": sorted(wheres, key=str)[0] if len(wheres) == 1 else sorted(map(str, wheres)),
+            "format": form} if wheres else None
 
 
 def run_filter(scores: str, where: str, output: str, options: dict, overwrite: bool = False, workers: int = 4,
@@ -278,14 +271,16 @@ def run_filter(scores: str, where: str, output: str, options: dict, overwrite: b
         raise ValueError(f"--format: one of {', '.join(CURATED_FORMATS)}, not {form!r}")
     expression = parse_expression(where)
     markers = committed_scores(scores, options)
-    check_apart("--output", output, {"the score tables": [scores], "input shards": [m["shard"] for m in markers]})
-    if holds(scores, output):
-        raise ValueError(f"--output: {output} lies inside --scores {scores}; write the curated shards elsewhere")
+    settings = {"where": expression.text, "format": form}
+    dest = Destination.open(output, "filter", options, overwrite=overwrite, settings=settings,
+                            earlier=lambda: legacy_curation(output, form, options),
+                            inputs={"the score tables": [scores], "the scored inputs": made_from(scores, options),
+                                    "input shards": [m["shard"] for m in markers]},
+                            made_from=[{"url": scores, "kind": "scores"}])
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(lambda m: check_table(expression, scores, m, options), markers))
     summary = FilterSummary(scores=scores, output=output, where=where)
-    if not overwrite:
-        check_same_curation(output, expression.text, options)
+    dest.begin()
     done_names = set() if overwrite else committed_names(output, options)
     todo = [m for m in markers if shard_name(m["shard"]) not in done_names]
     summary.skipped = len(markers) - len(todo)

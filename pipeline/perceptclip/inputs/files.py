@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from perceptclip.core.storage import filesystem, join, location, protocol, redact_text
 from perceptclip.inputs.base import ShardReader
-from perceptclip.inputs.shards import IMAGE_EXTENSIONS, LISTINGS_DIR, VIRTUAL_SHARD, ShardError, _absolute, folder_files
+from perceptclip.inputs.shards import IMAGE_EXTENSIONS, VIRTUAL_SHARD, ShardError, _absolute, folder_files
 
 LISTING_FORMAT = "perceptclip-files"
 _LISTING = re.compile(r"listing-(\d{6,})\.parquet$")
@@ -93,29 +93,30 @@ def _exists_as_folder(url: str, options: dict) -> bool:
 
 # --- record the grouping under DEST ----------------------------------------------------------------
 
-def listing_url(dest: str, name: str, generation: int) -> str:
-    return join(dest, LISTINGS_DIR, name, f"listing-{generation:06d}.parquet")
+def listing_url(listings: str, name: str, generation: int) -> str:
+    return join(listings, name, f"listing-{generation:06d}.parquet")
 
 
-def virtual_shards(src: FileSource, dest: str, per_shard: int, options: dict) -> list[str]:
-    """The URLs of every virtual shard of ``src`` recorded under ``dest``, its new files recorded first."""
-    dest = _absolute(dest)      # read tasks run elsewhere: a relative DEST would name another folder there
+def virtual_shards(src: FileSource, listings: str, per_shard: int, options: dict) -> list[str]:
+    """The URLs of every virtual shard of ``src`` recorded under ``listings`` (the output's folder of them,
+    ``output.layout.listings_dir``), its new files recorded first."""
+    root = _absolute(listings)      # read tasks run elsewhere: a relative path would name another folder there
     for _ in range(RECORD_ATTEMPTS):
-        listings = read_listings(src, dest, options)
+        listings = read_listings(src, root, options)
         recorded = {key for _, table in listings for key in table["key"].to_pylist()}
         shards = [f"{url}#{name}" for url, table in listings for name in table["shard"].unique().to_pylist()]
         new = [key for key in src.keys if key not in recorded]
         if not new:
             return shards
         generation = max((int(_LISTING.search(u).group(1)) for u, _ in listings), default=-1) + 1
-        url = listing_url(dest, src.name, generation)
+        url = listing_url(root, src.name, generation)
         table = group(new, src.name, len(shards), per_shard)
         try:
             create(url, listing_bytes(table, src, per_shard), options)
         except FileExistsError:
             continue                    # another run recorded this generation first: group what it left
         return shards + [f"{url}#{name}" for name in table["shard"].unique().to_pylist()]
-    raise RuntimeError(f"{join(dest, LISTINGS_DIR, src.name)}: other runs kept recording listings; try again")
+    raise RuntimeError(f"{join(root, src.name)}: other runs kept recording listings; try again")
 
 
 def group(keys: list[str], name: str, first: int, per_shard: int):
@@ -160,24 +161,24 @@ def create(url: str, data: bytes, options: dict) -> None:
         os.unlink(aside)
 
 
-def read_listings(src: FileSource, dest: str, options: dict) -> list[tuple[str, object]]:
-    """``(url, table)`` of each listing recorded for ``src``'s name under ``dest``, in generation order;
+def read_listings(src: FileSource, listings: str, options: dict) -> list[tuple[str, object]]:
+    """``(url, table)`` of each listing recorded for ``src``'s name under ``listings``, in generation order;
     ``ValueError`` when they were recorded for another root."""
     import pyarrow.parquet as pq
 
-    fs, folder = filesystem(join(dest, LISTINGS_DIR, src.name), options)
+    fs, folder = filesystem(join(listings, src.name), options)
     try:
         names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False) if _LISTING.search(p))
     except FileNotFoundError:
         return []
     out = []
     for name in names:
-        url = join(dest, LISTINGS_DIR, src.name, name)
+        url = join(listings, src.name, name)
         with fs.open(join(folder, name), "rb") as f:
             table = pq.read_table(f, columns=["shard", "key"])
         root = json.loads(table.schema.metadata[b"perceptclip"])["root"]
         if location(root) != location(src.root):
-            raise ValueError(f"output: {dest} records the files of {root} as {src.name}, not those of {src.root}; "
+            raise ValueError(f"output: {listings} records the files of {root} as {src.name}, not those of {src.root}; "
                              f"score them into another output")
         out.append((url, table))
     return out

@@ -117,6 +117,13 @@ class TableReader:
         else:
             yield from jsonl_records(self.path)
 
+    def locations(self) -> Iterator[str]:
+        """Every image location the table names, as a URL (relative paths resolved), streamed."""
+        for _, record, _ in self.records():
+            location = (record or {}).get(self.location)
+            if isinstance(location, str) and location.strip():
+                yield resolve(location.strip(), self.base)
+
     def blocks(self, block_rows: int) -> Iterator[list[dict]]:
         from array import array
 

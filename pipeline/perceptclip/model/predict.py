@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from perceptclip.core.storage import filesystem
 from perceptclip.model.preprocess import ImageError, decode_image
 from perceptclip.model.scorer import Scorer
 
 
 def read_bytes(path: str) -> bytes:
-    import fsspec
-
     try:
-        with fsspec.open(path, "rb") as f:
+        fs, where = filesystem(path, {})
+        with fs.open(where, "rb") as f:
             return f.read()
     except FileNotFoundError:
         raise ImageError("missing", "no such file") from None

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import logging
-import uuid
 from collections import Counter, defaultdict, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -27,11 +26,11 @@ import pyarrow as pa
 
 from perceptclip.core.clock import utc_now
 from perceptclip.core.schema import BASE_COLUMNS, METADATA_KEY, SHARD_ROW
-from perceptclip.core.storage import StorageError, filesystem, join, protocol, redact_text, storage_error
+from perceptclip.core.storage import filesystem, join, storage_error
 from perceptclip.core.version import __version__
 from perceptclip.inputs.base import carried_columns
 from perceptclip.inputs.shards import shard_name
-from perceptclip.output.layout import MARKERS_DIR, RUNS_DIR, marker_path, table_path
+from perceptclip.output.layout import MARKERS_DIR, marker_path, table_path
 
 if TYPE_CHECKING:
     from perceptclip.model.reference import ModelSpec
@@ -320,22 +319,3 @@ def in_order(parts: list[pa.Table]) -> pa.Table:
     table = pa.concat_tables(sorted(parts, key=lambda part: part["ordinal"][0].as_py()))
     ordinal = table["ordinal"].to_numpy()
     return table if bool(np.all(ordinal[1:] > ordinal[:-1])) else table.sort_by("ordinal")
-
-
-def check_destination(dest: str, options: dict) -> None:
-    """Fail before any model is loaded or shard read when nothing can be written under ``dest`` (a
-    read-only mount, a missing bucket, a role without write access), rather than after the first
-    shard is scored. Writes an empty object under ``_runs/`` and removes it."""
-    probe = join(dest, RUNS_DIR, f".write-check-{uuid.uuid4().hex}")
-    try:
-        fs, path = filesystem(probe, options)
-        if protocol(dest) == "file":
-            # only local folders: object stores have none, and s3fs's makedirs would create a missing bucket
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, b"")
-    except Exception as e:
-        raise StorageError(redact_text(f"output: cannot write under {dest}: {type(e).__name__}: {e}", options)) from None
-    try:
-        fs.rm_file(path)
-    except Exception as e:  # a store may grant writes but not deletes; scoring only writes
-        log.warning("%s", redact_text(f"could not remove {probe}: {type(e).__name__}: {e}", options))

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+
 from perceptclip.core.storage import filesystem, join
 from perceptclip.inputs.shards import LISTINGS_DIR
 
@@ -47,3 +49,33 @@ def committed_names(dest: str, options: dict) -> set[str]:
     return {e.rsplit("/", 1)[-1].removesuffix(".json") for e in entries if e.endswith(".json")}
 
 
+
+
+def read_markers(dest: str, options: dict) -> list[dict]:
+    """Every marker under ``dest``, in name order (an unreadable one is left out)."""
+    fs, root = filesystem(join(dest, MARKERS_DIR), options)
+    try:
+        paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    out = []
+    for path in paths:
+        try:
+            out.append(json.loads(fs.cat_file(path)))
+        except (ValueError, OSError):
+            continue
+    return out
+
+
+def listings_dir(dest: str) -> str:
+    """Where the groupings of folders of image files into virtual shards are recorded under ``dest``."""
+    return join(dest, LISTINGS_DIR)
+
+
+def runs_dir(dest: str) -> str:
+    return join(dest, RUNS_DIR)
+
+
+def conversion_record(dest: str, split: str) -> str:
+    """The record of one split's conversion under ``dest``."""
+    return join(dest, CONVERSIONS_DIR, f"{split}.json")

@@ -28,12 +28,12 @@ from perceptclip.core.clock import utc_now
 from perceptclip.core.console import Console, ShardTally, ray_output
 from perceptclip.core.storage import StorageError, redact, redact_text, storage_options
 from perceptclip.model.reference import ModelSpec, check_columns, distinct_preprocessing
-from perceptclip.output.commit import COMMIT_WORKERS, ScoreWriter, check_destination
+from perceptclip.output.commit import COMMIT_WORKERS, ScoreWriter
 from perceptclip.output.runs import RunProgress, RunSummary, write_summary
 from perceptclip.scoring.actor import ModelActor
 from perceptclip.scoring.config import ScoreConfig
 from perceptclip.scoring.decode import read_and_decode
-from perceptclip.scoring.plan import Plan, plan_shards
+from perceptclip.scoring.plan import Plan, list_inputs, open_output, plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,11 @@ def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> R
     cfg.validate()
     started = time.perf_counter()
     options = storage_options(cfg.storage)
-    check_destination(cfg.output, options)
+    found = list_inputs(cfg, options)
     models = [ModelSpec.resolve(m, options, batch=cfg.model_batch) for m in cfg.models]
     check_columns(models, cfg.carry_columns)
-    plan = plan_shards(cfg, options)
+    open_output(cfg, found, models, options).begin()     # refused: nothing was written
+    plan = plan_shards(cfg, options, found)
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     summary = RunSummary(run_id=run_id, output=cfg.output, started_at=utc_now(),
                          models=[m.describe() for m in models], storage=redact(options),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from perceptclip.core.storage import check_apart, join
+from perceptclip.core.storage import filesystem, join
 from perceptclip.core.tasks import Task
+from perceptclip.output.destination import Destination, OutputRefused
+from perceptclip.output.layout import CONVERSIONS_DIR
 from perceptclip.training.datasets import (
     Problem,
     Record,
@@ -41,7 +44,6 @@ from perceptclip.training.datasets import (
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"}
-RECORDS = "_conversions"       # OUTPUT/_conversions/<split>.json: what each split's conversion wrote
 
 
 @dataclass
@@ -107,10 +109,9 @@ def random_split(records: list[Record], split: str, fractions: dict[str, float],
 # ---------------------------------------------------------------------------------------------- writing
 
 def _read_image(record: Record) -> tuple[bytes | None, str | None]:
-    import fsspec
-
     try:
-        with fsspec.open(record.image, "rb") as f:
+        fs, path = filesystem(record.image, {})
+        with fs.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return None, f"image not found: {record.image}"
@@ -136,12 +137,11 @@ def _image_ext(record: Record, data: bytes) -> str | None:
 def write_shards(records: list[Record], output: str, split: str, shard_size: int = 1000,
                  threads: int = 16) -> ConvertReport:
     """Read each record's image and write ``output/<split>-NNNNNN.tar`` shards of ``shard_size`` samples."""
-    import fsspec
     from webdataset import TarWriter
 
     report = ConvertReport(split=split)
     _unique_keys(records)
-    fs, root = fsspec.core.url_to_fs(output)
+    fs, root = filesystem(output, {})
     fs.makedirs(root, exist_ok=True)
     writer, stream = None, None
 
@@ -202,7 +202,7 @@ def _claim(fs, root: str, output: str, settings: dict, overwrite: bool) -> str:
     record's path. Refuses to write beside another conversion's shards of the split, or beside shards of
     its name that no conversion recorded."""
     split = settings["split"]
-    path = posixpath.join(root, RECORDS, f"{split}.json")
+    path = posixpath.join(root, CONVERSIONS_DIR, f"{split}.json")
     earlier = json.loads(fs.cat_file(path)) if fs.exists(path) else None
     existing = sorted(p for p in fs.glob(posixpath.join(root, f"{split}-*.tar"))
                       if _shard_name(split).fullmatch(posixpath.basename(p)))
@@ -220,6 +220,58 @@ def _claim(fs, root: str, output: str, settings: dict, overwrite: bool) -> str:
     return path
 
 
+def partition(settings: dict) -> dict:
+    """What decides which split a sample falls in. Splits converted into one output must share it, so
+    that no sample is in two: KonIQ's and a manifest's fractions and seed (or ``all``, every sample);
+    LaMem's split set (``train_1``, ``val_1`` and ``test_1`` are one); EmoSet's official split."""
+    dataset, split = settings["dataset"], settings["split"]
+    if dataset in ("koniq", "manifest"):
+        return {"split": "all"} if split == "all" else {"fractions": settings["fractions"], "seed": settings["seed"]}
+    if dataset == "lamem":
+        return {"split_set": split.rsplit("_", 1)[-1]}
+    return {"split": "official"}
+
+
+def open_output(output: str, dataset: str, source: str, split: str, settings: dict, images: list[str],
+                overwrite: bool, fs, root: str) -> Destination:
+    """The output, apart from the label file and the images, and partitioned as the splits already in it."""
+    others = [p for p in _recorded_splits(fs, root) if p != split]
+    identity = {"dataset": dataset, "source": source if "://" in source else os.path.abspath(source),
+                "partition": partition(settings)}
+    try:
+        return Destination.open(output, "convert", {}, overwrite=overwrite and not others, compare_inputs=False,
+                                settings=identity, earlier=lambda: _legacy_identity(fs, root),
+                                inputs={"the label file": [label_file(dataset, source, split)], "the images": images},
+                                made_from=[{"url": identity["source"], "kind": dataset}])
+    except OutputRefused as e:
+        if not others:
+            raise
+        raise OutputRefused(f"{e}".split("; choose another output")[0] + f"; it holds the splits {', '.join(others)}, "
+                            f"so a sample would be in two splits: convert with the same settings, or into another "
+                            f"output") from None
+
+
+def _recorded_splits(fs, root: str) -> list[str]:
+    try:
+        names = fs.ls(posixpath.join(root, CONVERSIONS_DIR), detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(n).removesuffix(".json") for n in names if n.endswith(".json"))
+
+
+def _legacy_identity(fs, root: str) -> dict | None:
+    """An output converted before outputs had records: the identity its first split's record gives."""
+    for split in _recorded_splits(fs, root):
+        try:
+            settings = json.loads(fs.cat_file(posixpath.join(root, CONVERSIONS_DIR, f"{split}.json")))
+            source = settings["source"]
+            return {"dataset": settings["dataset"], "source": source if "://" in source else os.path.abspath(source),
+                    "partition": partition(settings)}
+        except (ValueError, KeyError, OSError):
+            continue
+    return None
+
+
 def convert(dataset: str, source: str, output: str, split: str | None = None, shard_size: int = 1000,
             fractions: dict[str, float] | None = None, seed: int = 0, overwrite: bool = False,
             task: Task | None = None) -> ConvertReport:
@@ -229,21 +281,19 @@ def convert(dataset: str, source: str, output: str, split: str | None = None, sh
     (default ``train``); KonIQ and manifests a name in ``fractions`` or ``all`` (the default).
     ``overwrite``: replace an earlier conversion of the split in ``output`` (refused without it).
     ``task`` (manifests only): the labels must fit it (numbers, or its class names)."""
-    import fsspec
-
     if shard_size <= 0:
         raise ValueError("shard_size must be positive")
     if task is not None and dataset != "manifest":
         raise ValueError(f"--task: only for a manifest; {dataset}'s labels are its own")
     split, records, problems = _records(dataset, source, split, fractions or DEFAULT_FRACTIONS, seed, task)
-    check_apart("--output", output, {"the label file": [label_file(dataset, source, split)],
-                                     "the images": [r.image for r in records]})
     settings = {"dataset": dataset, "source": source, "split": split, "shard_size": shard_size}
     if task is not None:
         settings["task"] = task.definition()
     if dataset in ("koniq", "manifest") and split != "all":
         settings.update(fractions=fractions or DEFAULT_FRACTIONS, seed=seed)
-    fs, root = fsspec.core.url_to_fs(output)
+    fs, root = filesystem(output, {})
+    open_output(output, dataset, source, split, settings, [r.image for r in records], overwrite, fs, root).begin(
+        remove=lambda: [])          # an earlier conversion of this split: its shards go in _claim, and only those
     path = _claim(fs, root, output, settings, overwrite)
     report = write_shards(records, output, split, shard_size)
     report.problems[:0] = problems

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from perceptclip.core.storage import filesystem
 from perceptclip.core.tasks import EMOSET_LABELS, Task
 from perceptclip.inputs.shards import parse_json
 
@@ -57,9 +58,8 @@ def _join(root: str, *parts: str) -> str:
 
 
 def _open_text(path: str):
-    import fsspec
-
-    return fsspec.open(path, "r", encoding="utf-8", newline="")
+    fs, where = filesystem(path, {})
+    return fs.open(where, "r", encoding="utf-8", newline="")
 
 
 def make_key(name: str) -> str:
@@ -239,12 +239,11 @@ def _misfit(label, numeric: bool, task: Task | None) -> str:
 
 
 def _read_manifest(manifest: str) -> list[tuple[str, dict]]:
-    import fsspec
-
     if manifest.endswith((".parquet", ".pq")):
         import pyarrow.parquet as pq
 
-        with fsspec.open(manifest, "rb") as f:
+        fs, where = filesystem(manifest, {})
+        with fs.open(where, "rb") as f:
             table = pq.read_table(f)
         columns = set(table.column_names)
         if "label" not in columns or not columns & {"path", "url"}:
