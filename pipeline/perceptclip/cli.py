@@ -82,7 +82,9 @@ def import_official(checkpoint, task, output):
     pickle that carries code is refused.
     """
     from perceptclip.model.official import import_official as convert
+    from perceptclip.output.destination import check_apart
 
+    _or_fail(lambda: check_apart("--output", output, {"the checkpoint": [checkpoint]}))
     meta = _or_fail(lambda: convert(checkpoint, task, output))
     click.echo(f"wrote {output} ({meta.task}, {meta.model.backbone.name}, sha256 {meta.weights_sha256[:12]})")
 

@@ -117,16 +117,6 @@ def holds(folder: str, url: str) -> bool:
     return inner == outer or inner.startswith(outer + "/")
 
 
-def check_apart(option: str, output: str, inputs: dict[str, list[str]]) -> None:
-    """Refuse, before any work, an output that holds one of the command's inputs: writing there could
-    overwrite or mix with them. ``inputs``: what they are (``"the input shards"``) -> their URLs."""
-    for what, urls in inputs.items():
-        for url in urls:
-            if holds(output, url):
-                raise ValueError(f"{option}: {output} holds {what} ({url}); write the output to a folder apart "
-                                 f"from its inputs")
-
-
 def redact(options: dict) -> dict:
     """A copy of ``options`` fit for a log or a summary: secret values replaced, nesting kept."""
     out = {}

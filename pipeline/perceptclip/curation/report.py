@@ -26,6 +26,7 @@ import numpy as np
 
 from perceptclip.core.storage import filesystem
 from perceptclip.core.version import __version__
+from perceptclip.output.destination import check_apart
 from perceptclip.curation.quantiles import DEFAULT_LEVELS, ScoreSet, class_shares, quantiles, read_scores
 from perceptclip.inputs.shards import ShardError, expand_shards, image_member, shard_name
 from perceptclip.model.preprocess import ImageError, decode_image
@@ -58,6 +59,7 @@ def write_report(scores_dest: str, output: str, shards: str | list[str] | None =
     if top_k < 0:
         raise ValueError(f"top_k: must be >= 0, got {top_k}")
     options = options or {}
+    check_apart("--output", output, {"the score tables": [scores_dest]})       # a file: no record
     scores = read_scores(scores_dest, options, progress)
     picks = {m["name"]: ranked(scores, m, top_k) for m in scores.models}
     wanted = defaultdict(dict)             # shard -> key -> where the image was read from

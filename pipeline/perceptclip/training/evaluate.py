@@ -21,6 +21,8 @@ from collections import Counter
 import numpy as np
 
 from perceptclip.core.metrics import classification_metrics, json_ready, regression_metrics, undefined
+from perceptclip.core.storage import filesystem
+from perceptclip.output.destination import check_apart
 from perceptclip.training.labels import describe_reasons, labelled_samples
 
 
@@ -89,18 +91,11 @@ def _score(scorer, task, urls: list[str], batch_size: int, storage_options: dict
 
 
 def _check_output(output: str, urls: list[str], model: str) -> None:
-    """The metrics file must overwrite neither a shard nor a file of the model."""
-    from perceptclip.core.storage import check_apart, holds
-
+    """The metrics file must overwrite neither a shard nor a file of the model (a file output: no record)."""
     check_apart("--output", output, {"the labelled shards": urls, "the model": [model]})
-    if holds(model, output):
-        raise ValueError(f"--output: {output} lies inside the model {model}; write the metrics apart from "
-                         f"the command's inputs")
 
 
 def _write_json(url: str, obj: dict, storage_options: dict | None) -> None:
-    from perceptclip.core.storage import filesystem
-
     fs, path = filesystem(url, storage_options)
     with fs.open(path, "w") as f:
         f.write(json.dumps(obj, allow_nan=False) + "\n")

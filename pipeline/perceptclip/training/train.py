@@ -42,6 +42,7 @@ from perceptclip.core.tasks import Task, resolve_task
 from perceptclip.model.artifact import ArtifactMeta, read_meta
 from perceptclip.model.clip_lora import BackboneConfig, HeadConfig, LoraConfig, ModelConfig
 from perceptclip.model.official import resolve_model
+from perceptclip.output.destination import Destination, flatten
 from perceptclip.training.augment import AugmentConfig
 from perceptclip.training.report import EpochReport
 from perceptclip.training.validation import run_metric
@@ -273,13 +274,15 @@ def begin_run(cfg: TrainConfig, train_urls: dict[str, list[str]], val_urls: dict
     """Check DEST before any work and record there what the run is started with. DEST must hold none
     of the inputs; an earlier run in DEST is resumed only if it was started with the same config and
     shards, and discarded first with ``restart``."""
-    from perceptclip.core.storage import check_apart, filesystem
+    from perceptclip.core.storage import filesystem
 
     inputs = {"the training shards": [u for urls in train_urls.values() for u in urls],
               "the validation shards": [u for urls in val_urls.values() for u in urls]}
     if cfg.init:
         inputs["the init model"] = [resolve_model(cfg.init)]
-    check_apart("--output", dest, inputs)
+    # apart from the inputs and no other command's output; the run's own identity is its record, run.json
+    output = Destination.open(dest, "train", options or {}, inputs=inputs, compare_inputs=False,
+                              made_from=[{"url": u, "kind": kind} for kind, urls in inputs.items() for u in urls])
     fs, root = filesystem(dest, options)
     record = {"config": cfg.to_mapping(), "train": train_urls, "val": val_urls}
     path = posixpath.join(root, RUN_RECORD)
@@ -299,13 +302,13 @@ def begin_run(cfg: TrainConfig, train_urls: dict[str, list[str]], val_urls: dict
                              f"(checkpoints, metrics, model) and start again")
         return                      # the same run, resumed: its record stays as it was started
     # nothing to resume (a record alone is a run that failed before its first epoch): record this one
-    fs.makedirs(root, exist_ok=True)
+    output.begin(remove=lambda: [])
     fs.pipe_file(path, json.dumps(record, indent=1, allow_nan=False).encode())
 
 
 def _changes(earlier: dict, now: dict) -> list[str]:
     """What differs between two run records, for a person: ``epochs: 15 -> 2``, ``train.default: other shards``."""
-    old, new = _flatten(earlier), _flatten(now)
+    old, new = flatten(earlier), flatten(now)
     changes = []
     for key in sorted(old.keys() | new.keys()):
         name = key.removeprefix("config.")
@@ -318,16 +321,6 @@ def _changes(earlier: dict, now: dict) -> list[str]:
             a, b = (json.dumps(d[key])[:60] if key in d else "(unset)" for d in (old, new))
             changes.append(f"{name}: {a} -> {b}")
     return changes
-
-
-def _flatten(mapping: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _trainer(cfg: TrainConfig, plan: WorkerPlan, storage_path: str, storage_fs):
