@@ -15,8 +15,9 @@ images are then stored on the moto S3 server on loopback, in a process of its ow
 Each kind is scored into its own prefix on the same store (``run_score``, the job's defaults but one torch
 thread and no CPU reserved for the model actor when there is no GPU, as ``stages.py`` does). Each kind is
 scored twice, in the order tars, Parquet, files, files, Parquet, tars, and the better of its two runs
-counts, so neither the workers' warm-up nor other work on the machine favours one kind. ``--delay-ms`` puts the tests' ``StoreProxy`` in front of
-moto, adding that latency to every request (a distant store), which loose files pay once per image.
+counts, so neither the workers' warm-up nor other work on the machine favours one kind. ``--delay-ms`` puts
+the tests' ``StoreProxy`` in front of moto, adding that latency to every request (a distant store), which
+loose files pay once per image.
 
 Throughput is end to end: the images over the whole run, start-up included (listing, recording a files
 input's grouping, starting the model actor). With 2,000 images on 2 cores the run is short, so the

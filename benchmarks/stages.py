@@ -125,7 +125,7 @@ def block_bytes(urls: list[str], block_rows: int, limit: int = 256) -> tuple[int
     for decode, holds, preprocessing in TRANSFERS:
         pre = [PreprocessConfig(**preprocessing)] if preprocessing else None
 
-        def block(url: str, rows: list[dict], start: int):
+        def block(url: str, rows: list[dict], start: int, pre=pre):
             batch = decode_samples(url, rows, start, pre) if pre else encoded_samples(url, rows, start)
             return BlockAccessor.batch_to_block(batch)      # the table the task puts in the object store
 

@@ -69,7 +69,8 @@ def test_cli_evaluate_reads_shards_from_s3_and_writes_the_metrics_there(iqa_arti
     fs = s3_server.filesystem()
     for path in shards:
         fs.put_file(path, f"{bucket[5:]}/data/{path.rsplit('/', 1)[1]}")
-    result = CliRunner().invoke(main, ["evaluate", "--model", iqa_artifact, "--data", f"{bucket}/data/eval-{{000000..000001}}.tar",
+    data = f"{bucket}/data/eval-{{000000..000001}}.tar"
+    result = CliRunner().invoke(main, ["evaluate", "--model", iqa_artifact, "--data", data,
                                        "--bootstrap", "100", "--device", "cpu", "--output", f"{bucket}/metrics.json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout.strip().splitlines()[-1])

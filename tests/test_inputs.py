@@ -252,7 +252,7 @@ def test_parquet_on_object_storage_end_to_end_and_rerun(s3_server, iqa_artifact,
     assert summary["shards"] == {"planned": 4, "done": 3, "skipped": 0, "failed": 1}
     assert summary["failed_shards"][0]["reason"] == "truncated"
     assert summary["samples"] == {"total": 15, "ok": 14, "error": 1, "errors_by_reason": {"not_an_image": 1}}
-    for name, rows in images.items():
+    for name in images:
         with fs.open(f"{bucket[5:]}/scores/{name}.parquet", "rb") as f:
             table = pq.read_table(f)
         assert table["key"].to_pylist() == [str(i) for i in range(5)]        # every row, once, in order
@@ -601,7 +601,7 @@ def test_runs_racing_to_record_a_grouping_end_with_one(tmp_path):
         views = [sorted(f"{i:03d}.jpg" for i in range(n)) for n in (5, 7, 7, 9, 3, 12)]
         barrier, results = threading.Barrier(len(views)), {}
 
-        def run(i):
+        def run(i, barrier=barrier, results=results, views=views, dest=dest):
             barrier.wait()
             results[i] = virtual_shards(FileSource("src", str(tmp_path / "photos"), views[i]), listings_dir(str(dest)),
                                         2, {})

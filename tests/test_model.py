@@ -71,7 +71,7 @@ def test_head_shapes_follow_the_paper():
     cfg = tiny_model_config("emotion")
     model = ClipLoraModel(cfg)
     linears = [m for m in model.heads["default"] if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(32, 32), (32, 16), (16, 8)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(32, 32), (32, 16), (16, 8)]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 8)
 
 

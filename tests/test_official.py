@@ -177,7 +177,8 @@ def test_builtin_name_found_in_the_hub_cache_is_converted_once(iqa_release, tmp_
     (cache / "models--PerceptCLIP--PerceptCLIP_IQA" / "refs" / "main").write_text("0" * 40)
     # huggingface_hub reads its environment at import: a fresh process, as on a real offline machine
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PERCEPTCLIP_CACHE": str(tmp_path / "pc")}
-    resolve = [sys.executable, "-c", "from perceptclip.model.official import resolve_model; print(resolve_model('perceptclip-iqa'))"]
+    resolve = [sys.executable, "-c",
+               "from perceptclip.model.official import resolve_model; print(resolve_model('perceptclip-iqa'))"]
     first = subprocess.run(resolve, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert first.startswith(str(tmp_path / "pc"))
     (snapshot / "perceptCLIP_IQA.pth").unlink()          # converted once: the cache no longer needs the hub

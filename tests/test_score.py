@@ -364,7 +364,8 @@ def test_sample_fraction_scores_a_seeded_share_then_the_full_run_completes(tmp_p
 
 def test_the_decode_tasks_import_no_torch():
     """Every decode task process imports this module; torch would add seconds to each one's start."""
-    code = "import sys, perceptclip.scoring.decode; print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))"
+    code = ("import sys, perceptclip.scoring.decode; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -66,7 +66,7 @@ def synthetic(tmp_path_factory):
 
 
 def spec(paths: list[str]) -> str:
-    return ",".join(paths) if len(paths) == 1 else paths[0].rsplit("-", 1)[0] + "-{%06d..%06d}.tar" % (0, len(paths) - 1)
+    return ",".join(paths) if len(paths) == 1 else paths[0].rsplit("-", 1)[0] + f"-{{{0:06d}..{len(paths) - 1:06d}}}.tar"
 
 
 # ---------------------------------------------------------------------------------------------- config

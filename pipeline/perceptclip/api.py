@@ -68,6 +68,7 @@ def add_scores(ds, models: str | list[str], image_column: str = "image", *, batc
     import ray
 
     from perceptclip.model.reference import ModelSpec, check_columns, distinct_preprocessing
+    from perceptclip.scoring.job import actor_pool
 
     specs = [ModelSpec.resolve(m, storage_options, batch=model_batch)
              for m in ([models] if isinstance(models, str) else models)]
@@ -76,12 +77,10 @@ def add_scores(ds, models: str | list[str], image_column: str = "image", *, batc
     preprocessing, crops_index = distinct_preprocessing(specs)
     if not ray.is_initialized():
         ray.init()          # as Ray Data itself would: RAY_ADDRESS when set, else a local cluster
-    gpus = ray.cluster_resources().get("GPU", 0)
-    per_actor = gpus_per_actor if gpus_per_actor is not None else (1 if gpus else 0)
-    size = actors or (max(1, int(gpus // per_actor)) if per_actor else 1)
+    size, per_actor = actor_pool(actors, gpus_per_actor)
     return ds.map_batches(
         ScoreColumns, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_args=([(s.name, s.ref, s.batch) for s in specs], crops_index, preprocessing,
+        fn_constructor_args=([s.actor_args() for s in specs], crops_index, preprocessing,
                              image_column, error_column, max_pixels, storage_options),
         compute=ray.data.ActorPoolStrategy(size=size), num_gpus=per_actor, num_cpus=cpus_per_actor)
 
@@ -107,13 +106,9 @@ class ScoreColumns:
     def __init__(self, models: list[tuple[str, str, int | None]], crops_index: list[int],
                  preprocessing: list[PreprocessConfig], image_column: str, error_column: str, max_pixels: int,
                  storage_options: dict | None = None):
-        from perceptclip.model.clip_lora import import_open_clip_for_scoring
+        from perceptclip.scoring.actor import load_scorers
 
-        import_open_clip_for_scoring()
-        from perceptclip.model.scorer import Scorer
-
-        self.scorers = [Scorer.load(ref, name=name, storage_options=storage_options, batch=batch)
-                        for name, ref, batch in models]
+        self.scorers = load_scorers(models, storage_options)
         self.crops_index, self.preprocessing = crops_index, preprocessing
         self.image_column, self.error_column, self.max_pixels = image_column, error_column, max_pixels
 

@@ -197,6 +197,13 @@ def score(inputs, output, models, config_path, address, overwrite, input_format,
         raise SystemExit(1)
 
 
+def _progress_lines():
+    """Progress lines on stderr, at most one a second (an output can hold thousands of tables)."""
+    from perceptclip.core.console import ThrottledLines
+
+    return ThrottledLines(lambda line: click.echo(line, err=True))
+
+
 def _console(unit: str, item: str | None):
     """The progress and messages of a long run on stderr: a bar on a terminal, lines in a log. Under -v
     Ray's own output prints too, and progress goes as lines."""
@@ -204,30 +211,6 @@ def _console(unit: str, item: str | None):
 
     verbose = click.get_current_context().find_root().params.get("verbose", 0) > 0
     return Console(sys.stderr, unit=unit, item=item, verbose=verbose)
-
-
-class _Progress:
-    """Progress lines on stderr, at most one a second (a DEST can hold thousands of tables); ``done``
-    prints the last line held back, so the final state always shows."""
-
-    def __init__(self):
-        self.shown_at = float("-inf")
-        self.held: str | None = None
-
-    def __call__(self, line: str) -> None:
-        import time
-
-        now = time.monotonic()
-        if now - self.shown_at >= 1.0:
-            click.echo(line, err=True)
-            self.shown_at, self.held = now, None
-        else:
-            self.held = line
-
-    def done(self) -> None:
-        if self.held is not None:
-            click.echo(self.held, err=True)
-            self.held = None
 
 
 @main.command()
@@ -254,7 +237,7 @@ def report(dest, output, shards, top_k):
     from perceptclip.core.storage import storage_options
     from perceptclip.curation.report import write_report
 
-    progress = _Progress()
+    progress = _progress_lines()
     result = _or_fail(lambda: write_report(dest, output, shards=list(shards) or None, top_k=top_k,
                                            options=storage_options(), progress=progress))
     progress.done()
@@ -284,7 +267,7 @@ def quantiles(dest, expression, as_json):
     from perceptclip.core.storage import storage_options
     from perceptclip.curation.quantiles import describe_scores, format_description, read_scores
 
-    progress = _Progress()
+    progress = _progress_lines()
     scores = _or_fail(lambda: read_scores(dest, storage_options(), progress))
     progress.done()
     description = _or_fail(lambda: describe_scores(scores, where=expression))
@@ -316,8 +299,9 @@ def train(config_path, train_sets, val_sets, dest, init, address, restart):
       perceptclip score --model s3://b/runs/iqa-1/model ...
 
     Each epoch's score and loss are printed on stderr (with a progress bar on a terminal), its metrics
-    kept in OUTPUT/metrics.json; the line on stdout is the run's summary as JSON. A rerun with another config or other shards is refused (--restart starts
-    afresh); a set without a usable sample fails the run, naming it, and nothing is exported.
+    kept in OUTPUT/metrics.json; the line on stdout is the run's summary as JSON. A rerun with another
+    config or other shards is refused (--restart starts afresh); a set without a usable sample fails the
+    run, naming it, and nothing is exported.
     """
     import dataclasses
     import json

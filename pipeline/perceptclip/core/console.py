@@ -353,3 +353,26 @@ def _fileno(stream) -> int | None:
         return stream.fileno()
     except (AttributeError, ValueError, io.UnsupportedOperation):
         return None
+
+
+class ThrottledLines:
+    """Progress lines through ``write``, at most one a ``interval_s``; ``done`` writes the last line held
+    back, so the final state always shows."""
+
+    def __init__(self, write, interval_s: float = 1.0):
+        self.write, self.interval_s = write, interval_s
+        self.shown_at = float("-inf")
+        self.held: str | None = None
+
+    def __call__(self, line: str) -> None:
+        now = time.monotonic()
+        if now - self.shown_at >= self.interval_s:
+            self.write(line)
+            self.shown_at, self.held = now, None
+        else:
+            self.held = line
+
+    def done(self) -> None:
+        if self.held is not None:
+            self.write(self.held)
+            self.held = None

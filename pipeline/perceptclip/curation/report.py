@@ -26,10 +26,10 @@ import numpy as np
 
 from perceptclip.core.storage import filesystem
 from perceptclip.core.version import __version__
-from perceptclip.output.destination import check_apart
 from perceptclip.curation.quantiles import DEFAULT_LEVELS, ScoreSet, class_shares, quantiles, read_scores
 from perceptclip.inputs.shards import ShardError, expand_shards, image_member, shard_name
 from perceptclip.model.preprocess import ImageError, decode_image
+from perceptclip.output.destination import check_apart
 from perceptclip.output.layout import RUNS_DIR, shard_of
 
 THUMB_SIZE = 128            # longest side of a thumbnail, in pixels

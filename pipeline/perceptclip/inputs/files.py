@@ -31,11 +31,10 @@ from dataclasses import dataclass
 
 from perceptclip.core.storage import filesystem, join, location, protocol, redact_text
 from perceptclip.inputs.base import ShardReader
-from perceptclip.inputs.shards import IMAGE_EXTENSIONS, VIRTUAL_SHARD, ShardError, _absolute, folder_files
+from perceptclip.inputs.shards import GLOB_CHARS, IMAGE_EXTENSIONS, VIRTUAL_SHARD, ShardError, _absolute, folder_files
 
 LISTING_FORMAT = "perceptclip-files"
 _LISTING = re.compile(r"listing-(\d{6,})\.parquet$")
-_GLOB_CHARS = re.compile(r"[*?\[]")
 RECORD_ATTEMPTS = 8          # runs racing over one DEST: each lost race re-reads the winner's listing
 
 
@@ -60,8 +59,8 @@ def list_images(source: str, options: dict) -> FileSource:
     """The image files ``source`` names (a folder, a prefix or a glob), at any depth; ``ValueError`` if none."""
     source = source.strip()
     path = source.split("://", 1)[-1]
-    if _GLOB_CHARS.search(path):
-        static = path[:_GLOB_CHARS.search(path).start()].rsplit("/", 1)[0]
+    if GLOB_CHARS.search(path):
+        static = path[:GLOB_CHARS.search(path).start()].rsplit("/", 1)[0]
         root = source[:len(source) - len(path)] + static
         fs, pattern = filesystem(source, options)
         urls = []

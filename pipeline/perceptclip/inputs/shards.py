@@ -47,7 +47,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "
 MAX_META_BYTES = 1 << 20    # a larger .json or .txt beside an image is not read: url and caption stay null
 _META_MEMBER = re.compile(r"(^|/)__[^/]*__($|/)")    # webdataset's own metadata, such as __index__
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
-_GLOB_CHARS = re.compile(r"[*?\[]")
+GLOB_CHARS = re.compile(r"[*?\[]")      # the one test of whether a spec is a pattern
 # A folder of image files is scored as virtual shards, recorded under DEST (perceptclip.inputs.files): one such
 # shard's URL is its listing's and its name, ``DEST/_inputs/<source>/listing-000000.parquet#<name>``
 LISTINGS_DIR = "_inputs"
@@ -80,7 +80,7 @@ def expand_shards(spec: str | Sequence[str], storage_options: dict | None = None
             urls += expand_shards(_read_url_list(item, storage_options), storage_options)
             continue
         for one in braceexpand(item):
-            if _GLOB_CHARS.search(_path_part(one)):
+            if GLOB_CHARS.search(_path_part(one)):
                 urls += _glob(one, storage_options)
             elif _may_be_folder(one) and is_folder(one, storage_options):
                 urls += folder_shards(one, storage_options)
@@ -95,6 +95,11 @@ class EmptyFolderError(ValueError):
     def __init__(self, url: str, message: str):
         super().__init__(message)
         self.url = url
+
+
+def has_glob(spec: str) -> bool:
+    """Whether ``spec`` is a glob pattern (``*``, ``?`` or ``[`` in its path; a protocol's ``://`` aside)."""
+    return bool(GLOB_CHARS.search(_path_part(spec)))
 
 
 def _path_part(url: str) -> str:

@@ -8,8 +8,9 @@
 
 Several heads may share one backbone: one per training dataset of a task (the paper's multi-dataset
 variant), or one per task, each with its own output size. Each head has a name and the model has a
-default one; one backbone pass serves any number of heads (``forward(images, heads)``). Architecture lives in ``ModelConfig``; weights live apart, in artifacts
-(``perceptclip.model.artifact``) or in the released checkpoints (``perceptclip.model.official``).
+default one; one backbone pass serves any number of heads (``forward(images, heads)``). Architecture lives
+in ``ModelConfig``; weights live apart, in artifacts (``perceptclip.model.artifact``) or in the released
+checkpoints (``perceptclip.model.official``).
 """
 
 from __future__ import annotations

@@ -36,6 +36,10 @@ class ModelSpec:
         return cls(name=meta.outputs(head, name)[0][1], ref=resolved + (f"#{head}" if head else ""), meta=meta,
                    given=base + (f"#{head}" if head else ""), batch=batch)
 
+    def actor_args(self) -> tuple[str, str, int | None]:
+        """What a model actor needs to load this model: its name, the reference resolved, its model batch."""
+        return self.name, self.ref, self.batch
+
     @property
     def head(self) -> str | None:
         """The head picked with ``MODEL#HEAD``; None: the model's own choice (``ArtifactMeta.outputs``)."""

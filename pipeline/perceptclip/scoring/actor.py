@@ -16,18 +16,7 @@ class ModelActor:
     def __init__(self, models: list[tuple[str, str, int | None]], crops_index: list[int], torch_threads: int | None,
                  options: dict | None = None, preprocessing: list[PreprocessConfig] | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        from perceptclip.model.clip_lora import import_open_clip_for_scoring
-
-        import_open_clip_for_scoring()          # before anything imports open_clip: skips its transformers
-        import torch
-
-        from perceptclip.model.scorer import Scorer
-
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        # the run's storage options travel with the job: workers may hold no credentials of their own
-        self.scorers = [Scorer.load(ref, name=name, storage_options=options, batch=batch)
-                        for name, ref, batch in models]
+        self.scorers = load_scorers(models, options, torch_threads)
         self.crops_index = crops_index
         self.preprocessing, self.max_pixels = preprocessing, max_pixels
 
@@ -37,6 +26,23 @@ class ModelActor:
 
             batch = decode_block(batch, self.preprocessing, self.scorers[0].device, self.max_pixels)
         return score_block(batch, self.scorers, self.crops_index)
+
+
+def load_scorers(models: list[tuple[str, str, int | None]], options: dict | None = None,
+                 torch_threads: int | None = None) -> list:
+    """Every model (``(name, ref, model_batch)`` as ``ModelSpec.actor_args`` gives it) loaded once, as a
+    model actor of the job or of ``add_scores`` starts. The run's storage options travel with the job:
+    workers may hold no credentials of their own."""
+    from perceptclip.model.clip_lora import import_open_clip_for_scoring
+
+    import_open_clip_for_scoring()          # before anything imports open_clip: skips its transformers
+    import torch
+
+    from perceptclip.model.scorer import Scorer
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return [Scorer.load(ref, name=name, storage_options=options, batch=batch) for name, ref, batch in models]
 
 
 def score_block(batch: dict[str, np.ndarray], scorers, crops_index: list[int]) -> pa.Table:

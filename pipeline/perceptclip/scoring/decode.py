@@ -8,8 +8,9 @@
     shard_row          the control row: how many samples the shard holds, or why it could not be read
 
 A sample that cannot be read or decoded is an error row with its reason: one row per sample, whatever
-it holds. What a shard holds, whatever its kind, comes from ``perceptclip.inputs.readers``. Every task process imports this module, so it imports neither torch nor the model code
-(seconds of start-up per process).
+it holds. What a shard holds, whatever its kind, comes from its reader (``perceptclip.inputs.kinds``).
+Every task process imports this module, so it imports neither torch nor the model code (seconds of
+start-up per process).
 """
 
 from __future__ import annotations

@@ -84,9 +84,7 @@ def score_dataset(cfg: ScoreConfig, shards: list[str], models: list[ModelSpec], 
     commits the rows; the stage benchmark discards them)."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if gpus else 0)
-    actors = cfg.actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
+    actors, gpus_per_actor = actor_pool(cfg.actors, cfg.gpus_per_actor)
     preprocessing, crops_index = distinct_preprocessing(models)
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_actor))
 
@@ -101,12 +99,22 @@ def score_dataset(cfg: ScoreConfig, shards: list[str], models: list[ModelSpec], 
                         # where decoding would run on a few actors instead of on every CPU of the cluster.
                         memory=cfg.reader_memory_mb * 2**20)
     ds = ds.map_batches(ModelActor, batch_size=cfg.batch_size, batch_format="numpy",
-                        fn_constructor_args=([(m.name, m.ref, m.batch) for m in models], crops_index, threads, options,
+                        fn_constructor_args=([m.actor_args() for m in models], crops_index, threads, options,
                                              preprocessing, cfg.max_pixels),
                         compute=ray.data.ActorPoolStrategy(size=actors,
                                                            max_tasks_in_flight_per_actor=cfg.batches_in_flight),
                         num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor)
     return ds
+
+
+def actor_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float]:
+    """The model actor pool of the job and of ``add_scores``: its size and each actor's GPUs. By default
+    one actor per GPU of the connected cluster, else one on the CPU."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    per_actor = gpus_per_actor if gpus_per_actor is not None else (1 if gpus else 0)
+    return actors or (max(1, int(gpus // per_actor)) if per_actor else 1), per_actor
 
 
 def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dict, summary: RunSummary,

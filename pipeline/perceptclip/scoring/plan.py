@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from perceptclip.core.storage import location
 from perceptclip.inputs.files import FileSource, is_image_name, list_images, virtual_shards
 from perceptclip.inputs.kinds import check_first_shard, input_kind
-from perceptclip.inputs.shards import EmptyFolderError, expand_shards, shard_name
+from perceptclip.inputs.shards import EmptyFolderError, expand_shards, has_glob, shard_name
 from perceptclip.inputs.tables import TableReader
 from perceptclip.output.destination import Destination, OutputRefused
 from perceptclip.output.layout import committed_names, listings_dir, read_markers
@@ -57,7 +57,7 @@ def list_inputs(cfg: ScoreConfig, options: dict) -> Inputs:
         shards, sources = item_shards(item, cfg.input_format, options)
         found.urls += shards
         found.sources += sources
-        if not _has_glob(item):
+        if not has_glob(item):
             found.folders.append(item.strip())
     found.urls = list(dict.fromkeys(found.urls))
     check_names(found.urls)
@@ -164,7 +164,7 @@ def item_shards(item: str, input_format: str, options: dict) -> tuple[list[str],
             return [], [list_images(item, options)]
         except ValueError:
             raise ValueError(f"{e}, nor image files") from None
-    if input_format == "auto" and _has_glob(item) and all(is_image_name(u) for u in urls):
+    if input_format == "auto" and has_glob(item) and all(is_image_name(u) for u in urls):
         return [], [list_images(item, options)]
     return urls, []
 
@@ -172,11 +172,7 @@ def item_shards(item: str, input_format: str, options: dict) -> tuple[list[str],
 def _as_given(item: str) -> str:
     """An input as the record keeps it: a local path made absolute, so it names the same place from anywhere."""
     item = item.strip()
-    return item if "://" in item or _has_glob(item) else os.path.abspath(item)
-
-
-def _has_glob(item: str) -> bool:
-    return any(c in item.split("://", 1)[-1] for c in "*?[")
+    return item if "://" in item or has_glob(item) else os.path.abspath(item)
 
 
 def sample_shards(urls: list[str], fraction: float, seed: int) -> list[str]:

@@ -30,6 +30,7 @@ import numpy as np
 
 from perceptclip.core.storage import filesystem, join
 from perceptclip.core.tasks import Task
+from perceptclip.inputs.shards import IMAGE_EXTENSIONS
 from perceptclip.output.destination import Destination, OutputRefused
 from perceptclip.output.layout import CONVERSIONS_DIR
 from perceptclip.training.datasets import (
@@ -43,7 +44,6 @@ from perceptclip.training.datasets import (
 )
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
-IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"}
 
 
 @dataclass
@@ -88,8 +88,9 @@ def parse_fractions(text: str) -> dict[str, float]:
 
 def random_split(records: list[Record], split: str, fractions: dict[str, float], seed: int) -> list[Record]:
     """The records of ``split`` ("all" for every record). Each image goes to a split by a seeded hash of
-    its name in the label file (not where the dataset is stored), so a record's split does not change when other rows are added, fixed or removed; the
-    splits never overlap, and their sizes follow ``fractions`` up to sampling noise."""
+    its name in the label file (not where the dataset is stored), so a record's split does not change when
+    other rows are added, fixed or removed; the splits never overlap, and their sizes follow ``fractions`` up
+    to sampling noise."""
     if split == "all":
         return records
     if split not in fractions:
@@ -124,7 +125,7 @@ def _read_image(record: Record) -> tuple[bytes | None, str | None]:
 
 def _image_ext(record: Record, data: bytes) -> str | None:
     ext = record.image.rsplit("/", 1)[-1].rpartition(".")[2].lower()
-    if ext in IMAGE_EXTS:
+    if ext in IMAGE_EXTENSIONS:
         return ext
     from PIL import Image
 
