@@ -1,5 +1,5 @@
 """What the batch-invariant model calls cost: each model call padded to the canonical number of crops
-(``perceptclip.model.scorer.canonical_batch``) against one unpadded call per batch, as before.
+(``perceptclip.model.batching.canonical_batch``) against one unpadded call per batch, as before.
 
     python benchmarks/invariance.py [--seconds 3] [--backbones debug-vit,ViT-B-16]
 

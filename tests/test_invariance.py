@@ -9,9 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from perceptclip.model.batching import canonical_batch
 from perceptclip.model.clip_lora import BackboneConfig, ModelConfig
 from perceptclip.model.preprocess import decode_image
-from perceptclip.model.scorer import Scorer, canonical_batch
+from perceptclip.model.scorer import Scorer
 from support.images import image_bytes, make_image
 from support.wide_model import make_wide_artifact
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from perceptclip.model.artifact import ArtifactError, load_artifact
-from perceptclip.model.official import CheckpointLayoutError, import_official, resolve_model
+from perceptclip.model.official import CheckpointLayoutError, import_official
+from perceptclip.model.reference import resolve_model
 from perceptclip.model.scorer import Scorer
 
 WIDTH, LAYERS, PATCH, IMAGE, EMBED = 128, 2, 8, 32, 48   # 2 heads of 64, as OpenAI's ViTs
@@ -178,7 +179,7 @@ def test_builtin_name_found_in_the_hub_cache_is_converted_once(iqa_release, tmp_
     # huggingface_hub reads its environment at import: a fresh process, as on a real offline machine
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PERCEPTCLIP_CACHE": str(tmp_path / "pc")}
     resolve = [sys.executable, "-c",
-               "from perceptclip.model.official import resolve_model; print(resolve_model('perceptclip-iqa'))"]
+               "from perceptclip.model.reference import resolve_model; print(resolve_model('perceptclip-iqa'))"]
     first = subprocess.run(resolve, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert first.startswith(str(tmp_path / "pc"))
     (snapshot / "perceptCLIP_IQA.pth").unlink()          # converted once: the cache no longer needs the hub

@@ -27,16 +27,12 @@ import torch
 from perceptclip.core.tasks import get_task
 from perceptclip.model.artifact import CONFIG_FILE, ArtifactError, ArtifactMeta, cache_dir, publish_once, save_artifact
 from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
+from perceptclip.model.releases import BUILTIN_MODELS
 
 PREFIX = "model.base_model.model."
 OPENAI_HEAD_WIDTH = 64      # OpenAI's ViTs use 64-dimensional attention heads
 RELEASE_LORA_ALPHA = 8.0
 
-BUILTIN_MODELS = {
-    "perceptclip-iqa": ("PerceptCLIP/PerceptCLIP_IQA", "perceptCLIP_IQA.pth", "iqa"),
-    "perceptclip-memorability": ("PerceptCLIP/PerceptCLIP_Memorability", "perceptCLIP_Memorability.pth", "memorability"),
-    "perceptclip-emotion": ("PerceptCLIP/PerceptCLIP_Emotions", "perceptCLIP_Emotions.pth", "emotion"),
-}
 
 
 class CheckpointLayoutError(ValueError):
@@ -177,37 +173,6 @@ def _offline_message(name: str, repo: str, filename: str, task: str, cause: Exce
     )
 
 
-def parse_model_ref(text: str) -> tuple[str | None, str, str | None]:
-    """``[NAME=]REF[#HEAD]`` -> (name, ref, head). NAME renames a model's output columns; HEAD picks a
-    head of a multi-dataset model. An ``=`` after a ``/`` belongs to the path, not to a name."""
-    name = None
-    if "=" in text and "/" not in text.split("=", 1)[0]:
-        name, text = text.split("=", 1)
-    ref, head = text.rsplit("#", 1) if "#" in text else (text, None)
-    return name, ref, head
-
-
-def resolve_model(ref: str) -> str:
-    """A built-in name -> a local artifact directory (fetched and converted once, then cached); a local
-    path -> the same path, absolute; a URI is returned unchanged."""
-    if ref not in BUILTIN_MODELS:
-        if ref.startswith("perceptclip-") and not Path(ref).exists():
-            raise ArtifactError(f"unknown built-in model {ref!r}; built-in names: {', '.join(BUILTIN_MODELS)}")
-        # a local path is made absolute here, so workers with another working directory find it too
-        return ref if "://" in ref else str(Path(ref).absolute())
-    repo, filename, task = BUILTIN_MODELS[ref]
-    target = cache_dir() / "releases" / ref
-    if (target / CONFIG_FILE).exists():
-        return str(target)
-    try:
-        local = fetch_release(repo, filename)
-    except Exception as e:  # offline mode, no network, hub errors
-        raise ArtifactError(_offline_message(ref, repo, filename, task, e)) from None
-    publish_once(target, lambda staging: import_official(local, task, str(staging),
-                                                         source=f"huggingface.co/{repo}/{filename}"))
-    return str(target)
-
-
 def fetch_release(repo: str, filename: str, timeout: float = 5.0) -> str:
     """The release file, from the Hugging Face cache if it is there, else from the hub. The hub is asked
     once first, without retries: a machine that cannot reach it fails at once, where the download's own
@@ -222,3 +187,19 @@ def fetch_release(repo: str, filename: str, timeout: float = 5.0) -> str:
         pass
     get_hf_file_metadata(hf_hub_url(repo, filename), timeout=timeout, retry_on_errors=False)
     return hf_hub_download(repo_id=repo, filename=filename)
+
+
+def release_artifact(name: str) -> str:
+    """The built-in model ``name`` as a local artifact directory: its release fetched and converted once,
+    then cached."""
+    repo, filename, task = BUILTIN_MODELS[name]
+    target = cache_dir() / "releases" / name
+    if (target / CONFIG_FILE).exists():
+        return str(target)
+    try:
+        local = fetch_release(repo, filename)
+    except Exception as e:  # offline mode, no network, hub errors
+        raise ArtifactError(_offline_message(name, repo, filename, task, e)) from None
+    publish_once(target, lambda staging: import_official(local, task, str(staging),
+                                                         source=f"huggingface.co/{repo}/{filename}"))
+    return str(target)

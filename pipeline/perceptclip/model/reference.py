@@ -5,13 +5,41 @@ The driver reads only ``config.json``; the weights are loaded by the actors, onc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from perceptclip.core.schema import BASE_COLUMNS
+from perceptclip.model.batching import canonical_batch
 from perceptclip.model.preprocess import PreprocessConfig
+from perceptclip.model.releases import BUILTIN_MODELS
 
 if TYPE_CHECKING:   # annotations only: the driver resolves models without loading torch or the model code
     from perceptclip.model.artifact import ArtifactMeta
+
+
+def parse_model_ref(text: str) -> tuple[str | None, str, str | None]:
+    """``[NAME=]REF[#HEAD]`` -> (name, ref, head). NAME renames a model's output columns; HEAD picks a
+    head of a multi-dataset model. An ``=`` after a ``/`` belongs to the path, not to a name."""
+    name = None
+    if "=" in text and "/" not in text.split("=", 1)[0]:
+        name, text = text.split("=", 1)
+    ref, head = text.rsplit("#", 1) if "#" in text else (text, None)
+    return name, ref, head
+
+
+def resolve_model(ref: str) -> str:
+    """A built-in name -> a local artifact directory (fetched and converted once, then cached); a local
+    path -> the same path, absolute; a URI is returned unchanged."""
+    if ref in BUILTIN_MODELS:
+        from perceptclip.model.official import release_artifact
+
+        return release_artifact(ref)
+    if ref.startswith("perceptclip-") and not Path(ref).exists():
+        from perceptclip.model.artifact import ArtifactError
+
+        raise ArtifactError(f"unknown built-in model {ref!r}; built-in names: {', '.join(BUILTIN_MODELS)}")
+    # a local path is made absolute here, so workers with another working directory find it too
+    return ref if "://" in ref else str(Path(ref).absolute())
 
 
 @dataclass
@@ -28,7 +56,6 @@ class ModelSpec:
     @classmethod
     def resolve(cls, text: str, options: dict | None = None, batch: int | None = None) -> ModelSpec:
         from perceptclip.model.artifact import read_meta
-        from perceptclip.model.official import parse_model_ref, resolve_model
 
         name, base, head = parse_model_ref(text)
         resolved = resolve_model(base)             # the actors load exactly what the driver resolved
@@ -67,8 +94,6 @@ class ModelSpec:
 
     def model_batch(self) -> int | dict[str, int]:
         """Crops per model call: as configured, else the canonical size for each device type."""
-        from perceptclip.model.scorer import canonical_batch
-
         if self.batch is not None:
             return self.batch
         return {device: canonical_batch(device, self.meta.model) for device in ("cpu", "cuda")}

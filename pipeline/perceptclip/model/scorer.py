@@ -30,37 +30,11 @@ import numpy as np
 import torch
 
 from perceptclip.model.artifact import ArtifactMeta, describe, load_artifact
+from perceptclip.model.batching import canonical_batch
 from perceptclip.model.clip_lora import ClipLoraModel
 from perceptclip.model.preprocess import normalize, preprocess
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Crops per model call on an accelerator: enough rows (64 x 257 tokens for ViT-L/14) to keep it busy.
-CANONICAL_BATCH_ACCELERATOR = 64
-# On a CPU a call is sized by its arithmetic: crops up to about this many FLOPs, at least one. A cheap
-# model (the debug ViT: 8 crops) keeps the calls' fixed costs shared; a ViT-B or ViT-L runs one crop a
-# call, which costs a CPU little (its matrices already have a row per token) and keeps scoring one
-# image as fast as before.
-CPU_CALL_FLOPS = 32e6
-
-
-def crop_flops(cfg) -> float:
-    """About how many FLOPs the backbone spends on one crop: per block and token, 24 x width^2 for the
-    projections and the MLP, 4 x tokens x width for attention."""
-    vision = cfg.backbone.vision
-    size, patch = cfg.backbone.image_size, vision.get("patch_size", 16)
-    tokens = (size // patch) ** 2 + 1
-    width, layers = vision.get("width", 768), vision.get("layers", 12)
-    return float(layers * tokens * (24 * width * width + 4 * tokens * width))
-
-
-def canonical_batch(device_type: str, cfg) -> int:
-    """Crops per model call for a model of ``cfg`` (a ``ModelConfig``) on ``device_type``; a power of two."""
-    if device_type != "cpu":
-        return CANONICAL_BATCH_ACCELERATOR
-    fits = max(1, int(CPU_CALL_FLOPS // crop_flops(cfg)))
-    return min(CANONICAL_BATCH_ACCELERATOR, 1 << (fits.bit_length() - 1))
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -96,7 +70,7 @@ class Scorer:
         ``NAME=REF`` names the output columns (two models of one task need different names) and
         ``REF#HEAD`` picks a head of a multi-dataset model. ``storage_options``: per protocol, for
         artifacts on object storage (``perceptclip.core.storage.storage_options``)."""
-        from perceptclip.model.official import parse_model_ref, resolve_model
+        from perceptclip.model.reference import parse_model_ref, resolve_model
 
         given_name, ref, head = parse_model_ref(ref)
         name = name or given_name

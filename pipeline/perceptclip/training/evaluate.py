@@ -32,7 +32,7 @@ def evaluate(model: str, shards: str | list[str], head: str | None = None, resam
     """Metrics of ``model`` (built-in name, artifact path or URI) on the labelled ``shards``; with
     ``output``, also written there as JSON (a file or URL apart from the shards and the model)."""
     from perceptclip.inputs.shards import expand_shards
-    from perceptclip.model.official import parse_model_ref, resolve_model
+    from perceptclip.model.reference import parse_model_ref, resolve_model
     from perceptclip.model.scorer import Scorer
 
     urls = expand_shards(shards, storage_options)

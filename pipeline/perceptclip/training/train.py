@@ -41,7 +41,7 @@ from perceptclip.core.loading import load_config
 from perceptclip.core.tasks import Task, resolve_task
 from perceptclip.model.artifact import ArtifactMeta, read_meta
 from perceptclip.model.clip_lora import BackboneConfig, HeadConfig, LoraConfig, ModelConfig
-from perceptclip.model.official import resolve_model
+from perceptclip.model.reference import resolve_model
 from perceptclip.output.destination import Destination, flatten
 from perceptclip.training.augment import AugmentConfig
 from perceptclip.training.report import EpochReport

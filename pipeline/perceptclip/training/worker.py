@@ -36,8 +36,8 @@ import torch
 from perceptclip.core.metrics import json_ready
 from perceptclip.model.artifact import ArtifactMeta, load_artifact, save_artifact
 from perceptclip.model.clip_lora import ClipLoraModel, ModelConfig
-from perceptclip.model.official import resolve_model
 from perceptclip.model.preprocess import normalize
+from perceptclip.model.reference import resolve_model
 from perceptclip.training.augment import AugmentConfig
 from perceptclip.training.data import derive_seed, epoch_rows, shuffled_batches
 from perceptclip.training.losses import task_loss
