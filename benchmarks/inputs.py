@@ -60,8 +60,8 @@ def store_inputs(tars: list[str], fs, root: Path) -> dict[str, tuple[list[str], 
         fs.pipe({f"{BUCKET}/files/{s['__key__']}.jpg": s["jpg"] for s in samples})     # many puts in flight
         per_shard = max(per_shard, len(samples))        # the keys sort as the tars hold them: the same shards
     return {"tars": ([f"s3://{BUCKET}/tars/"], {}),
-            "parquet": ([f"s3://{BUCKET}/parquet/"], {"input_format": "parquet"}),
-            "files": ([f"s3://{BUCKET}/files/"], {"input_format": "files", "files_per_shard": per_shard})}
+            "parquet": ([f"s3://{BUCKET}/parquet/"], {"input_kind": "parquet"}),
+            "files": ([f"s3://{BUCKET}/files/"], {"input_kind": "files", "files_per_shard": per_shard})}
 
 
 def score(kind: str, inputs: tuple[list[str], dict], model: str, storage, run: int, store_pid: int) -> dict:

@@ -472,7 +472,7 @@ def files_config(bucket: str, model: str, output: str, **extra) -> ScoreConfig:
     """``score_config`` on the prefix. A fetch timeout longer than any hold: a held file arrives late, it
     does not become an error row."""
     return dataclasses.replace(score_config(bucket, model, output, **extra), input=[f"{bucket}/photos/"],
-                               input_format="files", files_per_shard=PER_SHARD, fetch_timeout_s=300.0)
+                               input_kind="files", files_per_shard=PER_SHARD, fetch_timeout_s=300.0)
 
 
 def reconcile_files(fs, out: str, bucket: str, contents: dict[str, list[dict]]) -> dict:
@@ -549,7 +549,7 @@ def test_files_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted
     out = tmp_path / "scores"
     cfg = files_config(bucket, iqa_artifact, str(out), num_cpus=2)
     # the grouping the first run recorded is the one the rerun reads: its listing is left as it was
-    kill_after_two_commits_then_rerun(proxy, cfg, CONFIG_KEYS + ("input_format", "files_per_shard", "fetch_timeout_s"),
+    kill_after_two_commits_then_rerun(proxy, cfg, CONFIG_KEYS + ("input_kind", "files_per_shard", "fetch_timeout_s"),
                                       "/photos/007/03.jpg", "photos-000007", contents,
                                       unchanged=[out / "_inputs" / "photos" / "listing-000000.parquet"])
     reconcile_files(fsspec.filesystem("file"), str(out), bucket, contents)

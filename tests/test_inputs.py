@@ -221,12 +221,12 @@ def test_input_settings_are_checked_at_the_edge(tmp_path):
     from perceptclip.cli import main
     from perceptclip.scoring.config import load_score_config
 
-    with pytest.raises(ValueError, match="^input_format: must be one of"):
-        load_score_config(None, input=["a"], output="o", models=["m"], input_format="zip")
+    with pytest.raises(ValueError, match="^input_kind: must be one of"):
+        load_score_config(None, input=["a"], output="o", models=["m"], input_kind="zip")
     with pytest.raises(ValueError, match="^carry_columns: key, status: already a column"):
         load_score_config(None, input=["a"], output="o", models=["m"], carry_columns=["key", "status", "x"])
     result = CliRunner().invoke(main, ["score", "--input", "a", "--output", "o", "--model", "m",
-                                       "--input-format", "zip"])
+                                       "--input-kind", "zip"])
     assert result.exit_code != 0 and "zip" in result.output
 
 
@@ -565,7 +565,7 @@ def test_auto_tells_a_folder_of_image_files_from_a_folder_of_shards(tmp_path, iq
 
     assert [u.rsplit("#", 1)[-1] for u in todo(tmp_path / "photos")] == ["photos-000000"]
     assert todo(tmp_path / "mixed") == [str(tmp_path / "mixed" / "part-000.tar")]      # shards win
-    assert [u.rsplit("#", 1)[-1] for u in todo(tmp_path / "mixed", input_format="files")] == ["mixed-000000"]
+    assert [u.rsplit("#", 1)[-1] for u in todo(tmp_path / "mixed", input_kind="files")] == ["mixed-000000"]
     by_glob = todo(f"{tmp_path}/photos/**/*.jpg", files_per_shard=1)
     assert [u.rsplit("#", 1)[-1] for u in by_glob] == ["photos-000000", "photos-000001"]
     (tmp_path / "empty").mkdir()
@@ -573,7 +573,7 @@ def test_auto_tells_a_folder_of_image_files_from_a_folder_of_shards(tmp_path, iq
     with pytest.raises(ValueError, match="holds no shards.*nor image files"):
         todo(tmp_path / "empty")
     with pytest.raises(ValueError, match="no image files"):
-        todo(tmp_path / "empty", input_format="files")
+        todo(tmp_path / "empty", input_kind="files")
     with pytest.raises(ValueError, match="carry_columns: image files have no columns"):
         todo(tmp_path / "photos", carry_columns=["id"])
     with pytest.raises(ValueError, match="^files_per_shard: "):

@@ -161,7 +161,7 @@ def convert(dataset, source, output, split, fractions, seed, shard_size, overwri
               help="YAML score config (see configs/score.yaml); the options above override it.")
 @click.option("--address", default=None, help="Ray cluster to join; default RAY_ADDRESS, else a local cluster.")
 @click.option("--overwrite", is_flag=True, default=None, help="Score every shard again, committed or not.")
-@click.option("--input-format", default=None,
+@click.option("--input-kind", default=None,
               help="What the inputs are: webdataset (tars), parquet (Parquet files with the images inside), "
                    "table (Parquet, CSV or JSONL of image paths or URIs), files (folders, prefixes or globs of "
                    "image files, as virtual shards recorded under OUTPUT) or auto (the default: told by each "
@@ -169,7 +169,7 @@ def convert(dataset, source, output, split, fractions, seed, shard_size, overwri
 @click.option("--sample-fraction", type=float, default=None,
               help="Dry run: score only this seeded random share of the shards (0 < F <= 1; the seed is "
                    "the config's sample_seed), to estimate cost and distributions before the full run.")
-def score(inputs, output, models, config_path, address, overwrite, input_format, sample_fraction):
+def score(inputs, output, models, config_path, address, overwrite, input_kind, sample_fraction):
     """Score WebDataset shards: one Parquet file and one commit marker per shard under OUTPUT.
 
     \b
@@ -189,7 +189,7 @@ def score(inputs, output, models, config_path, address, overwrite, input_format,
 
     cfg = _or_fail(lambda: load_score_config(config_path, input=list(inputs) or None, output=output,
                                              models=list(models) or None, address=address, overwrite=overwrite,
-                                             input_format=input_format, sample_fraction=sample_fraction))
+                                             input_kind=input_kind, sample_fraction=sample_fraction))
     with _console("shards", "images") as console:
         summary = _or_fail(lambda: run_score(cfg, progress=console))
     click.echo(json.dumps(summary.to_dict(), indent=2))

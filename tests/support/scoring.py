@@ -27,7 +27,7 @@ def score_here(shards: list[str], models: list[str], dest: str, block_rows: int 
     from perceptclip.scoring.plan import Inputs, list_inputs, open_output
 
     if inputs is not None:
-        settings = {"input_format": inputs.format, "image_column": inputs.image_column,
+        settings = {"input_kind": inputs.kind, "image_column": inputs.image_column,
                     "key_column": inputs.key_column, "carry_columns": list(inputs.carry_columns),
                     "fetch_workers": inputs.fetch_workers, "fetch_timeout_s": inputs.fetch_timeout_s, **settings}
     virtual = [u for u in shards if VIRTUAL_SHARD.search(u)]         # planned before: under the output already

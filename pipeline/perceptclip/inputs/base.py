@@ -26,7 +26,7 @@ KEY_COLUMNS = ("__key__", "key", "id")          # the key column when none is na
 class InputSpec:
     """What the read tasks need to know about the input (``ScoreConfig`` documents each field)."""
 
-    format: str = "auto"
+    kind: str = "auto"                  # the input kind (``kinds.INPUT_KINDS``); auto: told per shard
     image_column: str | None = None
     key_column: str | None = None
     carry_columns: tuple[str, ...] = ()

@@ -24,15 +24,15 @@ from perceptclip.inputs.shards import PARQUET_SUFFIXES, TABLE_SUFFIXES, VIRTUAL_
 from perceptclip.inputs.tables import TableReader
 from perceptclip.inputs.tar import TarReader
 
-INPUT_FORMATS = ("auto", "webdataset", "parquet", "table", "files")
+INPUT_KINDS = ("auto", "webdataset", "parquet", "table", "files")
 
 
 def input_kind(url: str, spec: InputSpec) -> str:
     """The kind of shard ``url`` is: the one stated, else told by its name (a tar unless it ends .parquet)."""
     if VIRTUAL_SHARD.search(url):
         return "files"             # whatever the format: only a folder of image files gives such a URL
-    if spec.format != "auto":
-        return spec.format
+    if spec.kind != "auto":
+        return spec.kind
     name = url.rstrip("/").lower()
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
@@ -55,7 +55,7 @@ def open_shard(url: str, spec: InputSpec, options: dict | None = None, check: bo
     try:
         return ParquetReader(url, spec, options)
     except NoImageColumn as e:
-        if spec.format != "auto":
+        if spec.kind != "auto":
             raise
         try:
             return TableReader(url, spec, options, copy=not check)

@@ -9,7 +9,7 @@ from perceptclip.core.config import Config, require, setting
 from perceptclip.core.schema import RESERVED_COLUMNS
 from perceptclip.core.storage import StorageConfig
 from perceptclip.inputs.base import InputSpec
-from perceptclip.inputs.kinds import INPUT_FORMATS
+from perceptclip.inputs.kinds import INPUT_KINDS
 from perceptclip.model.preprocess import DEFAULT_MAX_PIXELS
 
 DECODE_MODES = ("cpu", "device")
@@ -39,7 +39,7 @@ class ScoreConfig(Config):
     sample_fraction: float | None = setting(None, above=0, maximum=1)   # dry run: score this seeded share of the shards
     sample_seed: int = setting(0, minimum=0)
     model_batch: int | None = setting(None, minimum=0)   # crops per model call; None: canonical; 0: unpadded
-    input_format: str = setting("auto", choices=INPUT_FORMATS)   # auto: told by each shard's name and content
+    input_kind: str = setting("auto", choices=INPUT_KINDS)   # auto: told by each shard's name and content
     image_column: str | None = None      # the column of images (Parquet) or of their locations (tables)
     key_column: str | None = None        # Parquet: the key; None: __key__, key or id when present, else the row number
     carry_columns: list[str] = field(default_factory=list)    # input columns copied into the score table
@@ -54,7 +54,7 @@ class ScoreConfig(Config):
         require(len(set(self.carry_columns)) == len(self.carry_columns), "carry_columns", "a column named twice")
 
     def input_spec(self) -> InputSpec:       # what the read tasks need of this config
-        return InputSpec(format=self.input_format, image_column=self.image_column, key_column=self.key_column,
+        return InputSpec(kind=self.input_kind, image_column=self.image_column, key_column=self.key_column,
                          carry_columns=tuple(self.carry_columns), fetch_workers=self.fetch_workers,
                          fetch_timeout_s=self.fetch_timeout_s)
 

@@ -54,7 +54,7 @@ def list_inputs(cfg: ScoreConfig, options: dict) -> Inputs:
     shard of each kind's columns, writes nothing."""
     found = Inputs()
     for item in cfg.input:
-        shards, sources = item_shards(item, cfg.input_format, options)
+        shards, sources = item_shards(item, cfg.input_kind, options)
         found.urls += shards
         found.sources += sources
         if not has_glob(item):
@@ -85,7 +85,7 @@ def open_output(cfg: ScoreConfig, found: Inputs, models: list[ModelSpec], option
     dest = Destination.open(
         cfg.output, "score", options, option="output", overwrite=cfg.overwrite, compare_inputs=False,
         settings=settings, earlier=lambda: legacy_settings(cfg.output, settings, options),
-        made_from=[{"url": _as_given(item), "kind": cfg.input_format if cfg.input_format != "auto" else "/".join(kinds)}
+        made_from=[{"url": _as_given(item), "kind": cfg.input_kind if cfg.input_kind != "auto" else "/".join(kinds)}
                    for item in cfg.input],
         inputs={"input shards": found.urls, "input folders": [s.root for s in found.sources] + found.folders})
     tables = [u for u in found.urls if input_kind(u, spec) == "table"]
@@ -97,7 +97,7 @@ def score_settings(cfg: ScoreConfig, models: list[ModelSpec]) -> dict:
     """What decides a score table's columns and values: each model's weights and head, and how the input
     is read. A rerun into the output must match them (or ``--overwrite``)."""
     return {"models": {m.name: {"weights": m.meta.weights_sha256, "head": m.head} for m in models},
-            "input": {"kind": cfg.input_format, "image_column": cfg.image_column, "key_column": cfg.key_column,
+            "input": {"kind": cfg.input_kind, "image_column": cfg.image_column, "key_column": cfg.key_column,
                       "carry_columns": list(cfg.carry_columns)}}
 
 
@@ -150,21 +150,21 @@ def plan_shards(cfg: ScoreConfig, options: dict, found: Inputs | None = None) ->
                 skipped=[u for u in urls if shard_name(u) in done], not_sampled=listed - len(urls))
 
 
-def item_shards(item: str, input_format: str, options: dict) -> tuple[list[str], list[FileSource]]:
+def item_shards(item: str, input_kind: str, options: dict) -> tuple[list[str], list[FileSource]]:
     """The shards one input names, or the image files it names (``files``; under ``auto``: a folder or prefix
     that holds image files but no shards, or a glob that matches only image files)."""
-    if input_format == "files":
+    if input_kind == "files":
         return [], [list_images(item, options)]
     try:
         urls = expand_shards(item, options)
     except EmptyFolderError as e:
-        if input_format != "auto" or location(e.url) != location(item.strip()):
+        if input_kind != "auto" or location(e.url) != location(item.strip()):
             raise
         try:
             return [], [list_images(item, options)]
         except ValueError:
             raise ValueError(f"{e}, nor image files") from None
-    if input_format == "auto" and has_glob(item) and all(is_image_name(u) for u in urls):
+    if input_kind == "auto" and has_glob(item) and all(is_image_name(u) for u in urls):
         return [], [list_images(item, options)]
     return urls, []
 
