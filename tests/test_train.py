@@ -74,7 +74,7 @@ def spec(paths: list[str]) -> str:
 def test_paper_configs_hold_the_papers_recipe():
     for task, lr in (("iqa", 5e-5), ("memorability", 5e-5), ("emotion", 1e-4)):
         cfg = TrainConfig.load(str(REPO / "configs" / "train" / f"{task}.yaml"))
-        assert cfg.task == task and cfg.lr == lr and cfg.batch_size == 32
+        assert cfg.task.name == task and cfg.lr == lr and cfg.batch_size == 32
         assert (cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.dropout) == (16, 8.0, 0.1)
         assert cfg.model.backbone == "ViT-L-14-quickgelu" and cfg.model.pretrained == "openai"
         assert cfg.model.head_hidden == [512, 256] and cfg.precision == "auto"
@@ -125,14 +125,14 @@ def test_dataset_arguments_name_the_heads():
 
 
 def test_a_local_machine_that_cannot_place_the_workers_fails_at_start():
-    from perceptclip.training.train import ScalingConfig, check_local_resources
+    from perceptclip.training.train import WorkersConfig, check_local_resources
 
     with pytest.raises(ValueError, match="scaling.use_gpu: 1 GPU worker"):
-        check_local_resources(ScalingConfig(use_gpu=True), {"CPU": 16.0})
+        check_local_resources(WorkersConfig(use_gpu=True), {"CPU": 16.0})
     with pytest.raises(ValueError, match="scaling.cpus_per_worker"):
-        check_local_resources(ScalingConfig(num_workers=2, cpus_per_worker=1.0), {"CPU": 2.0})
-    check_local_resources(ScalingConfig(num_workers=1, cpus_per_worker=1.0), {"CPU": 2.0})
-    check_local_resources(ScalingConfig(num_workers=4, use_gpu=True, cpus_per_worker=8), {"CPU": 64.0, "GPU": 4.0})
+        check_local_resources(WorkersConfig(num_workers=2, cpus_per_worker=1.0), {"CPU": 2.0})
+    check_local_resources(WorkersConfig(num_workers=1, cpus_per_worker=1.0), {"CPU": 2.0})
+    check_local_resources(WorkersConfig(num_workers=4, use_gpu=True, cpus_per_worker=8), {"CPU": 64.0, "GPU": 4.0})
 
 
 # ---------------------------------------------------------------------------------------------- losses

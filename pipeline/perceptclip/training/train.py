@@ -34,7 +34,6 @@ import posixpath
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from perceptclip.core.config import Config, ConfigError, require, setting
 from perceptclip.core.loading import load_config
@@ -84,7 +83,9 @@ class ArchitectureConfig(Config):
 
 
 @dataclass
-class ScalingConfig(Config):
+class WorkersConfig(Config):
+    """The training workers (``scaling:`` in a training config), given to Ray Train as its ScalingConfig."""
+
     num_workers: int = setting(1, minimum=1)
     use_gpu: bool = False
     cpus_per_worker: float = setting(1.0, above=0)
@@ -92,9 +93,10 @@ class ScalingConfig(Config):
 
 @dataclass
 class TrainConfig(Config):
-    task: Any = None                   # a built-in task by name, or a mapping defining one (tasks.py)
+    # a built-in task by name, or a mapping defining one (core.tasks): a ``Task`` once the config is built
+    task: Task | str | dict | None = None
     # several tasks on one LoRA: {training set (head): task}; a set not named here has ``task``
-    tasks: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, Task | str | dict] = field(default_factory=dict)
     model: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     init: str | None = None            # a model to start from: built-in name or artifact path/URI
     epochs: int = setting(10, minimum=1)
@@ -106,18 +108,19 @@ class TrainConfig(Config):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval_crops: int = setting(5, minimum=1)   # multi_crop tasks: crops per image at validation and in the export
     max_side: int = 2048               # multi_crop tasks: longer images are scaled down to this first
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    scaling: WorkersConfig = field(default_factory=WorkersConfig)
     max_failures: int = setting(3, minimum=-1)      # worker-group restarts from the latest checkpoint; -1: no limit
     keep_checkpoints: int = setting(2, minimum=1)
 
     def check(self):
         require(self.task is not None or self.tasks, "task", "required (or tasks: a task per training set)")
+        # typed once, here: an unknown name fails naming the built-in tasks, a bad definition its field
         if self.task is not None:
-            resolve_task(self.task)     # an unknown name fails here, naming the built-in tasks
-        tasks = [resolve_task(t, f"tasks.{name}") for name, t in self.tasks.items()]
+            object.__setattr__(self, "task", resolve_task(self.task))
+        object.__setattr__(self, "tasks", {name: resolve_task(t, f"tasks.{name}") for name, t in self.tasks.items()})
         # one backbone pass serves every head: their images must be cropped alike
         recipes = {(t.preprocess, t.crops if t.preprocess == "multi_crop" else None)
-                   for t in tasks + ([self.task_def] if self.task is not None else [])}
+                   for t in [*self.tasks.values(), *([self.task] if self.task is not None else [])]}
         require(len(recipes) <= 1, "tasks", f"the tasks of one model share one preprocessing, got {sorted(recipes)}")
         require(self.batch_size % self.scaling.num_workers == 0, "batch_size",
                 f"must be a multiple of scaling.num_workers ({self.scaling.num_workers}), got {self.batch_size}")
@@ -129,7 +132,7 @@ class TrainConfig(Config):
     @property
     def task_def(self) -> Task:
         """``task``, or without one the first of ``tasks``."""
-        return resolve_task(self.task if self.task is not None else next(iter(self.tasks.values())))
+        return self.task if self.task is not None else next(iter(self.tasks.values()))
 
     def head_tasks(self, heads: tuple[str, ...]) -> dict[str, Task]:
         """Each training set's (head's) task: as ``tasks`` names it, else ``task``."""
@@ -140,7 +143,7 @@ class TrainConfig(Config):
         if unknown:
             raise ConfigError(f"tasks.{unknown[0]}: names no training set ({', '.join(heads)}); "
                               f"give its shards with --train {unknown[0]}=SHARDS")
-        return {h: resolve_task(self.tasks[h], f"tasks.{h}") if h in self.tasks else self.task_def for h in heads}
+        return {h: self.tasks.get(h, self.task_def) for h in heads}
 
     @classmethod
     def load(cls, path: str) -> TrainConfig:
@@ -243,7 +246,7 @@ def init_model_config(cfg: TrainConfig, heads: tuple[str, ...]) -> ModelConfig:
     return dataclasses.replace(cfg.model.model_config(task, heads), head_outputs=sizes)
 
 
-def check_local_resources(scaling: ScalingConfig, available: dict) -> None:
+def check_local_resources(scaling: WorkersConfig, available: dict) -> None:
     """A local cluster started here cannot grow: fail at start, naming the field, instead of waiting
     forever for workers it can never place (a cluster joined with --address may autoscale)."""
     gpus, cpus = available.get("GPU", 0), available.get("CPU", 0)
