@@ -201,8 +201,9 @@ def test_parquet_columns_that_cannot_be_told_fail_at_start_naming_the_columns(tm
     def plan(path, **settings):
         return plan_shards(ScoreConfig(input=[str(path)], output=str(tmp_path / "out"), models=["m"], **settings), {})
 
-    with pytest.raises(ValueError, match=r"2 columns hold bytes \(a, b\); name one as image_column; its columns: "
-                                         r"a \(binary\), b \(binary\), n \(int64\)"):
+    with pytest.raises(ValueError, match=r"2 columns hold bytes \(a, b\); name it with --image-column "
+                                         r"\(image_column: in a score config\); its columns: a \(binary\), "
+                                         r"b \(binary\), n \(int64\)"):
         plan(tmp_path / "two.parquet")
     assert plan(tmp_path / "two.parquet", image_column="b").todo == [str(tmp_path / "two.parquet")]
     with pytest.raises(ValueError, match="no column holds image bytes.*its columns: caption"):
@@ -441,7 +442,8 @@ def test_table_columns_that_cannot_be_found_fail_at_start(tmp_path):
                                        **settings), {})
 
     with pytest.raises(ValueError, match=r"no column of image locations \(path, image_path, file_name, url, "
-                                         r"image\); name one as image_column; its columns: name, label"):
+                                         r"image\); name it with --image-column \(image_column: in a score config\); "
+                                         r"its columns: name, label"):
         plan()
     assert plan(image_column="name").todo == [str(tmp_path / "t.csv")]
     with pytest.raises(ValueError, match="no carry_columns 'x'"):

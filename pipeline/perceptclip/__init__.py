@@ -12,6 +12,10 @@ from perceptclip.core.version import __version__ as __version__
 __all__ = ["Scorer", "add_scores", "score"]
 
 
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])
+
+
 def __getattr__(name: str):
     if name in ("score", "add_scores"):
         from perceptclip import api

@@ -3,6 +3,7 @@ library function. Heavy imports happen inside commands so ``--help`` stays fast.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -33,6 +34,11 @@ def main(verbose: int) -> None:
     logging.getLogger("botocore").setLevel(max(level, logging.INFO))
 
 
+# --scores of report, quantiles and filter: the output of a score run
+SCORES = click.option("--scores", "scores", required=True,
+                      help="The --output of a perceptclip score run (folder or object-store prefix).")
+
+
 @main.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("--model", "-m", "models", multiple=True, required=True,
@@ -52,8 +58,6 @@ def predict(images, models, device, batch_size):
     An image that cannot be read prints {"path": ..., "error": "reason: message"}; the rest still print,
     and the exit status is 1.
     """
-    import json
-
     from perceptclip.model.predict import load_scorers
     from perceptclip.model.predict import predict as run_predict
 
@@ -129,8 +133,6 @@ def convert(dataset, source, output, split, fractions, seed, shard_size, overwri
     The last line printed is a JSON summary. The exit status is 1 when nothing was written. A second
     conversion of the same split into OUTPUT is refused (it would mix two runs' shards) unless --overwrite.
     """
-    import json
-
     from perceptclip.core.tasks import load_task
     from perceptclip.training.convert import convert as run_convert
     from perceptclip.training.convert import parse_fractions
@@ -150,10 +152,9 @@ def convert(dataset, source, output, split, fractions, seed, shard_size, overwri
 
 @main.command()
 @click.option("--input", "-i", "inputs", multiple=True,
-              help="Shards: paths or URLs (s3://, gs://, any fsspec URL), brace ranges "
-                   "(shard-{000000..000999}.tar), globs, a folder or prefix (its shards), or a .txt file "
-                   "of URLs. Repeatable.")
-@click.option("--output", "-o", default=None, help="Destination folder or object-store prefix.")
+              help="Paths or URLs (s3://, gs://, any fsspec URL), brace ranges (shard-{000000..000999}.tar), "
+                   "globs, a folder or prefix, or a .txt file of URLs. Repeatable.")
+@click.option("--output", "-o", default=None, help="Output folder or object-store prefix.")
 @click.option("--model", "-m", "models", multiple=True,
               help="Built-in name, model directory or s3:// URI; NAME=MODEL renames its columns. Repeat to "
                    "score with several models in one pass.")
@@ -166,30 +167,45 @@ def convert(dataset, source, output, split, fractions, seed, shard_size, overwri
                    "table (Parquet, CSV or JSONL of image paths or URIs), files (folders, prefixes or globs of "
                    "image files, as virtual shards recorded under OUTPUT) or auto (the default: told by each "
                    "file's name and columns; a folder of image files and no shards: files).")
+@click.option("--image-column", default=None, help="Parquet: the column of images; tables: of their locations.")
+@click.option("--key-column", default=None, help="Parquet and tables: the column of keys (default: __key__, key "
+              "or id when present, else the row number).")
+@click.option("--carry-column", "carry_columns", multiple=True, help="An input column to copy into the score "
+              "table (a tar: a field of each sample's .json). Repeatable.")
 @click.option("--sample-fraction", type=float, default=None,
               help="Dry run: score only this seeded random share of the shards (0 < F <= 1; the seed is "
                    "the config's sample_seed), to estimate cost and distributions before the full run.")
-def score(inputs, output, models, config_path, address, overwrite, input_kind, sample_fraction):
-    """Score WebDataset shards: one Parquet file and one commit marker per shard under OUTPUT.
+def score(inputs, output, models, config_path, address, overwrite, input_kind, image_column, key_column,
+          carry_columns, sample_fraction):
+    """Score images where they are: one Parquet table and one commit marker per input shard under OUTPUT.
+
+    \b
+    Input kinds (--input-kind; auto tells each input by its name and columns):
+      webdataset  WebDataset tars, or a folder or prefix of them
+      parquet     Parquet files with the images inside (Hugging Face datasets)
+      table       a table (Parquet, CSV or JSONL) of image paths or URLs
+      files       a folder, prefix or glob of image files, cut into virtual shards recorded under OUTPUT
 
     \b
     Example:
       perceptclip score --input 's3://bucket/shards/shard-{000000..000999}.tar' \\
           --output s3://bucket/scores --model perceptclip-iqa --model perceptclip-emotion
+      perceptclip score --input photos.csv --image-column url --key-column id --carry-column caption \\
+          --output scores --model perceptclip-iqa
 
     A rerun skips the shards already committed. Progress goes to stderr (a bar on a terminal, a line
     every 30 s in a log; a failed shard always); the run summary (also written under OUTPUT/_runs/) is
     printed as JSON at the end. The exit status is 1 when a shard failed.
     --sample-fraction 0.01 scores a seeded 1% of the shards first, to see cost and distributions.
     """
-    import json
-
     from perceptclip.scoring.config import load_score_config
     from perceptclip.scoring.job import run_score
 
     cfg = _or_fail(lambda: load_score_config(config_path, input=list(inputs) or None, output=output,
                                              models=list(models) or None, address=address, overwrite=overwrite,
-                                             input_kind=input_kind, sample_fraction=sample_fraction))
+                                             input_kind=input_kind, image_column=image_column,
+                                             key_column=key_column, carry_columns=list(carry_columns) or None,
+                                             sample_fraction=sample_fraction))
     with _console("shards", "images") as console:
         summary = _or_fail(lambda: run_score(cfg, progress=console))
     click.echo(json.dumps(summary.to_dict(), indent=2))
@@ -214,7 +230,7 @@ def _console(unit: str, item: str | None):
 
 
 @main.command()
-@click.option("--scores", "dest", required=True, help="The --output of a perceptclip score run (folder or s3:// prefix).")
+@SCORES
 @click.option("--output", "-o", required=True, help="HTML file to write (local path or fsspec URL).")
 @click.option("--shards", multiple=True,
               help="Where the shards are now, if they moved since scoring: paths, URLs, brace ranges, globs or "
@@ -222,8 +238,8 @@ def _console(unit: str, item: str | None):
                    "in the tables.")
 @click.option("--top-k", default=12, show_default=True, type=click.IntRange(0),
               help="How many of the highest and of the lowest scored samples to show per model.")
-def report(dest, output, shards, top_k):
-    """Write one self-contained HTML page about the scores under DEST.
+def report(scores, output, shards, top_k):
+    """Write one self-contained HTML page about the scores under SCORES.
 
     \b
     Example:
@@ -238,7 +254,7 @@ def report(dest, output, shards, top_k):
     from perceptclip.curation.report import write_report
 
     progress = _progress_lines()
-    result = _or_fail(lambda: write_report(dest, output, shards=list(shards) or None, top_k=top_k,
+    result = _or_fail(lambda: write_report(scores, output, shards=list(shards) or None, top_k=top_k,
                                            options=storage_options(), progress=progress))
     progress.done()
     click.echo(f"wrote {result.output} ({result.bytes / 1e6:.1f} MB, {result.thumbnails} thumbnails"
@@ -247,11 +263,11 @@ def report(dest, output, shards, top_k):
 
 
 @main.command()
-@click.option("--scores", "dest", required=True, help="The --output of a perceptclip score run (folder or s3:// prefix).")
+@SCORES
 @click.option("--where", "expression", default=None,
               help="A keep-expression, as perceptclip filter takes it: also print the share of samples it keeps.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def quantiles(dest, expression, as_json):
+def quantiles(scores, expression, as_json):
     """Print each score's quantiles and class shares, to pick a filter threshold before filtering.
 
     \b
@@ -262,15 +278,13 @@ def quantiles(dest, expression, as_json):
     Quantiles are over the scored samples (error rows have no scores), interpolated linearly. With
     --where, the last line says how many samples the expression keeps, of all and of the scored.
     """
-    import json
-
     from perceptclip.core.storage import storage_options
     from perceptclip.curation.quantiles import describe_scores, format_description, read_scores
 
     progress = _progress_lines()
-    scores = _or_fail(lambda: read_scores(dest, storage_options(), progress))
+    table = _or_fail(lambda: read_scores(scores, storage_options(), progress))
     progress.done()
-    description = _or_fail(lambda: describe_scores(scores, where=expression))
+    description = _or_fail(lambda: describe_scores(table, where=expression))
     click.echo(json.dumps(description, indent=2) if as_json else format_description(description))
 
 
@@ -303,15 +317,10 @@ def train(config_path, train_sets, val_sets, dest, init, address, restart):
     config or other shards is refused (--restart starts afresh); a set without a usable sample fails the
     run, naming it, and nothing is exported.
     """
-    import dataclasses
-    import json
-
     from perceptclip.training.train import TrainConfig, parse_datasets
     from perceptclip.training.train import train as run_train
 
-    cfg = _or_fail(lambda: TrainConfig.load(config_path))
-    if init:
-        cfg = dataclasses.replace(cfg, init=init)
+    cfg = _or_fail(lambda: TrainConfig.load(config_path, init=init))
     train_map = _or_fail(lambda: parse_datasets(train_sets, "--train"))
     val_map = _or_fail(lambda: parse_datasets(val_sets, "--val"))
     with _console("epochs", None) as console:
@@ -340,8 +349,6 @@ def evaluate(model, data, output, bootstrap, device):
     confusion matrix. Samples without a usable image or label are counted under errors, by reason; a
     metric that cannot be computed (no usable sample, labels all equal) fails the command, naming why.
     """
-    import json
-
     from perceptclip.core.storage import storage_options
     from perceptclip.training.evaluate import evaluate as run_evaluate
 
@@ -351,11 +358,11 @@ def evaluate(model, data, output, bootstrap, device):
 
 
 @main.command("filter")
-@click.option("--scores", required=True, help="Output folder of `perceptclip score` (local or object store).")
+@SCORES
 @click.option("--where", "where", required=True,
               help="Keep-expression over score columns, e.g. 'iqa > 0.6 and emotion != \"fear\"'.")
 @click.option("--output", "-o", required=True, help="Folder for the curated shards (local or object store).")
-@click.option("--overwrite", is_flag=True, help="Redo shards already written.")
+@click.option("--overwrite", is_flag=True, help="Remove the earlier curation in OUTPUT, then redo every shard.")
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1), help="Shards in flight at once.")
 @click.option("--format", "form", type=click.Choice(["auto", "webdataset"]), default="auto", show_default=True,
               help="auto: tars from tars, Parquet from Parquet, tables and folders; webdataset: tars from any kind.")
@@ -374,8 +381,6 @@ def filter_command(scores, where, output, overwrite, workers, form):
     Parquet table of the kept images' locations and scores. A rerun skips shards
     already written. The summary is printed as JSON; the exit status is 1 when a shard failed.
     """
-    import json
-
     from perceptclip.core.storage import storage_options
     from perceptclip.curation.filter import run_filter
 

@@ -116,7 +116,7 @@ def image_columns(schema, spec: InputSpec, url: str) -> tuple[str, str | None]:
         if len(found) != 1:
             which = f"{len(found)} columns hold bytes ({', '.join(found)})" if found else "no column holds image bytes"
             raise (NoImageColumn if not found else ShardError)(
-                "bad_columns", f"{url}: {which}; name one as image_column; {have}")
+                "bad_columns", f"{url}: {which}; name it with --image-column (image_column: in a score config); {have}")
         image = found[0]
     if spec.key_column is not None and spec.key_column not in names:
         raise ShardError("bad_columns", f"{url}: no key_column {spec.key_column!r}; {have}")

@@ -39,7 +39,7 @@ def table_columns(columns: list[str], spec, url: str) -> tuple[str, str | None]:
     if location not in columns:
         which = f"no image_column {spec.image_column!r}" if spec.image_column else \
             f"no column of image locations ({', '.join(LOCATION_COLUMNS)})"
-        raise ShardError("bad_columns", f"{url}: {which}; name one as image_column; {have}")
+        raise ShardError("bad_columns", f"{url}: {which}; name it with --image-column (image_column: in a score config); {have}")
     if spec.key_column is not None and spec.key_column not in columns:
         raise ShardError("bad_columns", f"{url}: no key_column {spec.key_column!r}; {have}")
     missing = [c for c in spec.carry_columns if c not in columns]

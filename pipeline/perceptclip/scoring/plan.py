@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from perceptclip.core.storage import location
+from perceptclip.core.storage import location, protocol
 from perceptclip.inputs.files import FileSource, is_image_name, list_images, virtual_shards
 from perceptclip.inputs.kinds import check_first_shard, input_kind
 from perceptclip.inputs.shards import EmptyFolderError, expand_shards, has_glob, shard_name
@@ -60,6 +60,9 @@ def list_inputs(cfg: ScoreConfig, options: dict) -> Inputs:
         if not has_glob(item):
             found.folders.append(item.strip())
     found.urls = list(dict.fromkeys(found.urls))
+    if found.urls and not found.sources and not any(protocol(u) != "file" or os.path.exists(u) for u in found.urls):
+        # every input is a local path, and none is there: a typo, not shards that failed
+        raise ValueError(f"input: nothing there: {', '.join(i.strip() for i in cfg.input)}")
     check_names(found.urls)
     if found.sources and cfg.carry_columns:
         raise ValueError("carry_columns: image files have no columns to carry")

@@ -146,8 +146,9 @@ class TrainConfig(Config):
         return {h: self.tasks.get(h, self.task_def) for h in heads}
 
     @classmethod
-    def load(cls, path: str) -> TrainConfig:
-        return load_config(cls, path)
+    def load(cls, path: str, **overrides) -> TrainConfig:
+        """The config in YAML file ``path`` with ``overrides`` (those not None: the command line) on top."""
+        return load_config(cls, path, overrides)
 
 
 def parse_datasets(specs: tuple[str, ...] | list[str], what: str) -> dict[str, str]:
