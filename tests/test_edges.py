@@ -45,3 +45,66 @@ def test_the_column_flags_reach_the_run(tmp_path, iqa_artifact, flag, value, mes
                                        str(tmp_path / "out"), "--model", iqa_artifact, flag, value])
     assert result.exit_code != 0 and message in result.output
     assert not (tmp_path / "out").exists()
+
+
+# --- input kinds that cannot be mistaken -------------------------------------------------------------------
+
+def test_a_table_whose_location_column_holds_images_is_refused_at_start_naming_the_kind(tmp_path, iqa_artifact):
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.job import run_score
+    from support.images import image_bytes, make_image
+    from support.inputs import write_image_parquet
+
+    hf = write_image_parquet(tmp_path / "hf-000.parquet", [image_bytes(make_image(1))])
+    cfg = ScoreConfig(input=[hf], output=str(tmp_path / "out"), models=[iqa_artifact], input_kind="table")
+    with pytest.raises(ValueError, match=r"column 'image' holds struct<.*not image locations.*--input-kind parquet"):
+        run_score(cfg)
+    assert not (tmp_path / "out").exists()            # nothing committed, nothing to skip on the corrected rerun
+
+
+def test_a_jsonl_tables_columns_come_from_all_its_records(tmp_path, iqa_artifact):
+    from support.scoring import score_here
+
+    write_image_files(tmp_path / "imgs", ["a.jpg"])
+    (tmp_path / "t.jsonl").write_text('{"id": "x", "note": "no image here"}\n{"id": "y", "path": "imgs/a.jpg"}\n')
+    results = score_here([str(tmp_path / "t.jsonl")], [iqa_artifact], str(tmp_path / "scores"))
+    assert [(r.rows, r.ok, dict(r.errors)) for r in results] == [(2, 1, {"no_image": 1})]
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_row_number_standing_in_for_a_key_never_passes_for_a_real_key(tmp_path, iqa_artifact, kind):
+    """Numeric ids: row 1 has no id, so its number stands in, and row 0's real id is 1: both are
+    duplicate_key, never one ok row and one error row under the same key."""
+    import pyarrow.parquet as pq
+
+    from perceptclip.inputs.base import InputSpec
+    from support.images import image_bytes, make_image
+    from support.inputs import write_image_parquet
+    from support.scoring import score_here
+
+    if kind == "csv":
+        write_image_files(tmp_path / "imgs", ["a.jpg", "b.jpg", "c.jpg"])
+        (tmp_path / "t.csv").write_text("id,path\n1,imgs/a.jpg\n,imgs/b.jpg\n7,imgs/c.jpg\n")
+        shard = str(tmp_path / "t.csv")
+    else:
+        images = [image_bytes(make_image(i)) for i in range(3)]
+        shard = write_image_parquet(tmp_path / "p-000.parquet", images, {"id": [1, None, 7]})
+    score_here([shard], [iqa_artifact], str(tmp_path / "scores"), inputs=InputSpec(key_column="id"))
+    table = pq.read_table(tmp_path / "scores" / f"{shard.rsplit('/', 1)[1].rsplit('.', 1)[0]}.parquet")
+    rows = list(zip(table["key"].to_pylist(), table["status"].to_pylist(),
+                    [e and e.split(":")[0] for e in table["error"].to_pylist()]))
+    assert rows == [("1", "error", "duplicate_key"), ("1", "error", "duplicate_key"), ("7", "ok", None)]
+
+
+def test_an_input_on_a_store_whose_library_is_missing_fails_at_start_naming_it(tmp_path):
+    """A table of https URLs where aiohttp (fsspec's HTTP filesystem) is absent: one error at start, not
+    one failed row per image."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['aiohttp'] = None\n"
+            "from perceptclip.core.storage import check_protocols\n"
+            "check_protocols(['/data/list.csv'])\n"
+            "try:\n    check_protocols(['https://example.org/a.jpg'])\nexcept Exception as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("https:// URLs need a package that is not installed here") and "aiohttp" in out

@@ -97,6 +97,20 @@ def filesystem(url: str, options: dict[str, dict] | None = None):
     return fsspec.core.url_to_fs(url, **opts)
 
 
+def check_protocols(urls) -> None:
+    """Fail at start, naming the package, when a URL's protocol needs a filesystem library that is not
+    installed (``s3://`` needs s3fs, ``http(s)://`` aiohttp), rather than failing every image one by one."""
+    import fsspec
+
+    for proto in sorted({protocol(u) for u in urls}):
+        try:
+            fsspec.get_filesystem_class(proto)
+        except ImportError as e:
+            raise StorageError(f"{proto}:// URLs need a package that is not installed here: {e}") from None
+        except ValueError:
+            raise StorageError(f"{proto}:// is not a protocol fsspec knows") from None
+
+
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
 

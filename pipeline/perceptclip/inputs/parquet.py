@@ -69,10 +69,11 @@ class ParquetReader(ShardReader):
             image, path = image.get("bytes"), image.get("path")
         sample = {"__key__": str(row) if key is None else str(key), "__image__": image,
                   "__url__": path if isinstance(path, str) else None, "__carry__": carry}
-        if key is None and self.key:
-            sample["__error__"] = f"no_key: row {row}: the key column {self.key!r} is null"
-        elif self.key and hash(sample["__key__"]) in repeated:
+        if self.key and hash(sample["__key__"]) in repeated:
+            # a row without a key stands in by its number: a real key equal to it is shared, both rows say so
             sample["__error__"] = f"duplicate_key: key {sample['__key__']!r} is on more than one row of {self.url}"
+        elif key is None and self.key:
+            sample["__error__"] = f"no_key: row {row}: the key column {self.key!r} is null"
         elif image is None:
             sample["__error__"] = f"no_image: row {row}: no image bytes in column {self.image!r}" + (
                 f" (only a path, {path!r})" if path else "")
@@ -84,12 +85,16 @@ class ParquetReader(ShardReader):
         if not self.key:
             return set()
         hashes = array("q")
+        first = 0
         for group in range(self.parquet.num_row_groups):
+            rows = self.parquet.metadata.row_group(group).num_rows
             try:
                 keys = self.parquet.read_row_group(group, columns=[self.key])[self.key].to_pylist()
             except Exception:
-                continue            # that row group's rows become error rows of their own
-            hashes.extend(hash(str(k)) for k in keys if k is not None)
+                keys = [None] * rows    # that row group's rows become error rows, keyed by their numbers
+            # a null key's row is keyed by its number (``sample``): counted, so it can never pass for a real key
+            hashes.extend(hash(str(first + i if k is None else k)) for i, k in enumerate(keys))
+            first += rows
         return repeated_hashes(hashes)
 
 

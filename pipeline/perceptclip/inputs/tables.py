@@ -48,6 +48,20 @@ def table_columns(columns: list[str], spec, url: str) -> tuple[str, str | None]:
     return location, spec.key_column or next((k for k in KEY_COLUMNS if k in columns), None)
 
 
+def check_locations_are_text(schema, spec, url: str) -> None:
+    """A Parquet table's location column must hold text: one of image bytes or ``datasets`` image structs
+    is a Parquet file with the images inside, another input kind."""
+    import pyarrow as pa
+
+    name = spec.image_column or next((c for c in LOCATION_COLUMNS if c in schema.names), None)
+    if name is None or name not in schema.names:
+        return                          # table_columns names what is missing
+    kind = schema.field(name).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ShardError("bad_columns", f"{url}: column {name!r} holds {kind}, not image locations (paths or URLs "
+                                        f"as text); a Parquet file with the images inside is --input-kind parquet")
+
+
 def table_format(url: str) -> str:
     name = url.rstrip("/").lower()
     return "parquet" if name.endswith(PARQUET_SUFFIXES) else "csv" if name.endswith(".csv") else "jsonl"
@@ -82,7 +96,8 @@ class TableReader:
         self.close()
 
     def header(self) -> list[str]:
-        """The table's column names (a JSONL table: its first record's)."""
+        """The table's column names: a CSV's header, a Parquet file's schema (whose location column must
+        hold text), every name of a JSONL table's records (one record may lack a field others have)."""
         import io
 
         try:
@@ -91,12 +106,21 @@ class TableReader:
                 if self.format == "parquet":
                     import pyarrow.parquet as pq
 
-                    return pq.ParquetFile(raw).schema_arrow.names
+                    schema = pq.ParquetFile(raw).schema_arrow
+                    check_locations_are_text(schema, self.spec, self.url)
+                    return schema.names
                 text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
                 if self.format == "csv":
                     return next(csv.reader(text), [])
-                record = json.loads(next((line for line in text if line.strip()), "{}"))
-            return list(record) if isinstance(record, dict) else []
+                names: dict[str, None] = {}
+                for line in text:
+                    try:
+                        record = json.loads(line) if line.strip() else None
+                    except ValueError:
+                        continue                # a malformed line is that row's error, not the table's
+                    if isinstance(record, dict):
+                        names.update(dict.fromkeys(record))
+            return list(names)
         except FileNotFoundError:
             raise ShardError("missing", f"{self.url}: no such table") from None
         except (ValueError, csv.Error, OSError) as e:
@@ -129,26 +153,33 @@ class TableReader:
 
         from perceptclip.inputs.base import repeated_hashes
 
-        # one pass for the keys seen twice: 8 bytes a row (a million-row table: 8 MB), then the rows stream
-        keys = (hash(str(r[self.key])) for _, r, _ in self.records() if r and r.get(self.key) is not None)
+        # one pass for the keys seen twice: 8 bytes a row (a million-row table: 8 MB), then the rows stream. A
+        # row without a key (malformed, or the key empty) stands in by its number: counted too, so that a
+        # real key equal to it is seen as shared
+        keys = (hash(str(self.key_of(row, r))) for row, (_, r, _) in enumerate(self.records()))
         repeated = repeated_hashes(array("q", keys if self.key else ()))
         samples = (self.sample(row, where, record, problem, repeated)
                    for row, (where, record, problem) in enumerate(self.records()))
         yield from in_blocks(fetch_images(samples, self.fetch_options, self.spec.fetch_workers,
                                           self.spec.fetch_timeout_s), block_rows)
 
+    def key_of(self, row: int, record: dict | None):
+        """A row's key: its key column's value, else (none named, the line malformed, the key empty) its number."""
+        key = (record or {}).get(self.key) if self.key else None
+        return row if key is None or key == "" else key
+
     def sample(self, row: int, where: str, record: dict | None, problem: str | None, repeated: set) -> dict:
+        key = self.key_of(row, record)
         record = record or {}
-        key = record.get(self.key) if self.key else None
         location = record.get(self.location)
-        sample = {"__key__": str(row) if key is None else str(key), "__image__": None, "__url__": None,
+        sample = {"__key__": str(key), "__image__": None, "__url__": None,
                   "__carry__": {c: record.get(c) for c in self.spec.carry_columns}}
-        if problem is not None:
-            sample["__error__"] = f"malformed_line: {self.url} {where}: {problem}"
-        elif self.key and key is None:
-            sample["__error__"] = f"no_key: {where}: the key column {self.key!r} is empty"
-        elif self.key and hash(str(key)) in repeated:
+        if self.key and hash(str(key)) in repeated:
             sample["__error__"] = f"duplicate_key: key {str(key)!r} is on more than one row of {self.url}"
+        elif problem is not None:
+            sample["__error__"] = f"malformed_line: {self.url} {where}: {problem}"
+        elif self.key and record.get(self.key) in (None, ""):
+            sample["__error__"] = f"no_key: {where}: the key column {self.key!r} is empty"
         elif not isinstance(location, str) or not location.strip():
             sample["__error__"] = f"no_image: {where}: no location in column {self.location!r}"
         else:

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from perceptclip.core.storage import location, protocol
+from perceptclip.core.storage import check_protocols, location, protocol
 from perceptclip.inputs.files import FileSource, is_image_name, list_images, virtual_shards
 from perceptclip.inputs.kinds import check_first_shard, input_kind
 from perceptclip.inputs.shards import EmptyFolderError, expand_shards, has_glob, shard_name
@@ -60,6 +60,7 @@ def list_inputs(cfg: ScoreConfig, options: dict) -> Inputs:
         if not has_glob(item):
             found.folders.append(item.strip())
     found.urls = list(dict.fromkeys(found.urls))
+    check_protocols([item.strip() for item in cfg.input])
     if found.urls and not found.sources and not any(protocol(u) != "file" or os.path.exists(u) for u in found.urls):
         # every input is a local path, and none is there: a typo, not shards that failed
         raise ValueError(f"input: nothing there: {', '.join(i.strip() for i in cfg.input)}")
@@ -116,11 +117,13 @@ def legacy_settings(output: str, settings: dict, options: dict) -> dict | None:
 
 
 def check_table_images(output: str, tables: list[str], spec, options: dict) -> None:
-    """Refuse an output that holds images a table of locations names: scores and images would mix."""
+    """Refuse an output that holds images a table of locations names (scores and images would mix), and
+    images on a store whose filesystem library is not installed."""
     if not tables:
         return
     outer = location(output).rstrip("/") + "/"
     seen: dict[str, bool] = {}
+    protocols: dict[str, str] = {}
     for url in tables:
         try:
             reader = TableReader(url, spec, options)
@@ -131,9 +134,12 @@ def check_table_images(output: str, tables: list[str], spec, options: dict) -> N
                 folder = loc.rsplit("/", 1)[0] if "/" in loc else os.getcwd()
                 if folder not in seen:
                     seen[folder] = (location(folder).rstrip("/") + "/").startswith(outer)
+                    protocols.setdefault(protocol(folder), loc)
                 if seen[folder]:
                     raise OutputRefused(f"output: {output} holds images that the table {url} names ({loc}); "
                                         f"write the output to a folder apart from its inputs")
+    check_protocols(protocols.values())       # the images' stores, not only the tables'
+
 
 
 def plan_shards(cfg: ScoreConfig, options: dict, found: Inputs | None = None) -> Plan:
