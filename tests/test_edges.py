@@ -108,3 +108,58 @@ def test_an_input_on_a_store_whose_library_is_missing_fails_at_start_naming_it(t
             "try:\n    check_protocols(['https://example.org/a.jpg'])\nexcept Exception as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("https:// URLs need a package that is not installed here") and "aiohttp" in out
+
+
+# --- the user's columns --------------------------------------------------------------------------------------
+
+def test_an_input_caption_fills_the_score_tables_caption(tmp_path, iqa_artifact):
+    """Parquet rows carry their own caption: carried under its name, it fills the base column."""
+    import pyarrow.parquet as pq
+
+    from perceptclip.inputs.base import InputSpec
+    from support.images import image_bytes, make_image
+    from support.inputs import write_image_parquet
+    from support.scoring import score_here
+
+    shard = write_image_parquet(tmp_path / "p-000.parquet", [image_bytes(make_image(i)) for i in range(2)],
+                                {"caption": ["a red door", None], "url": ["https://ex.org/0.jpg", "https://ex.org/1.jpg"]})
+    score_here([shard], [iqa_artifact], str(tmp_path / "scores"), inputs=InputSpec(carry_columns=("caption", "url")))
+    table = pq.read_table(tmp_path / "scores" / "p-000.parquet")
+    assert table["caption"].to_pylist() == ["a red door", None]
+    assert table["url"].to_pylist() == ["https://ex.org/0.jpg", "https://ex.org/1.jpg"]
+    assert table.column_names.count("caption") == 1 and table.column_names.count("url") == 1
+
+
+def test_a_parquet_input_with_its_own_score_named_column_is_refused_at_start(tmp_path, iqa_artifact):
+    from perceptclip.scoring.config import ScoreConfig
+    from perceptclip.scoring.job import run_score
+    from support.images import image_bytes, make_image
+    from support.inputs import write_image_parquet
+
+    shard = write_image_parquet(tmp_path / "p-000.parquet", [image_bytes(make_image(1))], {"iqa": [0.3]})
+    with pytest.raises(ValueError, match=r"column of its own named 'iqa'.*--model iqa_score="):
+        run_score(ScoreConfig(input=[shard], output=str(tmp_path / "out"), models=[iqa_artifact]))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def binary_files(tmp_path):
+    write_image_files(tmp_path / "imgs", ["a.jpg", "b.jpg"])
+    return str(tmp_path / "imgs")
+
+
+@pytest.mark.slow
+def test_add_scores_never_overwrites_a_column_of_a_dataset_whose_schema_is_not_known(binary_files, iqa_artifact,
+                                                                                   ray_local):
+    ds = ray_local.data.read_binary_files(binary_files).map(lambda row: {**row, "iqa": 1.0})
+    assert ds.schema(fetch_if_missing=False) is None            # the premise: not known up front
+    with pytest.raises(ValueError, match="already has a column 'iqa'"):
+        perceptclip.add_scores(ds, [iqa_artifact], image_column="bytes")
+
+
+@pytest.mark.slow
+def test_add_scores_with_a_wrong_image_column_raises_at_the_call_naming_the_columns(binary_files, iqa_artifact,
+                                                                                  ray_local):
+    ds = ray_local.data.read_binary_files(binary_files)
+    with pytest.raises(ValueError, match="image_column: the dataset has no column 'image'; its columns: bytes"):
+        perceptclip.add_scores(ds, [iqa_artifact])

@@ -73,10 +73,10 @@ def add_scores(ds, models: str | list[str], image_column: str = "image", *, batc
     specs = [ModelSpec.resolve(m, storage_options, batch=model_batch)
              for m in ([models] if isinstance(models, str) else models)]
     check_columns(specs)
-    _check_names(ds, specs, image_column, error_column)
     preprocessing, crops_index = distinct_preprocessing(specs)
     if not ray.is_initialized():
         ray.init()          # as Ray Data itself would: RAY_ADDRESS when set, else a local cluster
+    _check_names(ds, specs, image_column, error_column)
     size, per_actor = actor_pool(actors, gpus_per_actor)
     return ds.map_batches(
         ScoreColumns, batch_size=batch_size, batch_format="numpy",
@@ -86,9 +86,11 @@ def add_scores(ds, models: str | list[str], image_column: str = "image", *, batc
 
 
 def _check_names(ds, specs, image_column: str, error_column: str) -> None:
-    """Refuse, before any work, columns the dataset lacks or would get twice (when its schema is known)."""
-    schema = ds.schema(fetch_if_missing=False)
-    if schema is None:
+    """Refuse, before any model loads, columns the dataset lacks or would get twice. A dataset whose schema is
+    not known yet (``read_binary_files(...).map(...)``) runs until its first block says it: a user's
+    column is never overwritten."""
+    schema = ds.schema(fetch_if_missing=True)
+    if schema is None:                  # no rows at all: nothing to overwrite, nothing to score
         return
     names = list(schema.names)
     if image_column not in names:

@@ -14,3 +14,6 @@ SHARD_ROW = "shard"          # status of a shard's control row; never written to
 # the job's own columns of a score row on its way to the driver (never in a table)
 TRANSIT_COLUMNS = ("ordinal", "shard_rows", "carried")
 RESERVED_COLUMNS = frozenset(BASE_COLUMNS) | frozenset(TRANSIT_COLUMNS)
+# base columns that an input column of the same name, carried (``carry_columns``), fills: its value where
+# it has one, else what the reader found (a tar's .txt caption, where an image was read from)
+FILLED_BY_INPUT = ("url", "caption")

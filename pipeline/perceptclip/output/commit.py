@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from perceptclip.core.clock import utc_now
-from perceptclip.core.schema import BASE_COLUMNS, METADATA_KEY, SHARD_ROW
+from perceptclip.core.schema import BASE_COLUMNS, FILLED_BY_INPUT, METADATA_KEY, SHARD_ROW
 from perceptclip.core.storage import filesystem, join, storage_error
 from perceptclip.core.version import __version__
 from perceptclip.inputs.base import carried_columns
@@ -231,8 +232,13 @@ class ScoreWriter:
             table = in_order(parts)
         else:
             table = self.empty_table()
-        carried = carried_columns(table, columns)
+        carried = carried_columns(table, [c for c in columns if c not in FILLED_BY_INPUT])
         table = table.select(columns)
+        for name in [n for n in FILLED_BY_INPUT if n in carried]:     # asked for by name: the input's own wins
+            values = carried.pop(name)
+            text = values if pa.types.is_string(values.type) else pa.array(
+                [None if v is None else str(v) for v in values.to_pylist()], pa.string())
+            table = table.set_column(columns.index(name), name, pc.coalesce(text, table[name]))
         for i, (name, values) in enumerate(carried.items()):     # the input's own, after the base columns
             table = table.add_column(len(BASE_COLUMNS) + i, name, values)
         metadata = {

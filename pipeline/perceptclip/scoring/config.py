@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from perceptclip.core.config import Config, require, setting
-from perceptclip.core.schema import RESERVED_COLUMNS
+from perceptclip.core.schema import FILLED_BY_INPUT, RESERVED_COLUMNS
 from perceptclip.core.storage import StorageConfig
 from perceptclip.inputs.base import InputSpec
 from perceptclip.inputs.kinds import INPUT_KINDS
@@ -49,8 +49,9 @@ class ScoreConfig(Config):
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def check(self):
-        clash = sorted(set(self.carry_columns) & RESERVED_COLUMNS)
-        require(not clash, "carry_columns", f"{', '.join(clash)}: already a column of the score table")
+        clash = sorted(set(self.carry_columns) & (RESERVED_COLUMNS - set(FILLED_BY_INPUT)))
+        require(not clash, "carry_columns", f"{', '.join(clash)}: already a column of the score table "
+                f"(only {' and '.join(FILLED_BY_INPUT)} are filled from the input's own columns)")
         require(len(set(self.carry_columns)) == len(self.carry_columns), "carry_columns", "a column named twice")
 
     def input_spec(self) -> InputSpec:       # what the read tasks need of this config

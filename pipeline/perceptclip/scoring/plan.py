@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from perceptclip.core.storage import check_protocols, location, protocol
+from perceptclip.core.storage import check_protocols, filesystem, location, protocol
 from perceptclip.inputs.files import FileSource, is_image_name, list_images, virtual_shards
 from perceptclip.inputs.kinds import check_first_shard, input_kind
 from perceptclip.inputs.shards import EmptyFolderError, expand_shards, has_glob, shard_name
@@ -94,7 +94,29 @@ def open_output(cfg: ScoreConfig, found: Inputs, models: list[ModelSpec], option
         inputs={"input shards": found.urls, "input folders": [s.root for s in found.sources] + found.folders})
     tables = [u for u in found.urls if input_kind(u, spec) == "table"]
     check_table_images(cfg.output, tables, spec, options)
+    check_own_columns(next((u for u in found.urls if input_kind(u, spec) == "parquet"), None), models, options)
     return dest
+
+
+def check_own_columns(url: str | None, models: list[ModelSpec], options: dict) -> None:
+    """Refuse a Parquet input (the first) that has a column of its own named like a score column: its
+    curated rows (``filter``) would hold two columns of one name."""
+    if url is None:
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        fs, path = filesystem(url, options)
+        with fs.open(path, "rb") as f:
+            names = set(pq.read_schema(f).names)
+    except Exception:
+        return                          # an unreadable file is that shard's failure, reported with the others
+    for model in models:
+        for column in model.columns:
+            if column in names:
+                raise ValueError(f"input: {url} has a column of its own named {column!r}, as {model.name}'s scores "
+                                 f"would be; name the model NAME=MODEL, e.g. --model {column}_score="
+                                 f"{model.given or model.ref}")
 
 
 def score_settings(cfg: ScoreConfig, models: list[ModelSpec]) -> dict:
