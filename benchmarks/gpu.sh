@@ -54,7 +54,7 @@ import importlib, os, sys
 
 modules = ["torch", "torchvision", "numpy", "pyarrow", "pandas", "PIL", "fsspec", "safetensors", "yaml",
            "click", "scipy", "pytest", "psutil", "ray", "ray.data", "open_clip", "webdataset", "braceexpand",
-           "ftfy", "perceptclip", "perceptclip.scoring.job", "perceptclip.model.scorer", "perceptclip.model.device_decode",
+           "ftfy", "aiohttp", "s3fs", "perceptclip", "perceptclip.scoring.job", "perceptclip.model.scorer", "perceptclip.model.device_decode",
            "perceptclip.model.debug", "perceptclip.inputs.shards"]
 missing, found = [], {}
 for name in modules:

@@ -14,7 +14,7 @@
 # 5. `benchmarks/gpu.sh` passes the import check and stops with "no CUDA device" (exit 3);
 # 6. a tiny CPU scoring run end to end (benchmarks/stages.py: the tiny model, a local Ray cluster);
 # 7. the quick tests (-m "not slow and not gpu") on these versions; a test that needs a test-only tool
-#    the node does not have (moto, s3fs, hypothesis, pytest-timeout) is reported as skipped, not failed.
+#    the node does not have (moto, hypothesis, pytest-timeout) is reported as skipped, not failed.
 # Each check runs even when an earlier one failed; the exit status is 0 only when all pass.
 set -uo pipefail
 archive=${1:+$(realpath "$1")}
@@ -117,7 +117,7 @@ import re
 
 import pytest
 
-ABSENT = {"moto", "s3fs", "hypothesis", "pytest_timeout"}
+ABSENT = {"moto", "hypothesis", "pytest_timeout"}
 
 
 def _absent(text: str) -> str | None:

@@ -21,8 +21,8 @@
 #
 # Not in it: what the node has (torch, torchvision, triton, numpy, pyarrow, pandas, pillow, fsspec,
 # safetensors, huggingface_hub, pyyaml, click, scipy, timm, transformers, peft, pytest, psutil and
-# their own dependencies), and what only other commands need: s3fs (s3:// paths), Ray Tune (so
-# `perceptclip train` does not run from the bundle), moto and hypothesis (CPU-only tests).
+# their own dependencies), and what only other commands need: Ray Tune (so `perceptclip train` does not
+# run from the bundle), moto and hypothesis (CPU-only tests).
 # Versions are the ones requirements.lock pins; wheels are for CPython PYTHON_VERSION on x86-64 Linux.
 set -euo pipefail
 [ $# -ge 1 ] && [[ "$1" =~ ^3\.[0-9]+$ ]] || { echo "usage: $0 PYTHON_VERSION [OUT_DIR]   (e.g. 3.12)" >&2; exit 2; }
@@ -34,7 +34,9 @@ abi=cp${pyver/./}
 # What the node lacks. The first line is what the benchmarks and the GPU tests import; the others are
 # their runtime dependencies (Requires-Dist) that neither the node's packages nor their dependencies
 # provide: ray needs jsonschema, msgpack, protobuf and requests (ray[data] adds numpy, pandas, pyarrow
-# and fsspec: all on the node); open_clip_torch needs ftfy; webdataset braceexpand.
+# and fsspec: all on the node); open_clip_torch needs ftfy; webdataset braceexpand. The node reads images
+# over https and from an S3-compatible store too: fsspec's HTTP filesystem needs aiohttp, S3 needs s3fs
+# (aiobotocore, botocore); without them every such image would fail one by one.
 # scripts/check_node_versions.sh checks this list against a Python with only the node's packages.
 packages=(
   ray open_clip_torch webdataset braceexpand ftfy
@@ -42,6 +44,8 @@ packages=(
   jsonschema attrs referencing rpds-py jsonschema-specifications
   msgpack protobuf
   requests urllib3 certifi charset-normalizer
+  aiohttp aiohappyeyeballs aiosignal frozenlist multidict propcache yarl
+  s3fs aiobotocore botocore jmespath aioitertools wrapt
 )
 # Parts of ray (and of open_clip_torch's wheel) that neither the scoring job nor the GPU tests import.
 prune=(
