@@ -32,3 +32,18 @@ def make_wide_artifact(dest: str, task: str = "memorability", seed: int = 0, cro
                                  **extra)
     save_artifact(model, meta, dest)
     return dest
+
+
+def make_thread_sensitive_artifact(dest: str, seed: int = 0) -> str:
+    """A ViT of width 256, 4 blocks, on 224 px crops (patch 14): wide enough that its matrix products split
+    their sums by thread, so 1, 2 and 4 intra-op threads give an image other float32 bits; a crop costs
+    about 2 GFLOP (tens of milliseconds on one core)."""
+    torch.manual_seed(seed)
+    backbone = BackboneConfig(name="debug-vit", pretrained=None, embed_dim=128, quick_gelu=True,
+                              vision={"image_size": 224, "layers": 4, "width": 256, "patch_size": 14,
+                                      "head_width": 64})
+    cfg = ModelConfig(backbone=backbone, lora=LoraConfig(r=4), head=HeadConfig(outputs=1, hidden=(32, 16)))
+    model = ClipLoraModel(cfg).eval()
+    meta = ArtifactMeta.for_task("memorability", model.cfg, provenance={"source": "tests/support/wide_model"})
+    save_artifact(model, meta, dest)
+    return dest

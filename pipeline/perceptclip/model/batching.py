@@ -1,6 +1,6 @@
-"""The canonical model batch: how many crops every model call holds, padded, so that an image's scores
-never depend on the batch it met (docs/scoring.md, "One image, one score"). Torch-free: the driver
-records it for every model."""
+"""The canonical model call: how many crops every model call holds, padded, and on how many threads a
+CPU runs it, so that an image's scores never depend on the batch it met or on the machine's cores
+(docs/scoring.md, "One image, one score"). Torch-free: the driver records both for every model."""
 
 from __future__ import annotations
 
@@ -29,3 +29,16 @@ def canonical_batch(device_type: str, cfg) -> int:
         return CANONICAL_BATCH_ACCELERATOR
     fits = max(1, int(CPU_CALL_FLOPS // crop_flops(cfg)))
     return min(CANONICAL_BATCH_ACCELERATOR, 1 << (fits.bit_length() - 1))
+
+
+# Intra-op threads of every model call on a CPU. Matrix products split their sums by thread: on a ViT of
+# width 256, 1 and 2 threads gave an image scores 4 float32 ulps apart, so a 1-CPU actor, ``predict`` on
+# a 2-core machine and a 4-CPU actor disagreed. One thread a call; a machine's other cores score other
+# images (more actors), not the same product (benchmarks/invariance.py measures what it costs).
+CPU_THREADS = 1
+
+
+def canonical_threads(device_type: str) -> int | None:
+    """Intra-op threads of a model call on ``device_type``; None where the count does not change the bits
+    (an accelerator's kernels do not split their sums by the host's threads)."""
+    return CPU_THREADS if device_type == "cpu" else None

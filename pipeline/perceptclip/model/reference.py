@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from perceptclip.core.schema import BASE_COLUMNS
-from perceptclip.model.batching import canonical_batch
+from perceptclip.model.batching import canonical_batch, canonical_threads
 from perceptclip.model.preprocess import PreprocessConfig
 from perceptclip.model.releases import BUILTIN_MODELS
 
@@ -86,7 +86,8 @@ class ModelSpec:
         head it scores. A model of several tasks lists every column and adds ``outputs``, each head's entry."""
         from perceptclip.model.artifact import describe
 
-        base = {"ref": self.given or self.ref, "resolved": self.ref, "model_batch": self.model_batch()}
+        base = {"ref": self.given or self.ref, "resolved": self.ref, "model_batch": self.model_batch(),
+                "model_threads": {"cpu": canonical_threads("cpu")}}
         outputs = [{"name": name, **base, "head": head if self.head or len(self.outputs) > 1 else None,
                     "columns": task.columns(name), **describe(self.meta, task)} for head, name, task in self.outputs]
         return outputs[0] if len(outputs) == 1 else {**outputs[0], "head": None, "columns": self.columns,

@@ -12,9 +12,11 @@ outputs sit side by side in ``score``'s array and ``columns`` names each head's 
 
 **One image, one score.** Every model call has the same number of crops, the canonical batch
 (``canonical_batch``: per device type and model size), the last call of a batch padded with zero
-crops. Matrix kernels pick their blocking, and so their order of summation, by the shapes they are
-given: without the padding an image's score moves in its last bits with the batch it meets. With it an
-image's scores are bit-identical whatever batch, position, shard, block or actor, and through
+crops, and on a CPU every call runs on the same number of intra-op threads (``canonical_threads``).
+Matrix kernels pick their blocking, and so their order of summation, by the shapes they are given and
+the threads they split over: without the padding an image's score moves in its last bits with the
+batch it meets, without the pinning with the machine's cores. With both an image's scores are
+bit-identical whatever batch, position, shard, block, actor or core count, and through
 ``predict``, the scoring job or ``add_scores``, given the same device type, precision and library
 versions (docs/scoring.md says what is and is not promised).
 
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from perceptclip.model.artifact import ArtifactMeta, describe, load_artifact
-from perceptclip.model.batching import canonical_batch
+from perceptclip.model.batching import canonical_batch, canonical_threads
 from perceptclip.model.clip_lora import ClipLoraModel
 from perceptclip.model.preprocess import normalize, preprocess
 
@@ -42,9 +44,12 @@ def default_device() -> torch.device:
 class Scorer:
     def __init__(self, model: ClipLoraModel, meta: ArtifactMeta, name: str | None = None,
                  device: str | torch.device | None = None, head: str | None = None,
-                 precision: str | None = None, compile: bool = False, batch: int | None = None):
+                 precision: str | None = None, compile: bool = False, batch: int | None = None,
+                 threads: int | None = None):
         """``batch``: crops per model call (None: ``canonical_batch`` for the device and model; 0: one call
-        for whatever is passed, unpadded, so that scores depend on the batch)."""
+        for whatever is passed, unpadded, so that scores depend on the batch). ``threads``: a CPU's
+        intra-op threads for scoring (None: ``canonical_threads``; 0: torch's setting as it is, so that
+        scores depend on the machine's cores)."""
         self.meta = meta
         self.device = torch.device(device) if device is not None else default_device()
         precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
@@ -60,6 +65,9 @@ class Scorer:
         if batch is not None and batch < 0:
             raise ValueError(f"batch must be >= 0 (0: unpadded calls), not {batch}")
         self.batch = canonical_batch(self.device.type, meta.model) if batch is None else batch
+        if threads is not None and threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's setting as it is), not {threads}")
+        self.threads = canonical_threads(self.device.type) if threads is None else (threads or None)
         self.model = model.merge_lora().eval().to(self.device)
         self._forward = torch.compile(self.model, dynamic=True) if compile else self.model
 
@@ -95,18 +103,30 @@ class Scorer:
 
     def describe(self) -> dict:
         return {"name": self.name, "head": self.head, "heads": list(self.heads), "batch": self.batch,
+                "threads": self.threads,
                 "device": self.device.type, "precision": self.precision, **describe(self.meta)}
 
     def preprocess(self, image) -> np.ndarray:
         return preprocess(image, self.meta.preprocess)
 
-    @torch.inference_mode()
     def score(self, crops: list[torch.Tensor | np.ndarray] | torch.Tensor | np.ndarray) -> np.ndarray:
         """Per-image uint8 crops -> float32 (N, K) outputs, each image's crops averaged.
 
         ``crops`` is a list of (n_i, 3, S, S) arrays or tensors, one per image, or one (N, n, 3, S, S)
         array or tensor when every image has n crops (the scoring job's blocks: nothing is copied to
-        gather them). Classification models average logits over crops; ``columns`` applies the softmax."""
+        gather them). Classification models average logits over crops; ``columns`` applies the softmax.
+        On a CPU it runs on ``self.threads`` intra-op threads, torch's setting restored after."""
+        if self.threads is None:
+            return self._score(crops)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._score(crops)
+        finally:
+            torch.set_num_threads(before)
+
+    @torch.inference_mode()
+    def _score(self, crops) -> np.ndarray:
         if isinstance(crops, (list, tuple)):
             counts = [c.shape[0] for c in crops]
             batch = torch.cat([torch.as_tensor(c) for c in crops]) if crops else None
