@@ -163,3 +163,37 @@ def test_add_scores_with_a_wrong_image_column_raises_at_the_call_naming_the_colu
     ds = ray_local.data.read_binary_files(binary_files)
     with pytest.raises(ValueError, match="image_column: the dataset has no column 'image'; its columns: bytes"):
         perceptclip.add_scores(ds, [iqa_artifact])
+
+
+# --- the console ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ctrl_c_says_where_the_run_stood_then_why_it_stopped_and_prints_the_summary(tmp_path, iqa_artifact):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from perceptclip.inputs.shards import write_shard
+    from support.images import image_bytes, make_image
+
+    for s in range(300):
+        write_shard(str(tmp_path / "shards" / f"part-{s:04d}.tar"),
+                    [{"__key__": f"k{s}", "jpg": image_bytes(make_image(s, (24, 16)))}])
+    proc = subprocess.Popen([sys.executable, "-c", "from perceptclip.cli import main; main()", "score", "--input",
+                             str(tmp_path / "shards"), "--output", str(tmp_path / "out"), "--model", iqa_artifact],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:                     # a log (not a terminal): a line at the first shard done
+        seen.append(line.rstrip("\n"))
+        if line.startswith("[") and " shards, " in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    lines = seen + err.splitlines()
+    assert proc.returncode == 130 and "Aborted!" not in err
+    progress = [i for i, line in enumerate(lines) if line.startswith("[") and " shards, " in line]
+    stopped = [i for i, line in enumerate(lines) if line.startswith("stopped with ")]
+    assert stopped and progress and stopped[-1] > progress[-1] and stopped[-1] == len(lines) - 1, lines
+    summary = json.loads(out)
+    assert summary["aborted"].startswith("KeyboardInterrupt") and summary["shards"]["planned"] == 300

@@ -206,8 +206,13 @@ def score(inputs, output, models, config_path, address, overwrite, input_kind, i
                                              input_kind=input_kind, image_column=image_column,
                                              key_column=key_column, carry_columns=list(carry_columns) or None,
                                              sample_fraction=sample_fraction))
-    with _console("shards", "images") as console:
-        summary = _or_fail(lambda: run_score(cfg, progress=console))
+    try:
+        with _console("shards", "images") as console:
+            summary = _or_fail(lambda: run_score(cfg, progress=console))
+    except KeyboardInterrupt as stop:               # Ctrl-C: the summary as on success, and no "Aborted!"
+        if getattr(stop, "run_summary", None) is not None:
+            click.echo(json.dumps(stop.run_summary.to_dict(), indent=2))
+        raise SystemExit(130) from None
     click.echo(json.dumps(summary.to_dict(), indent=2))
     if not summary.ok:
         raise SystemExit(1)

@@ -169,15 +169,16 @@ class Console:
         return self.tally.items / max(now - self.started, 1e-9)
 
     def _eta(self, now: float) -> float | None:
-        """Seconds left at the pace of the units done since the first one; before a second is done,
-        at the pace of the first (its start-up included, so rather too long than too short)."""
+        """Seconds left at the pace of the units done since the first one. Before a second is done, a bar
+        shows the pace of the first (its start-up included, so rather too long than too short, and
+        redrawn soon); a log line, which stays, shows none: a start-up of seconds would read as minutes."""
         t = self.tally
         left = t.total - t.done
         if self.first_done is None:
             return None
         if t.done > self.first_done[1]:
             return left * (now - self.first_done[0]) / (t.done - self.first_done[1])
-        return left * (now - self.started) / (t.done - self.base)
+        return left * (now - self.started) / (t.done - self.base) if self.bar else None
 
     def _line(self, now: float, again: bool = True) -> None:
         """The progress line; ``again=False``: not if it would repeat the last one word for word."""

@@ -65,6 +65,9 @@ def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> R
         # what was committed stays committed (a rerun resumes); the summary says where the run stopped
         summary.aborted = redact_text(f"{type(e).__name__}: {e}", options)
         summary.duration_s = time.perf_counter() - started
+        e.run_summary = summary           # for the caller: the command line prints it on Ctrl-C as on success
+        if isinstance(progress, Console):
+            progress.close()              # where the run stood, then why it stopped: the last word is the stop
         progress(f"stopped with {len(summary.done)} of {len(plan.todo)} shards committed by this run and "
                  f"{len(summary.failed)} failed; a rerun scores the rest")
         try:
