@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from perceptclip.core.tasks import Task, resolve_task
-from perceptclip.model.artifact import ArtifactMeta, save_artifact
+from perceptclip.model.artifact import CONFIG_FILE, ArtifactMeta, cache_dir, publish_once, save_artifact
 from perceptclip.model.clip_lora import (
     DEBUG_BACKBONE,
     ClipLoraModel,
@@ -49,3 +49,17 @@ def make_tiny_artifact(dest: str, task: str | Task = "iqa", seed: int = 0, crops
                                  **extra)
     save_artifact(model, meta, dest)
     return dest
+
+
+def debug_artifact() -> str:
+    """The built-in debug model (``perceptclip-debug``): an image-quality debug model with fixed random
+    weights, made once into the cache. For seeing the job run where the released weights cannot be
+    fetched: its scores mean nothing, and its provenance says so."""
+    target = cache_dir() / "debug" / f"{NAME}-iqa"
+    if (target / CONFIG_FILE).exists():
+        return str(target)
+    model = tiny_model("iqa", seed=0)
+    meta = ArtifactMeta.for_task("iqa", model.cfg, crops=2, max_side=256, provenance={
+        "source": "perceptclip.model.debug", "seed": 0, "note": "random weights: its scores mean nothing"})
+    publish_once(target, lambda staging: save_artifact(model, meta, str(staging)))
+    return str(target)

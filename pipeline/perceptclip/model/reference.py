@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from perceptclip.core.schema import BASE_COLUMNS
 from perceptclip.model.batching import canonical_batch, canonical_threads
 from perceptclip.model.preprocess import PreprocessConfig
-from perceptclip.model.releases import BUILTIN_MODELS
+from perceptclip.model.releases import BUILTIN_MODELS, DEBUG_MODEL
 
 if TYPE_CHECKING:   # annotations only: the driver resolves models without loading torch or the model code
     from perceptclip.model.artifact import ArtifactMeta
@@ -34,10 +34,14 @@ def resolve_model(ref: str) -> str:
         from perceptclip.model.official import release_artifact
 
         return release_artifact(ref)
+    if ref == DEBUG_MODEL:
+        from perceptclip.model.debug import debug_artifact
+
+        return debug_artifact()
     if ref.startswith("perceptclip-") and not Path(ref).exists():
         from perceptclip.model.artifact import ArtifactError
 
-        raise ArtifactError(f"unknown built-in model {ref!r}; built-in names: {', '.join(BUILTIN_MODELS)}")
+        raise ArtifactError(f"unknown built-in model {ref!r}; built-in names: {', '.join([*BUILTIN_MODELS, DEBUG_MODEL])}")
     # a local path is made absolute here, so workers with another working directory find it too
     return ref if "://" in ref else str(Path(ref).absolute())
 

@@ -6,3 +6,5 @@ BUILTIN_MODELS = {
     "perceptclip-memorability": ("PerceptCLIP/PerceptCLIP_Memorability", "perceptCLIP_Memorability.pth", "memorability"),
     "perceptclip-emotion": ("PerceptCLIP/PerceptCLIP_Emotions", "perceptCLIP_Emotions.pth", "emotion"),
 }
+# beside them, the debug model (``model.debug``), made locally: random weights, for seeing the job run
+DEBUG_MODEL = "perceptclip-debug"
