@@ -205,6 +205,8 @@ def test_a_read_only_block_is_scored_without_a_warning(iqa_artifact):
     makes no "NumPy array is not writable" warning (PyTorch warns once a process: a process of its own)."""
     script = textwrap.dedent(f"""
         import numpy as np, sys
+        from perceptclip.model.clip_lora import import_open_clip_for_scoring
+        import_open_clip_for_scoring()          # as the model actor starts: open_clip without transformers
         sys.path.insert(0, {str(REPO / "tests")!r})
         from support.images import image_bytes, make_image
         from perceptclip.scoring.decode import decode_samples

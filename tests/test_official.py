@@ -125,8 +125,11 @@ def test_builtin_name_offline_says_what_to_fetch(tmp_path, monkeypatch):
     assert "perceptclip import-official perceptCLIP_Memorability.pth --task memorability" in message
 
 
+@pytest.mark.slow
 def test_builtin_name_found_in_the_hub_cache_is_converted_once(iqa_release, tmp_path):
-    """An offline machine whose Hugging Face cache already holds the release file converts it once."""
+    """An offline machine whose Hugging Face cache already holds the release file converts it once, and
+    resolves the name from the converted copy after. (Slow: the conversion runs in a fresh interpreter
+    that imports torch, open_clip and transformers.)"""
     _, ref, path = iqa_release
     cache = tmp_path / "hf"
     snapshot = cache / "models--PerceptCLIP--PerceptCLIP_IQA" / "snapshots" / ("0" * 40)

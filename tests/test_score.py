@@ -370,10 +370,11 @@ def test_the_decode_tasks_import_no_torch():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_the_model_actor_skips_importing_transformers(iqa_artifact):
     """open_clip imports transformers whenever it is installed (seconds of a scoring run's start-up); the
     actor loads its models without it, scores as a process that imported everything does, and leaves
-    transformers importable."""
+    transformers importable. (Slow: a fresh interpreter that imports torch, open_clip and transformers.)"""
     from perceptclip.model.scorer import Scorer
 
     code = (

@@ -35,7 +35,9 @@ def test_merged_sdpa_path_equals_unmerged_reference_in_fp32(iqa_artifact, crops)
     np.testing.assert_allclose(scorer.score(crops), reference, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_model_equals_eager(iqa_artifact, crops):
+    """torch.compile gives the eager scores. (Slow: compiling takes seconds.)"""
     eager = Scorer.load(iqa_artifact, device="cpu", precision="fp32").score(crops[:8])
     compiled = Scorer.load(iqa_artifact, device="cpu", precision="fp32", compile=True).score(crops[:8])
     np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-6)
