@@ -1,6 +1,7 @@
-"""``perceptclip quantiles`` and ``perceptclip report`` on a DEST written by the real score job (tiny
-models, shards written here, one run for the module). The report is opened in headless Chromium, which
-says what a reader would see: loaded thumbnails, drawn charts, no broken images, no fetches."""
+"""``perceptclip quantiles`` and ``perceptclip report`` on a DEST written by the score job's own stages
+in this process (``support.scoring``: tiny models, shards written here, one run for the module, its run
+summary included). The report is opened in headless Chromium, which says what a reader would see: loaded
+thumbnails, drawn charts, no broken images, no fetches."""
 
 import base64
 import io
@@ -22,9 +23,8 @@ from PIL import Image
 from perceptclip.cli import main
 from perceptclip.inputs.shards import write_shard
 from perceptclip.scoring.config import ScoreConfig
-from perceptclip.scoring.job import run_score
 from support.images import image_bytes, make_image
-from support.scoring import score_here
+from support.scoring import run_here, score_here
 
 CHROMIUM = "/usr/bin/chromium"
 HOSTILE_KEY = "x<img src=q onerror=alert(1)>&amp"
@@ -42,7 +42,7 @@ def samples(first: int, count: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, ray_local, iqa_artifact, emotion_artifact):
+def scored(tmp_path_factory, iqa_artifact, emotion_artifact):
     """Two shards scored with an IQA and an emotion model: 17 scored samples, a corrupt JPEG, a sample
     without an image, one sample whose key and caption are hostile HTML; and a third shard that is missing."""
     root = tmp_path_factory.mktemp("report")
@@ -55,8 +55,8 @@ def scored(tmp_path_factory, ray_local, iqa_artifact, emotion_artifact):
     write_shard(str(root / "shards" / "part-000000.tar"), first)
     write_shard(str(root / "shards" / "part-000001.tar"), second)
     dest = root / "scores"
-    summary = run_score(ScoreConfig(input=[str(root / "shards" / "part-{000000..000002}.tar")], output=str(dest),
-                                    models=[iqa_artifact, emotion_artifact]))
+    summary = run_here([str(root / "shards" / "part-{000000..000002}.tar")], [iqa_artifact, emotion_artifact],
+                       str(dest))
     assert len(summary.done) == 2 and [r.failed.split(":")[0] for r in summary.failed] == ["missing"]
     table = pa.concat_tables([pq.read_table(dest / f"part-00000{i}.parquet") for i in range(2)])
     assert Counter(table["status"].to_pylist()) == {"ok": SCORED, "error": 2}
@@ -74,7 +74,6 @@ def scored_values(table: pa.Table, column: str) -> np.ndarray:
 
 # --- quantiles ---------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_quantiles_equal_numpy_and_class_shares_count_labels(scored):
     result = cli("quantiles", "--scores", str(scored["dest"]), "--json")
     assert result.exit_code == 0, result.output
@@ -100,7 +99,6 @@ def test_quantiles_equal_numpy_and_class_shares_count_labels(scored):
     assert iqa[1] == str(SCORED) and float(iqa[3 + levels.index(0.5)]) == pytest.approx(median, rel=1e-3)
 
 
-@pytest.mark.slow
 def test_where_share_is_what_the_expression_keeps(scored):
     table = scored["table"]
     out = json.loads(cli("quantiles", "--scores", str(scored["dest"]), "--json").stdout)
@@ -126,7 +124,6 @@ def test_where_share_is_what_the_expression_keeps(scored):
         assert result.exit_code == 1 and "--where" in result.output and why in result.output, (bad, result.output)
 
 
-@pytest.mark.slow
 def test_only_committed_tables_count(scored, tmp_path):
     dest = tmp_path / "scores"
     shutil.copytree(scored["dest"], dest)
@@ -136,7 +133,6 @@ def test_only_committed_tables_count(scored, tmp_path):
     assert out["tables"] == 1 and out["samples"]["total"] == first.num_rows
 
 
-@pytest.mark.slow
 def test_errors_name_what_is_wrong_and_what_to_do(scored, tmp_path):
     missing = cli("quantiles", "--scores", str(tmp_path / "nowhere"))
     assert missing.exit_code == 1
@@ -165,7 +161,6 @@ def test_every_help_has_an_example():
     assert re.search(r"Example:\s+perceptclip quantiles --scores", cli("quantiles", "--help").output)
 
 
-@pytest.mark.slow
 def test_scores_and_report_on_object_storage(scored, s3_server, tmp_path):
     fs = s3_server.filesystem()
     bucket = s3_server.bucket()
@@ -196,7 +191,6 @@ def figures(page: str, model: str) -> tuple[list[dict], list[dict]]:
     return grid(top), grid(bottom)
 
 
-@pytest.mark.slow
 def test_report_ranks_and_reads_thumbnails_from_where_the_shards_are_now(scored, tmp_path):
     # The shards "moved": only part-000000 is at the new place, rewritten with solid red images.
     moved = tmp_path / "moved"
@@ -235,7 +229,6 @@ def test_report_ranks_and_reads_thumbnails_from_where_the_shards_are_now(scored,
     assert "part-000001 is not among --shards" in page
 
 
-@pytest.mark.slow
 def test_report_without_thumbnails(scored, tmp_path):
     output = tmp_path / "report.html"
     result = cli("report", "--scores", str(scored["dest"]), "--output", str(output), "--top-k", "0")
@@ -245,8 +238,8 @@ def test_report_without_thumbnails(scored, tmp_path):
 
 
 def test_quantiles_and_report_read_a_dest_scored_without_a_cluster(iqa_artifact, emotion_artifact, tmp_path):
-    """The quick tier's pass through quantiles and the report, on a DEST that the scoring job's own stages
-    wrote in this process (``support.scoring``); the tests above read what the Ray job wrote."""
+    """Quantiles and the report on a DEST of one shard that holds no run summary: the samples counted,
+    the mean, and the report's top and bottom with their thumbnails read from the shard."""
     shard = str(tmp_path / "shards" / "part-000000.tar")
     write_shard(shard, samples(0, 6) + [{"__key__": "broken", "jpg": b"\xff\xd8 this is not a jpeg"}])
     dest = tmp_path / "scores"

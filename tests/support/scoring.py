@@ -1,6 +1,7 @@
-"""A score output written without Ray, for quick tests of what reads one (quantiles, report, curation)
-and of the destination: the scoring job's own steps, run one after another in this process, a loop in
-place of Ray Data. The job itself, on a local Ray cluster, is tested in the slow tier."""
+"""A score output written without Ray, for tests of what reads one (quantiles, report, curation) and of
+the destination: the scoring job's own steps, run one after another in this process, a loop in place of
+Ray Data (``score_here``), and the run summary the job writes at its end (``run_here``). The job itself,
+on a local Ray cluster, is tested in the slow tier."""
 
 from __future__ import annotations
 
@@ -46,3 +47,26 @@ def score_here(shards: list[str], models: list[str], dest: str, block_rows: int 
     blocks = read_and_decode({"shard": np.array(shards, dtype=object)}, preprocessing, {}, block_rows,
                              DEFAULT_MAX_PIXELS, inputs=cfg.input_spec())
     return [result for block in blocks for result in writer.add(score_block(block, scorers, crops_index))]
+
+
+def run_here(shards: list[str], models: list[str], dest: str, **kwargs):
+    """``score_here`` as one run of the job: the same steps, then the run's summary counted and written as
+    the job's driver does it (``RunProgress``, ``write_summary``: ``DEST/_runs/in-process.json``, whose
+    failed shards and run the report shows). Returns the ``RunSummary``."""
+    import time
+
+    from perceptclip.core.clock import utc_now
+    from perceptclip.model.reference import ModelSpec
+    from perceptclip.output.runs import RunProgress, RunSummary, write_summary
+
+    started = time.perf_counter()
+    summary = RunSummary(run_id="in-process", output=dest, started_at=utc_now(),
+                         models=[ModelSpec.resolve(m).describe() for m in models], storage={})
+    results = score_here(shards, models, dest, **kwargs)
+    summary.planned = len(results)
+    progress = RunProgress(summary, len(results), started, say=lambda line: None)
+    progress(results)
+    progress.finish()
+    summary.duration_s = time.perf_counter() - started
+    write_summary(summary, {})
+    return summary
