@@ -1,4 +1,5 @@
-"""Curation: the keep-expression language, and score -> filter end to end on real shards."""
+"""Curation: the keep-expression language, and filter end to end on real shards scored by the job's stages in this
+process (``support.scoring``)."""
 
 import ast
 import json
@@ -13,9 +14,8 @@ from perceptclip.cli import main
 from perceptclip.curation.expression import ExpressionError, kept_rows, parse_expression
 from perceptclip.curation.filter import safe_member_name
 from perceptclip.inputs.shards import read_shard, write_shard
-from perceptclip.scoring.config import ScoreConfig
-from perceptclip.scoring.job import run_score
 from support.images import image_bytes, make_image
+from support.scoring import score_here
 
 TABLE = pa.table({
     "key": ["a", "b", "c", "d", "e"],
@@ -75,7 +75,9 @@ def test_bad_expressions_name_the_problem(where, message):
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, iqa_artifact, emotion_artifact, ray_local):
+def scored(tmp_path_factory, iqa_artifact, emotion_artifact):
+    """Two shards of 8 samples (one not an image, one without its .json) scored with an IQA and an emotion
+    model by the job's stages in this process (``support.scoring``)."""
     root = tmp_path_factory.mktemp("filter")
     shards = {}
     for s in range(2):
@@ -91,9 +93,8 @@ def scored(tmp_path_factory, iqa_artifact, emotion_artifact, ray_local):
             samples.append(sample)
         shards[f"shard-{s}"] = samples
         write_shard(str(root / "shards" / f"shard-{s}.tar"), samples)
-    cfg = ScoreConfig(input=[str(root / "shards" / "*.tar")], output=str(root / "scores"),
-                      models=[iqa_artifact, emotion_artifact])
-    assert run_score(cfg).ok
+    results = score_here([str(root / "shards" / "*.tar")], [iqa_artifact, emotion_artifact], str(root / "scores"))
+    assert [r.failed for r in results] == [None, None]
     return root, shards
 
 
@@ -102,7 +103,6 @@ def expected_keys(scores, name, threshold):
     return [r["key"] for r in rows if r["status"] == "ok" and r["iqa"] > threshold]
 
 
-@pytest.mark.slow
 def test_filter_writes_only_kept_samples_with_their_scores(scored):
     root, shards = scored
     scores, out = root / "scores", root / "curated"
@@ -132,7 +132,6 @@ def test_filter_writes_only_kept_samples_with_their_scores(scored):
         assert marker["kept"] == len(keep) and marker["of"] == len(samples)
 
 
-@pytest.mark.slow
 def test_filter_resumes_per_shard(scored):
     root, _ = scored
     scores, out = root / "scores", root / "curated-resume"
@@ -146,7 +145,6 @@ def test_filter_resumes_per_shard(scored):
     assert (out / "_markers" / "shard-1.json").exists()
 
 
-@pytest.mark.slow
 def test_bad_expression_fails_before_any_work(scored):
     root, _ = scored
     result = CliRunner().invoke(main, ["filter", "--scores", str(root / "scores"), "--where", "quality > 0.5",
@@ -155,7 +153,6 @@ def test_bad_expression_fails_before_any_work(scored):
     assert not (root / "never").exists()
 
 
-@pytest.mark.slow
 def test_a_vanished_shard_fails_and_is_retried(scored, tmp_path):
     root, shards = scored
     moved = root / "shards" / "shard-1.tar"
@@ -292,7 +289,6 @@ def _snapshot(folder):
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("target", ["shards", "scores", "root", "inside-scores"])
 def test_an_output_that_holds_the_inputs_is_refused_before_any_write(scored, target):
     root, _ = scored
@@ -306,7 +302,6 @@ def test_an_output_that_holds_the_inputs_is_refused_before_any_write(scored, tar
     assert _snapshot(root) == before                       # not one byte of the shards or the scores changed
 
 
-@pytest.mark.slow
 def test_a_rerun_with_another_expression_is_refused_unless_overwrite(scored, tmp_path):
     root, _ = scored
     out = tmp_path / "curated"
@@ -321,7 +316,6 @@ def test_a_rerun_with_another_expression_is_refused_unless_overwrite(scored, tmp
     assert wheres == {"emotion != 'fear'"}
 
 
-@pytest.mark.slow
 def test_tables_with_different_models_are_all_checked_before_any_work(scored, tmp_path):
     root, _ = scored
     scores = tmp_path / "scores"
@@ -339,7 +333,6 @@ def test_tables_with_different_models_are_all_checked_before_any_work(scored, tm
     assert _filter(scores, "iqa > -100", tmp_path / "out").exit_code == 0    # a column every table has
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("where,message", [
     ('emotion != "Fear"', "'Fear' is not a class of emotion; its classes: amusement, awe"),
     ('emotion == "feer"', "'feer' is not a class of emotion"),
@@ -354,7 +347,6 @@ def test_expressions_that_could_only_keep_all_or_nothing_are_refused(scored, tmp
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
 def test_quantiles_checks_class_names_too(scored):
     root, _ = scored
     result = CliRunner().invoke(main, ["quantiles", "--scores", str(root / "scores"), "--where", 'emotion == "Awe"'])
