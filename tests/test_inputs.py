@@ -389,7 +389,7 @@ def test_a_url_that_hangs_is_an_error_row_after_the_timeout(tmp_path, iqa_artifa
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     (tmp_path / "urls.csv").write_text(f"url\n{base}/ok.jpg\n{base}/hang.jpg\n{base}/missing.jpg\n")
     started = time.monotonic()
@@ -405,10 +405,12 @@ def test_a_url_that_hangs_is_an_error_row_after_the_timeout(tmp_path, iqa_artifa
         "ok", "fetch_timeout", "not_found"]
 
 
+@pytest.mark.slow
 def test_a_long_table_is_streamed_its_memory_flat_in_its_length(tmp_path):
     """The read task's memory does not grow with the table: held whole, 10,000 rows would take about 5 MB;
     read as the task reads them, the peak is the same for 10,000 rows as for 1,000 (8 bytes a row stay, to
-    find keys seen twice). benchmarks/table_memory.py does the same with a million rows."""
+    find keys seen twice). benchmarks/table_memory.py does the same with a million rows. (Slow: 11,000
+    fetches traced by tracemalloc.)"""
     import tracemalloc
 
     from perceptclip.inputs.base import InputSpec

@@ -33,7 +33,8 @@ class StoreProxy:
         self.server.daemon_threads = True
         self.server.handle_error = lambda request, address: None   # clients that gave up hang up on us
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # polled every 50 ms, not 0.5 s: stop() waits for the next poll
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def hold(self, method: str, part: str) -> None:
         self._gate.clear()
