@@ -94,6 +94,9 @@ def s3_server(_moto_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+TRAIN_POLL_S = "0.5"
+
+
 @pytest.fixture(autouse=True)
 def quick_train_polling(monkeypatch):
     """Ray Train's controller learns of a reported checkpoint, and of a finished or failed worker, when it
@@ -101,7 +104,39 @@ def quick_train_polling(monkeypatch):
     that trains, in this process or in a command it runs), and lets a test kill a worker soon after a
     checkpoint is registered, well inside the next epoch. Ray Train hands the driver's value to its
     controller and workers when a run starts."""
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+
+
+@pytest.fixture(scope="session")
+def smoke_training(tmp_path_factory):
+    """``perceptclip train`` as a user runs it: a process of its own that starts its own local Ray cluster,
+    the smoke config for 2 epochs, 40 training and 20 validation samples (labels 0 to 4). One run: the
+    console test reads what it printed, the rerun test trains again over (a copy of) its output.
+    Returns the finished process, the config file, the shards and the output folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from support.images import image_bytes, make_image
+    from support.shards import write_labelled_shard
+
+    root = tmp_path_factory.mktemp("smoke-training")
+    repo = Path(__file__).resolve().parents[1]
+
+    def shard(name: str, seeds: range) -> str:
+        return write_labelled_shard(root / f"{name}.tar", [
+            (f"k{i}", image_bytes(make_image(i, (40, 40)), "PNG"), {"label": float(i % 5)}) for i in seeds],
+            ext="png")
+
+    config = root / "smoke.yaml"
+    config.write_text((repo / "configs/train/smoke.yaml").read_text().replace("epochs: 15", "epochs: 2"))
+    train, val = shard("train", range(40)), shard("val", range(100, 120))
+    # a session fixture is set up before the tests' own fixtures: the polling interval is set here too
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S}
+    proc = subprocess.run([sys.executable, "-c", "from perceptclip.cli import main; main()", "train", "--config",
+                           str(config), "--train", train, "--val", val, "--output", str(root / "run")],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    return {"proc": proc, "config": config, "train": train, "val": val, "output": root / "run"}
 
 
 @pytest.fixture(scope="session")

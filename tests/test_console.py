@@ -285,18 +285,10 @@ def test_a_scoring_run_prints_our_lines_only(iqa_artifact, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_training_run_prints_one_line_an_epoch(tmp_path):
-    def shard(name: str, seeds: range) -> str:
-        return write_labelled_shard(tmp_path / f"{name}.tar", [
-            (f"k{i}", image_bytes(make_image(i, (40, 40)), "PNG"), {"label": float(i % 5)}) for i in seeds],
-            ext="png")
-
-    config = tmp_path / "smoke.yaml"
-    config.write_text((REPO / "configs/train/smoke.yaml").read_text().replace("epochs: 15", "epochs: 2"))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([*CLI, "train", "--config", str(config), "--train", shard("train", range(40)),
-                           "--val", shard("val", range(100, 120)), "--output", str(tmp_path / "run")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def test_a_training_run_prints_one_line_an_epoch(smoke_training):
+    """``perceptclip train`` with a local cluster of its own (the session's ``smoke_training``, 2 epochs):
+    its summary on stdout, on stderr one line an epoch and the last line, and none of Ray's own lines."""
+    proc = smoke_training["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1])["epochs"] == 2
     assert not ray_lines_left(proc.stderr), proc.stderr[-3000:]

@@ -576,13 +576,16 @@ def test_a_validation_set_without_a_usable_sample_fails_the_run_and_exports_noth
 
 
 @pytest.mark.slow
-def test_a_rerun_with_another_config_is_refused_and_restart_starts_afresh(ray_local, synthetic, tmp_path):
-    """Case 6: a rerun with 2 epochs instead of 15 "resumed after epoch 14", reported 15 epochs and
-    rewrote model/."""
-    dest = tmp_path / "run"
-    sets = ["--train", synthetic["train"][0], "--val", synthetic["val"][0], "--output", str(dest)]
-    first = CliRunner().invoke(main, ["train", "--config", str(smoke_config(tmp_path, epochs=2)), *sets])
-    assert first.exit_code == 0, first.output
+def test_a_rerun_with_another_config_is_refused_and_restart_starts_afresh(ray_local, smoke_training, tmp_path):
+    """Over a finished run of 2 epochs (the session's ``smoke_training``, copied), a rerun with 1 epoch is
+    refused naming the change and leaves the run as it was; with --restart it trains afresh: 1 epoch, its
+    history, checkpoints and record those of the new run only."""
+    import shutil
+
+    first = smoke_training["proc"]
+    assert first.returncode == 0, first.stderr[-3000:]
+    dest = Path(shutil.copytree(smoke_training["output"], tmp_path / "run"))
+    sets = ["--train", smoke_training["train"], "--val", smoke_training["val"], "--output", str(dest)]
     model = (dest / "model" / "model.safetensors").read_bytes()
     changed = smoke_config(tmp_path, epochs=1)
     refused = CliRunner().invoke(main, ["train", "--config", str(changed), *sets])
