@@ -200,9 +200,11 @@ def test_ray_output_goes_to_a_file_and_ours_still_to_stderr(tmp_path):
     assert verbose.stdout.strip() == "None"
 
 
+@pytest.mark.slow
 def test_a_read_only_block_is_scored_without_a_warning(iqa_artifact):
     """Ray Data hands a block to the model actor as a read-only view of its object store: scoring it
-    makes no "NumPy array is not writable" warning (PyTorch warns once a process: a process of its own)."""
+    makes no "NumPy array is not writable" warning (PyTorch warns once a process: a process of its own,
+    which imports torch and open_clip; hence slow)."""
     script = textwrap.dedent(f"""
         import numpy as np, sys
         from perceptclip.model.clip_lora import import_open_clip_for_scoring

@@ -65,6 +65,15 @@ def synthetic(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def few_shards(tmp_path_factory):
+    """Three training shards and two validation shards of two samples each, for the checks made before any
+    sample is read: they see shard lists, not samples."""
+    root = tmp_path_factory.mktemp("few")
+    return {"train": write_shards(root / "train", list(range(6)), per_shard=2),
+            "val": write_shards(root / "val", list(range(1000, 1004)), per_shard=2)}
+
+
 def spec(paths: list[str]) -> str:
     return ",".join(paths) if len(paths) == 1 else paths[0].rsplit("-", 1)[0] + f"-{{{0:06d}..{len(paths) - 1:06d}}}.tar"
 
@@ -472,20 +481,20 @@ def unlabelled_shard(path: Path, count: int = 10) -> str:
                                        for i in range(count)], ext="png")
 
 
-def test_the_output_may_not_hold_the_runs_shards(synthetic, tmp_path):
+def test_the_output_may_not_hold_the_runs_shards(few_shards, tmp_path):
     """Checked before Ray starts or anything is written."""
     cfg = TrainConfig.load(str(SMOKE))
-    shards = Path(synthetic["train"][0]).parent
+    shards = Path(few_shards["train"][0]).parent
     with pytest.raises(ValueError, match="--output: .* holds the training shards .* apart"):
-        train(cfg, {"default": synthetic["train"][0]}, {"default": synthetic["val"][0]}, str(shards))
+        train(cfg, {"default": few_shards["train"][0]}, {"default": few_shards["val"][0]}, str(shards))
     assert not (shards / "run.json").exists() and not (shards / "checkpoints").exists()
 
 
-def test_a_run_record_refuses_another_config_or_other_data_and_names_what_changed(synthetic, tmp_path):
+def test_a_run_record_refuses_another_config_or_other_data_and_names_what_changed(few_shards, tmp_path):
     from perceptclip.training.train import begin_run
 
     cfg = TrainConfig.load(str(SMOKE))
-    sets = {"default": synthetic["train"][:2]}, {"default": synthetic["val"][:1]}
+    sets = {"default": few_shards["train"][:2]}, {"default": few_shards["val"][:1]}
     dest = str(tmp_path / "run")
     other = TrainConfig.load(str(SMOKE))
     other.seed = 7
@@ -503,21 +512,21 @@ def test_a_run_record_refuses_another_config_or_other_data_and_names_what_change
     assert "epochs: 15 -> 2" in str(info.value) and "learning_rate: 0.002 -> 0.1" in str(info.value)
     assert "--restart" in str(info.value)
     with pytest.raises(ValueError, match=r"train.default: 2 shards -> 3 shards"):
-        begin_run(cfg, {"default": synthetic["train"][:3]}, sets[1], dest, restart=False)
+        begin_run(cfg, {"default": few_shards["train"][:3]}, sets[1], dest, restart=False)
     with pytest.raises(ValueError, match=r"val.default: other shards"):
-        begin_run(cfg, sets[0], {"default": synthetic["val"][1:2]}, dest, restart=False)
+        begin_run(cfg, sets[0], {"default": few_shards["val"][1:2]}, dest, restart=False)
     begin_run(fewer, *sets, dest, restart=True)                 # discarded, and recorded anew
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["epochs"] == 2
 
 
-def test_an_earlier_run_without_a_record_is_not_resumed(tmp_path, synthetic):
+def test_an_earlier_run_without_a_record_is_not_resumed(tmp_path, few_shards):
     from perceptclip.training.train import begin_run
 
     cfg = TrainConfig.load(str(SMOKE))
     (tmp_path / "run" / "checkpoints" / "epoch-0003").mkdir(parents=True)
     with pytest.raises(ValueError, match="no record of its settings.*--restart"):
-        begin_run(cfg, {"default": synthetic["train"][:1]}, {"default": synthetic["val"][:1]}, str(tmp_path / "run"),
+        begin_run(cfg, {"default": few_shards["train"][:1]}, {"default": few_shards["val"][:1]}, str(tmp_path / "run"),
                   restart=False)
     assert (tmp_path / "run" / "checkpoints" / "epoch-0003").exists()
 
