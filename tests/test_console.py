@@ -173,6 +173,8 @@ def test_run_progress_says_every_shard_and_on_a_console_only_the_failed_ones():
 
 
 def test_ray_output_goes_to_a_file_and_ours_still_to_stderr(tmp_path):
+    """While Ray runs in a process, what its C++ core and other libraries write on stderr goes to a file and
+    our warnings and messages still to stderr; verbose, everything stays on stderr and there is no file."""
     script = textwrap.dedent("""
         import logging, os, sys
         from perceptclip.core.console import Console, ray_output
@@ -186,18 +188,22 @@ def test_ray_output_goes_to_a_file_and_ours_still_to_stderr(tmp_path):
         print(output.path)
     """)
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    quiet = subprocess.run([sys.executable, "-c", script, "quiet"], env=env, capture_output=True, text=True,
-                           timeout=120)
-    assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stderr.splitlines() == ["WARNING our own warning", "our own message"]
-    captured = Path(quiet.stdout.strip()).read_text()
+
+    def start(mode: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", script, mode], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    quiet, verbose = start("quiet"), start("verbose")         # side by side: each spends a second importing Ray
+    quiet_out, quiet_err = quiet.communicate(timeout=120)
+    verbose_out, verbose_err = verbose.communicate(timeout=120)
+    assert quiet.returncode == 0, quiet_err
+    assert quiet_err.splitlines() == ["WARNING our own warning", "our own message"]
+    captured = Path(quiet_out.strip()).read_text()
     assert "core_worker.cc: as the C++ core writes it" in captured and "a library's line" in captured
 
-    verbose = subprocess.run([sys.executable, "-c", script, "verbose"], env=env, capture_output=True, text=True,
-                             timeout=120)
-    assert verbose.returncode == 0, verbose.stderr
-    assert "core_worker.cc" in verbose.stderr and "our own message" in verbose.stderr
-    assert verbose.stdout.strip() == "None"
+    assert verbose.returncode == 0, verbose_err
+    assert "core_worker.cc" in verbose_err and "our own message" in verbose_err
+    assert verbose_out.strip() == "None"
 
 
 @pytest.mark.slow
