@@ -298,7 +298,7 @@ def test_an_output_that_holds_the_inputs_is_refused_before_any_write(scored, tar
     for extra in ((), ("--overwrite",)):
         result = _filter(root / "scores", "iqa > -100", output, *extra)
         assert result.exit_code != 0, result.output
-        assert "--output" in result.output and ("holds" in result.output or "inside --scores" in result.output)
+        assert "--output" in result.output and ("holds" in result.output or "lies inside" in result.output)
     assert _snapshot(root) == before                       # not one byte of the shards or the scores changed
 
 
@@ -308,7 +308,7 @@ def test_a_rerun_with_another_expression_is_refused_unless_overwrite(scored, tmp
     assert _filter(root / "scores", "iqa > -100", out).exit_code == 0
     (out / "_markers" / "shard-1.json").unlink()           # half done, as after an interrupted run
     result = _filter(root / "scores", "emotion != 'fear'", out)
-    assert result.exit_code != 0 and "curated with --where 'iqa > -100'" in result.output
+    assert result.exit_code != 0 and "where: iqa > -100 -> " in result.output and "--overwrite" in result.output
     assert not (out / "_markers" / "shard-1.json").exists()
     result = _filter(root / "scores", "emotion != 'fear'", out, "--overwrite")
     assert result.exit_code == 0, result.output

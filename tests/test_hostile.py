@@ -66,7 +66,8 @@ def test_curation_never_writes_outside_its_folder(hostile_run, tmp_path):
     written = {p for p in tmp_path.rglob("*") if p.is_file()} | {p for p in root.rglob("*")}
     assert {p for p in written - before if not p.is_relative_to(out)} == set()
     assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == {
-        "hostile-000000.tar", "hostile-gzip.tar", "_markers/hostile-000000.json", "_markers/hostile-gzip.json"}
+        "hostile-000000.tar", "hostile-gzip.tar", "_markers/hostile-000000.json", "_markers/hostile-gzip.json",
+        "_output.json"}                                 # what the curation was made from and with
     # keys that would extract outside the folder are refused, and so are samples whose .json cannot
     # take the scores; every other scored sample is kept
     assert summary["refused_by_reason"] == {"unsafe_name": 2, "unreadable_json": 2}

@@ -274,7 +274,7 @@ def run_filter(scores: str, where: str, output: str, options: dict, overwrite: b
     settings = {"where": expression.text, "format": form}
     dest = Destination.open(output, "filter", options, overwrite=overwrite, settings=settings,
                             earlier=lambda: legacy_curation(output, form, options),
-                            inputs={"the score tables": [scores], "the scored inputs": made_from(scores, options),
+                            inputs={"the score tables folder": [scores], "the scored inputs": made_from(scores, options),
                                     "input shards": [m["shard"] for m in markers]},
                             made_from=[{"url": scores, "kind": "scores"}])
     with ThreadPoolExecutor(max_workers=workers) as pool:

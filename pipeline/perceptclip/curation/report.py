@@ -59,7 +59,7 @@ def write_report(scores_dest: str, output: str, shards: str | list[str] | None =
     if top_k < 0:
         raise ValueError(f"top_k: must be >= 0, got {top_k}")
     options = options or {}
-    check_apart("--output", output, {"the score tables": [scores_dest]})       # a file: no record
+    check_apart("--output", output, {"the score tables folder": [scores_dest]})       # a file: no record
     scores = read_scores(scores_dest, options, progress)
     picks = {m["name"]: ranked(scores, m, top_k) for m in scores.models}
     wanted = defaultdict(dict)             # shard -> key -> where the image was read from

@@ -4,7 +4,8 @@
               resolved), an output made by another command, and a rerun whose recorded identity differs
               (unless ``overwrite``), naming what differs (``models.iqa.weights: 62e2b3 -> 9a01c4``)
     begin     the first write: with ``overwrite``, remove what the earlier run made (and only that);
-              then check that the output can be written, and record what it is made from and with
+              then record what the output is made from and with. (``check_writable``, which the scoring
+              job calls before any other work, writes a probe and leaves no trace.)
 
 The record, ``OUT/_output.json``, holds the command, its inputs (URL and kind) and its settings: what
 decides the output's contents (models and their weight digests; a filter's expression and format; a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,7 +96,6 @@ class Destination:
         if self.overwrite and (self.earlier is not None or remove is not None):
             for path in (remove or self.made_before)():
                 self._remove(path)
-        check_writable(self.url, self.options)
         inputs = self.inputs
         if not self.compare_inputs and self.earlier is not None and not self.overwrite:
             seen = {i["url"] for i in inputs}
@@ -105,6 +106,8 @@ class Destination:
         record["created_at"] = record["created_at"] or utc_now()
         record["updated_at"] = utc_now()
         fs, root = filesystem(self.url, self.options)
+        if protocol(self.url) == "file":
+            fs.makedirs(root, exist_ok=True)
         fs.pipe_file(join(root, RECORD_FILE), json.dumps(record, indent=1, allow_nan=False).encode())
 
     def made_before(self) -> list[str]:
@@ -224,18 +227,26 @@ def check_apart(option: str, output: str, inputs: dict[str, list[str]]) -> None:
 
 def check_writable(url: str, options: dict) -> None:
     """Fail before any model is loaded or shard read when nothing can be written under ``url`` (a
-    read-only mount, a missing bucket, a role without write access). Writes an empty object and removes it."""
+    read-only mount, a missing bucket, a role without write access). Writes an empty object and removes
+    it, and the folders it had to make: a run refused afterwards leaves no trace."""
     probe = join(url, f".write-check-{uuid.uuid4().hex}")
+    made: list[str] = []
     try:
         fs, path = filesystem(probe, options)
         if protocol(url) == "file":
             # only local folders: object stores have none, and s3fs's makedirs would create a missing bucket
+            folder = path.rsplit("/", 1)[0]
+            while folder and not os.path.lexists(folder):
+                made.append(folder)
+                folder = folder.rsplit("/", 1)[0]
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, b"")
     except Exception as e:
         raise StorageError(redact_text(f"output: cannot write under {url}: {type(e).__name__}: {e}", options)) from None
     try:
         fs.rm_file(path)
+        for folder in made:                     # deepest first; one that is not empty is someone else's now
+            os.rmdir(folder)
     except Exception as e:  # a store may grant writes but not deletes; the commands only write
         log.warning("%s", redact_text(f"could not remove {probe}: {type(e).__name__}: {e}", options))
 

@@ -29,6 +29,7 @@ from perceptclip.core.console import Console, ShardTally, ray_output
 from perceptclip.core.storage import StorageError, redact, redact_text, storage_options
 from perceptclip.model.reference import ModelSpec, check_columns, distinct_preprocessing
 from perceptclip.output.commit import COMMIT_WORKERS, ScoreWriter
+from perceptclip.output.destination import check_writable
 from perceptclip.output.runs import RunProgress, RunSummary, write_summary
 from perceptclip.scoring.actor import ModelActor
 from perceptclip.scoring.config import ScoreConfig
@@ -45,6 +46,7 @@ def run_score(cfg: ScoreConfig, progress: Callable[[str], None] = log.info) -> R
     cfg.validate()
     started = time.perf_counter()
     options = storage_options(cfg.storage)
+    check_writable(cfg.output, options)           # before a model is fetched or a shard listed; leaves no trace
     found = list_inputs(cfg, options)
     models = [ModelSpec.resolve(m, options, batch=cfg.model_batch) for m in cfg.models]
     check_columns(models, cfg.carry_columns)
