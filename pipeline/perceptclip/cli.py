@@ -97,7 +97,7 @@ def _or_fail(action):
     """Run ``action``; our own errors (bad file, bad model, bad config, a store that refuses after its
     retries) end the command with their message."""
     from perceptclip.core.storage import StorageError
-    from perceptclip.model.artifact import ArtifactError
+    from perceptclip.model.errors import ArtifactError
 
     try:
         return action()

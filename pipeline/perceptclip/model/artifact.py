@@ -35,16 +35,13 @@ from perceptclip.core.config import Config, ConfigError, require
 from perceptclip.core.storage import filesystem
 from perceptclip.core.tasks import Task, resolve_task
 from perceptclip.model.clip_lora import ClipLoraModel, ModelConfig
+from perceptclip.model.errors import ArtifactError
 from perceptclip.model.preprocess import PreprocessConfig
 
 FORMAT = "perceptclip-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-class ArtifactError(Exception):
-    """A model artifact that is missing, malformed or fails its checksum."""
 
 
 @dataclass

@@ -39,7 +39,7 @@ def resolve_model(ref: str) -> str:
 
         return debug_artifact()
     if ref.startswith("perceptclip-") and not Path(ref).exists():
-        from perceptclip.model.artifact import ArtifactError
+        from perceptclip.model.errors import ArtifactError
 
         raise ArtifactError(f"unknown built-in model {ref!r}; built-in names: {', '.join([*BUILTIN_MODELS, DEBUG_MODEL])}")
     # a local path is made absolute here, so workers with another working directory find it too
