@@ -16,12 +16,20 @@ def test_the_package_lists_its_public_names():
 
 
 def test_score_from_python_on_an_input_that_is_not_there_raises_before_starting_ray(tmp_path, iqa_artifact):
-    import ray
+    """In a fresh interpreter (the test session may hold a cluster already): no Ray, nothing written."""
+    import subprocess
+    import sys
 
-    with pytest.raises(ValueError, match="input: nothing there: .*no-such-shards"):
-        perceptclip.score(input=str(tmp_path / "no-such-shards" / "part-000.tar"), output=str(tmp_path / "out"),
-                          models=[iqa_artifact])
-    assert not ray.is_initialized()
+    code = ("import perceptclip, ray, sys\n"
+            "try:\n"
+            "    perceptclip.score(input=sys.argv[1], output=sys.argv[2], models=[sys.argv[3]])\n"
+            "except ValueError as e:\n"
+            "    print(e)\n"
+            "print('ray started' if ray.is_initialized() else 'no ray')\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "no-such-shards" / "part-000.tar"),
+                          str(tmp_path / "out"), iqa_artifact], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("input: nothing there: ") and "no-such-shards" in out
+    assert out.rstrip().endswith("no ray")
     assert not (tmp_path / "out").exists()
 
 
