@@ -10,7 +10,7 @@ Stages (one process, the job's own functions, every image of the workload):
     read        perceptclip.inputs.shards.read_shard: a whole tar into memory
     decode      perceptclip.model.preprocess.decode_image: bytes -> RGB image
     preprocess  perceptclip.model.preprocess.preprocess: image -> uint8 crops
-    model       perceptclip.scoring.job.score_block: every model on the crops (device synchronised: scores come back)
+    model       perceptclip.scoring.actor.score_block: every model on the crops (device synchronised: scores come back)
     write       perceptclip.output.commit.ScoreWriter: Parquet + marker per shard (skipped with --no-write)
 
 Each line gives the stage's seconds, milliseconds per image and images/s on one core (or one device).
@@ -57,11 +57,12 @@ def timed(totals: dict, stage: str):
 
 def stage_times(urls: list[str], model: str, batch_size: int, write_to: Path | None) -> tuple[int, dict]:
     """Seconds per stage over every image of ``urls``, running the job's own stage functions in order."""
+    import perceptclip.model.reference as score
     import perceptclip.scoring.decode as decode
-    import perceptclip.scoring.job as score
     from perceptclip.inputs.shards import read_shard
     from perceptclip.model.scorer import Scorer
     from perceptclip.output.commit import ScoreWriter
+    from perceptclip.scoring.actor import score_block
 
     totals: dict[str, float] = defaultdict(float)
     decode_image, preprocess = decode.decode_image, decode.preprocess
@@ -89,13 +90,13 @@ def stage_times(urls: list[str], model: str, batch_size: int, write_to: Path | N
             for start in range(0, len(samples), batch_size):
                 block = decode.decode_samples(url, samples[start:start + batch_size], start, preprocessing)
                 with timed(totals, "model"):
-                    table = score.score_block(block, scorers, crops_index)
+                    table = score_block(block, scorers, crops_index)
                 if writer:
                     with timed(totals, "write"):
                         writer.add(table)
             if writer:
                 with timed(totals, "write"):
-                    writer.add(score.score_block(decode.shard_row(url, len(samples), None, preprocessing),
+                    writer.add(score_block(decode.shard_row(url, len(samples), None, preprocessing),
                                                  scorers, crops_index))
     finally:
         decode.decode_image, decode.preprocess = decode_image, preprocess

@@ -143,7 +143,8 @@ def pytest_runtest_makereport(item, call):
     return report
 EOF
 check "quick tests on the node's versions" "${node[@]}" PYTHONPATH="$site:$work/plugin" timeout -k 10 1800 \
-  "$py" -m pytest -q -p no:cacheprovider -p node_absent_tools -m "not slow and not gpu"
+  "$py" -m pytest -q -p no:cacheprovider -p node_absent_tools -m "not slow and not gpu" \
+    --deselect tests/test_architecture.py::test_ruff_finds_nothing_on_the_tree
 
 cd "$repo"
 if [ ${#failed[@]} -gt 0 ]; then
