@@ -45,7 +45,7 @@ from perceptclip.core.storage import filesystem, join, redact_text
 from perceptclip.curation.expression import KeepExpression, kept_rows, parse_expression
 from perceptclip.inputs.shards import ShardError, parse_json, shard_bytes, shard_name
 from perceptclip.output.destination import Destination, made_from
-from perceptclip.output.layout import MARKERS_DIR, committed_names, marker_path, read_markers, table_path
+from perceptclip.output.layout import MARKERS_DIR, committed_names, json_files, marker_path, read_markers, table_path
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -80,11 +80,7 @@ class FilterSummary:
 
 def committed_scores(scores: str, options: dict) -> list[dict]:
     """The markers of every committed score table under ``scores``, in name order."""
-    fs, root = filesystem(join(scores, MARKERS_DIR), options)
-    try:
-        paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
-    except FileNotFoundError:
-        paths = []
+    fs, paths = json_files(join(scores, MARKERS_DIR), options)
     if not paths:
         raise ValueError(f"--scores: no committed score tables under {scores}")
     return [json.loads(fs.cat_file(p)) for p in paths]

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from perceptclip.core.schema import METADATA_KEY
 from perceptclip.core.storage import filesystem, join
-from perceptclip.output.layout import MARKERS_DIR, RUNS_DIR, committed_names, shard_of
+from perceptclip.output.layout import MARKERS_DIR, RUNS_DIR, committed_names, json_files, shard_of
 
 DEFAULT_LEVELS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 
@@ -90,11 +90,7 @@ def read_scores(dest: str, options: dict | None = None,
 
 
 def _read_runs(dest: str, options: dict) -> list[dict]:
-    fs, root = filesystem(join(dest, RUNS_DIR), options)
-    try:
-        paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
-    except FileNotFoundError:
-        return []
+    fs, paths = json_files(join(dest, RUNS_DIR), options)
     runs = []
     for path in paths:
         try:

@@ -51,13 +51,19 @@ def committed_names(dest: str, options: dict) -> set[str]:
 
 
 
+def json_files(folder: str, options: dict):
+    """``(fs, paths)``: the JSON files directly in ``folder`` (markers, run summaries), in name order; none
+    when the folder is not there."""
+    fs, root = filesystem(folder, options)
+    try:
+        return fs, sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        return fs, []
+
+
 def read_markers(dest: str, options: dict) -> list[dict]:
     """Every marker under ``dest``, in name order (an unreadable one is left out)."""
-    fs, root = filesystem(join(dest, MARKERS_DIR), options)
-    try:
-        paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".json"))
-    except FileNotFoundError:
-        return []
+    fs, paths = json_files(join(dest, MARKERS_DIR), options)
     out = []
     for path in paths:
         try:
