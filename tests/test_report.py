@@ -229,12 +229,16 @@ def test_report_ranks_and_reads_thumbnails_from_where_the_shards_are_now(scored,
     assert "part-000001 is not among --shards" in page
 
 
-def test_report_without_thumbnails(scored, tmp_path):
+def test_report_without_top_and_bottom(scored, tmp_path):
+    """--top-k 0: no top and bottom grids; the thumbnails left are the threshold's neighbours, held as data
+    for the page's script (17 samples over fewer steps than 6 a step: every scored sample)."""
     output = tmp_path / "report.html"
     result = cli("report", "--scores", str(scored["dest"]), "--output", str(output), "--top-k", "0")
-    assert result.exit_code == 0 and "0 thumbnails" in result.stdout
+    assert result.exit_code == 0 and f"{SCORED} thumbnails" in result.stdout
     page = output.read_text()
-    assert "<img" not in page and "<h3>Top" not in page and page.count('<svg class="chart"') == 2
+    assert "<img" not in page and "<h3>Top" not in page and page.count('<svg class="chart') == 2
+    data = json.loads(re.search(r'<script type="application/json" id="explorer-data">(.*?)</script>', page).group(1))
+    assert len(data["thumbs"]) == SCORED and all(uri.startswith("data:image/jpeg;base64,") for uri in data["thumbs"])
 
 
 def test_quantiles_and_report_read_a_dest_scored_without_a_cluster(iqa_artifact, emotion_artifact, tmp_path):
@@ -270,10 +274,12 @@ def test_report_renders_in_chromium(scored, tmp_path):
     assert result.exit_code == 0, result.output
     page = output.read_text()
 
-    # Nothing outside the page: every src is a data: URI, every link a fragment, no stylesheets or scripts.
+    # Nothing outside the page: every src is a data: URI, every link a fragment, no stylesheets; two scripts,
+    # both inline: the explorer's data (JSON) and its code.
     assert all(src.startswith("data:image/jpeg;base64,") for src in re.findall(r'\ssrc="([^"]*)"', page))
     assert all(href.startswith("#") for href in re.findall(r'\shref="([^"]*)"', page))
-    assert "<script" not in page and "<link" not in page and "url(" not in page and "@import" not in page
+    assert re.findall(r"<script[^>]*>", page) == ['<script type="application/json" id="explorer-data">', "<script>"]
+    assert "<link" not in page and "url(" not in page and "@import" not in page
     assert HOSTILE_KEY not in page and HOSTILE_CAPTION not in page
 
     check = tmp_path / "check.html"
@@ -281,10 +287,11 @@ def test_report_renders_in_chromium(scored, tmp_path):
     dom = chromium(tmp_path, "--dump-dom", check.as_uri())
     seen = json.loads(unescape(re.search(r'<pre id="check">(.*?)</pre>', dom, re.S).group(1)))
 
-    assert seen["title"].startswith("perceptclip report") and seen["scripts"] == 1   # only the check's own
+    assert seen["title"].startswith("perceptclip report") and seen["scripts"] == 3   # the page's two, the check
     assert seen["fetched"] == []
-    # every sample in both grids of both models, each thumbnail decoded; none broken
+    # every sample in both grids of both models, each thumbnail decoded; none broken, the neighbours' neither
     assert seen["images"] == 2 * 2 * SCORED and seen["broken"] == [] and seen["placeholders"] == 0
+    assert seen["neighbours"] >= 6
     assert HOSTILE_KEY in seen["keys"]          # the hostile key arrived as text, not as markup
     charts = {c["title"]: c for c in seen["charts"]}
     assert set(charts) == {f"histogram of {SCORED} scores", "class distribution"}
@@ -309,7 +316,7 @@ def test_report_renders_in_chromium(scored, tmp_path):
 PAGE_CHECK = """<script>
 window.addEventListener("load", () => {
   const rows = sel => [...document.querySelectorAll(sel)].map(tr => [...tr.cells].map(c => c.textContent.trim()));
-  const images = [...document.images];
+  const images = [...document.querySelectorAll(".grid img")];
   const charts = [...document.querySelectorAll("svg.chart")].map(svg => {
     const box = svg.getBoundingClientRect();
     const bars = [...svg.querySelectorAll("rect.bar")];
@@ -324,8 +331,9 @@ window.addEventListener("load", () => {
     scripts: document.scripts.length,
     fetched: performance.getEntriesByType("resource").map(e => e.name).filter(n => !n.startsWith("data:")),
     images: images.length,
-    broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
-    placeholders: document.querySelectorAll(".missing").length,
+    broken: [...document.images].filter(i => i.getAttribute("src") && !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
+    placeholders: document.querySelectorAll(".grid .missing").length,
+    neighbours: document.querySelectorAll(".boundary img[src]").length,
     keys: [...document.querySelectorAll("figure")].map(f => f.dataset.key),
     charts,
     errors: rows("#errors table:first-of-type tr"),
