@@ -174,6 +174,7 @@ class Page:
         }})()""")
         if box is None:
             raise BrowserError(f"no element {selector!r}")
+        self.settle()              # the scroll drawn before a click: else the first one may land on stale layout
         return box[0] + box[2] / 2, box[1] + box[3] / 2
 
     def click_at(self, x: float, y: float) -> None:

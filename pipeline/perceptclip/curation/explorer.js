@@ -693,7 +693,7 @@
   document.getElementById("copy-link").addEventListener("click", (e) => copy(e.target, location.href));
   document.getElementById("copy-command").addEventListener("click", (e) => copy(e.target, commandLine.textContent));
   // the page's own links scroll without touching the address, which holds the selection
-  for (const a of document.querySelectorAll('nav a[href^="#"]')) {
+  for (const a of document.querySelectorAll('a[href^="#"]')) {
     a.addEventListener("click", (event) => {
       const target = document.getElementById(decodeURIComponent(a.getAttribute("href").slice(1)));
       if (!target) return;

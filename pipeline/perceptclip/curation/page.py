@@ -11,6 +11,7 @@ text goes through ``html.escape`` on its way into the markup, and the script wri
 from __future__ import annotations
 
 import html
+import math
 from collections import Counter
 from datetime import UTC, datetime
 from importlib import resources
@@ -42,9 +43,12 @@ def asset(name: str) -> str:
 
 def render(scores: ScoreSet, picks: dict[str, tuple[list[dict], list[dict]]], thumbs: dict[tuple[str, str], Thumb],
            explorer: Explorer, data: str) -> str:
+    """The page, top to bottom: the bar (what the selection keeps), how the page works, the selection's
+    controls, the density of two scores, each model's quantiles and top and bottom, errors, runs."""
     ok = explorer.scored
     rows = scores.table.num_rows
     generated = datetime.now(UTC).isoformat(timespec="seconds")
+    models = [m["name"] for m in scores.models]
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -54,27 +58,44 @@ def render(scores: ScoreSet, picks: dict[str, tuple[list[dict], list[dict]]], th
         f"<h1>perceptclip report: {esc(scores.dest)}</h1>",
         f'<p class="meta">{rows} samples ({ok} scored, {rows - ok} errors) in {len(scores.files)} score tables; '
         f"generated {esc(generated)} by perceptclip {esc(__version__)}</p>",
-        "<nav>" + " · ".join(['<a href="#how">how this page works</a>', '<a href="#scatter">two scores</a>']
-                             + [f'<a href="#model-{esc(m["name"])}">{esc(m["name"])}</a>' for m in scores.models]
+        "<nav>" + " · ".join(['<a href="#controls">selection</a>', '<a href="#scatter">two scores</a>']
+                             + [f'<a href="#model-{esc(m)}">{esc(m)}</a>' for m in models]
                              + ['<a href="#errors">errors</a>', '<a href="#runs">runs</a>']) + "</nav></header>",
     ]
     if scores.uncommitted:
         parts.append(f'<p class="meta">Left out: {len(scores.uncommitted)} tables without a marker (not committed): '
                      f"{esc(', '.join(shard_of(p) for p in scores.uncommitted))}</p>")
-    parts += [how_it_works(explorer, picks, thumbs), scatter_section(explorer)]
     shares = class_shares(scores)
     stats = quantiles(scores)
-    controls = {c.name: (i, c) for i, c in enumerate(explorer.numeric)}
-    toggles = {c.name: i for i, c in enumerate(explorer.classes)}
+    parts += [how_it_works(explorer, picks, thumbs), controls_section(scores, explorer, stats),
+              scatter_section(explorer)]
     for model in scores.models:
-        name = model["name"]
-        control = (class_control(toggles[name], explorer.classes[toggles[name]]) if name in toggles
-                   else numeric_control(*controls[name], stats[name]) if name in controls else "")
-        parts.append(render_model(scores, model, stats, shares.get(name), picks[name], thumbs, control))
+        parts.append(render_model(scores, model, stats, shares.get(model["name"]), picks[model["name"]], thumbs))
     parts += [render_errors(scores), render_runs(scores), "</main>",
               f'<script type="application/json" id="explorer-data">{data}</script>',
               f"<script>{asset('explorer.js')}</script>", "</body></html>"]
     return "\n".join(parts)
+
+
+def controls_section(scores: ScoreSet, explorer: Explorer, stats: dict) -> str:
+    """Every control, in model order: a regression score's histogram with its threshold and the samples
+    nearest it, a classifier's classes as toggles."""
+    numeric = {c.name: (i, c) for i, c in enumerate(explorer.numeric)}
+    toggles = {c.name: (i, c) for i, c in enumerate(explorer.classes)}
+    out = ['<section id="controls"><h2>Selection</h2>']
+    for model in scores.models:
+        name = model["name"]
+        if name in numeric:
+            control = numeric_control(*numeric[name], stats[name])
+            what = "higher is better" if model.get("higher_is_better", True) else "lower is better"
+        elif name in toggles:
+            control, what = class_control(*toggles[name]), "classes"
+        else:
+            control, what = '<p class="meta">no scores, no threshold</p>', ""
+        out.append(f'<div class="pick"><h3>{esc(name)} <span class="meta">{esc(what)} · '
+                   f'<a href="#model-{esc(name)}">quantiles, top and bottom</a></span></h3>{control}</div>')
+    out.append("</section>")
+    return "\n".join(out)
 
 
 def selection_bar() -> str:
@@ -91,34 +112,42 @@ def selection_bar() -> str:
 
 
 def how_it_works(explorer: Explorer, picks: dict, thumbs: dict) -> str:
+    """What the page holds and how to use it: a line that says it all, the explanation unfolded below."""
     images = sum(1 for t in thumbs.values() if t.uri is not None)
     k = explorer.neighbours
     widths = ", ".join(f"{esc(c.name)} {num(float(c.edges[1] - c.edges[0]), 3)} ({len(c.counts)} steps)"
                        for c in explorer.numeric)
     top = max((len(top) for top, _ in picks.values()), default=0)
     if explorer.exact:
-        counts = (f"Counts are exact: the page holds the scores of all {explorer.scored} scored samples (it does up "
-                  f"to {explorer.limit}), so the numbers on top are those <code>perceptclip quantiles --where</code> "
+        summary = f"Counts are exact: every one of the {explorer.scored} scored samples."
+        counts = (f"Counts are exact: the page holds the scores of all {explorer.scored} scored samples (a page does "
+                  f"up to {explorer.limit}), so the numbers on top are those <code>perceptclip quantiles --where</code> "
                   "prints for the same expression.")
     else:
+        summary = (f"Counts are estimates, from a uniform sample of {len(explorer.rows)} of the {explorer.scored} "
+                   "scored samples.")
         counts = (f"Counts are estimates: {explorer.scored} scored samples are more than the {explorer.limit} whose "
                   f"scores a page holds, so it holds a uniform sample of {len(explorer.rows)} of them (seeded) and "
                   "gives each count with a 95% interval. Histograms and class counts are of every sample.")
     problems = "".join(f"<li>{esc(p)}</li>" for p in explorer.problems)
     return (
-        '<section id="how"><h2>How this page works</h2><ul>'
+        f'<details id="how"><summary>{summary} The page holds {images} thumbnails: the {k} lowest and {k} highest '
+        f"of every slider step, and the top and bottom {top} of each model. <u>How this page works</u></summary><ul>"
         "<li>Set a threshold on a score's histogram (drag on it, or the slider under it; arrow keys step) and "
         "choose to keep above or below it; click a class to leave it out. The selection is all of them at once "
         "(<code>and</code>).</li>"
         "<li>The bar on top says what the selection keeps, in the words of <code>perceptclip quantiles "
-        "--where</code>, and gives the expression and the <code>perceptclip filter</code> command to paste. The "
-        "page's address ends in <code>#where=</code> and the expression: copy the link to share the selection.</li>"
+        "--where</code>, and gives the <code>perceptclip filter</code> command to paste. The page's address ends in "
+        "<code>#where=</code> and the expression: copy the link to share the selection. A link whose expression the "
+        "controls cannot show (<code>or</code>, <code>not</code>, two conditions on one score) says so, and is not "
+        "applied.</li>"
         f"<li>{counts}</li>"
-        f"<li>This page holds {images} thumbnails ({len(thumbs) - images} more samples could not be shown: each says why). Under "
-        f"each histogram, the samples nearest the threshold: from every step of the slider ({widths or 'none'}) "
-        f"the page keeps the {k} lowest and the {k} highest samples, so any threshold has its nearest neighbours "
-        f"within one step on both sides, and at a threshold the slider sets the {k} nearest on each side are "
-        f"exactly the nearest. Then the top and bottom {top} of each model.</li>{problems}</ul></section>")
+        f"<li>This page holds {images} thumbnails ({len(thumbs) - images} more samples could not be shown: each says "
+        f"why). Under each histogram, the samples nearest the threshold: from every step of the slider "
+        f"({widths or 'none'}) the page keeps the {k} lowest and the {k} highest samples, so any threshold has a "
+        f"neighbour within one step on each side wherever the data has one, and at a threshold the slider sets, "
+        f"the {k} nearest on each side are exactly the nearest. Then the top and bottom {top} of each model.</li>"
+        f"{problems}</ul></details>")
 
 
 def scatter_section(explorer: Explorer) -> str:
@@ -136,19 +165,18 @@ def scatter_section(explorer: Explorer) -> str:
 
 
 def render_model(scores: ScoreSet, model: dict, stats: dict, shares: dict | None,
-                 picks: tuple[list[dict], list[dict]], thumbs: dict, control: str) -> str:
+                 picks: tuple[list[dict], list[dict]], thumbs: dict) -> str:
     name = model["name"]
     direction = "higher is better" if model.get("higher_is_better", True) else "lower is better"
     out = [f'<section class="model" id="model-{esc(name)}"><h2>{esc(name)}</h2>',
            f'<p class="meta">task {esc(model.get("task"))}, {direction}; backbone {esc(model.get("backbone"))}; '
            f'weights sha256 {esc(str(model.get("weights_sha256"))[:12])}; model {esc(model.get("ref"))}</p>']
     if shares is not None:
-        out += ["<h3>Class distribution</h3>", control, bar_chart_svg(shares), share_table(shares)]
+        out += ["<h3>Class distribution</h3>", bar_chart_svg(shares), share_table(shares)]
         out += ["<h3>Class probabilities: quantiles</h3>", quantile_table({c: stats[c] for c in model["columns"][1:]})]
         what = f"the probability of the chosen {esc(name)} label"
     else:
-        out += ["<h3>Histogram</h3>", control or '<p class="meta">no scores</p>',
-                "<h3>Quantiles</h3>", quantile_table({name: stats[name]})]
+        out += ["<h3>Quantiles</h3>", quantile_table({name: stats[name]})]
         what = f"{esc(name)}"
     top, bottom = picks
     if top:                 # none with --top-k 0, or when no sample has a score (the chart says so)
@@ -185,7 +213,10 @@ def numeric_control(index: int, control: NumericControl, stat: dict) -> str:
             + f'<input class="slider" type="range" min="0" max="{len(control.edges) - 1}" step="1" '
               'aria-label="threshold step">'
               '<div class="boundary"><div class="side below"></div><div class="edge"></div>'
-              '<div class="side above"></div></div></div>')
+              '<div class="side above"></div></div>'
+              '<p class="meta legend">The samples nearest the threshold, lower on the left: '
+              '<span class="swatch keep"></span> kept by it, <span class="swatch drop"></span> dropped; faded: left '
+              "out by another control. Hover for the key, the shard and the caption.</p></div>")
 
 
 HIST_W, HIST_H, HIST_LEFT, HIST_RIGHT, HIST_TOP, HIST_BOTTOM = 760, 190, 56, 14, 10, 24
@@ -215,10 +246,22 @@ def histogram_svg(control: NumericControl, median: float | None) -> str:
             + "".join(bars) + '<g class="kept-bars"></g>' + median_line
             + f'<line class="threshold" x1="0" x2="0" y1="{HIST_TOP - 4}" y2="{base}" visibility="hidden"/>'
             + f'<line x1="{HIST_LEFT}" x2="{HIST_LEFT + plot_w}" y1="{base}" y2="{base}" stroke="#333"/>'
-            + f'<text x="{HIST_LEFT}" y="{HIST_H - 6}">{num(lo)}</text>'
-            + f'<text x="{HIST_LEFT + plot_w}" y="{HIST_H - 6}" text-anchor="end">{num(hi)}</text>'
+            + "".join(f'<line class="tick" x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{base}" y2="{base + 4}"/>'
+                      f'<text x="{x(t):.1f}" y="{HIST_H - 6}" text-anchor="middle">{num(t)}</text>' for t in ticks(lo, hi))
             + f'<text x="{HIST_LEFT - 4}" y="{HIST_TOP + 10}" text-anchor="end">{int(counts.max())}</text>'
             + f'<text x="{HIST_LEFT - 4}" y="{base}" text-anchor="end">0</text></svg>')
+
+
+def ticks(lo: float, hi: float, most: int = 8) -> list[float]:
+    """Round values between ``lo`` and ``hi`` to label an axis with: at most ``most``, 1, 2 or 5 times a power
+    of ten apart."""
+    span = hi - lo
+    if not span > 0:
+        return [lo]
+    power = 10.0 ** math.floor(math.log10(span / most))
+    step = next(m * power for m in (1, 2, 5, 10) if span / (m * power) <= most)
+    first = math.ceil(lo / step - 1e-9)
+    return [float(f"{i * step:.12g}") for i in range(first, math.floor(hi / step + 1e-9) + 1)]
 
 
 def bar_chart_svg(shares: dict[str, dict], width: int = 640) -> str:
