@@ -223,6 +223,7 @@ def test_moving_a_threshold_and_toggling_a_class_change_the_count_and_the_link(b
     tab.click('.control.classes button.toggle[data-class="0"]')
     assert "emotion" not in shown(tab)["where"]
     assert [u for u in tab.requests() if not u.startswith("data:")] == [page.as_uri()]     # nothing fetched
+    assert tab.errors() == []
 
 
 REPRESENTABLE = [
@@ -277,6 +278,7 @@ def test_an_expression_the_controls_cannot_show_is_shown_as_such(browser, page, 
         assert seen["count"] == quantiles_line(dest, "true")     # nothing of it applied, and the bar says "true"
     tab.navigate(f"{page.as_uri()}#where=%E0%A4%A")
     assert "not URL-encoded" in shown(tab)["warning"]
+    assert tab.errors() == []
 
 
 @pytest.mark.slow
@@ -328,5 +330,6 @@ def test_the_page_at_a_laptop_size_holds_still_and_responds(browser, page, tmp_p
     tab.evaluate("document.getElementById('model-iqa').scrollIntoView()")
     tab.screenshot(shots / "report-1366x768-iqa.png")
     full = tab.screenshot(shots / "report-full.png", full_page=True)
+    assert tab.errors() == []
     assert full.stat().st_size > 50_000
     shutil.copy(page, shots / "report.html") if "PERCEPTCLIP_SCREENSHOTS" in os.environ else None

@@ -150,6 +150,19 @@ class Page:
         return [e["params"]["request"]["url"] for e in self.browser.events
                 if e.get("method") == "Network.requestWillBeSent" and e.get("sessionId") == self.session]
 
+    def errors(self) -> list[str]:
+        """Every uncaught exception the page's scripts have thrown so far, and every console.error."""
+        out = []
+        for e in self.browser.events:
+            if e.get("sessionId") != self.session:
+                continue
+            if e.get("method") == "Runtime.exceptionThrown":
+                details = e["params"]["exceptionDetails"]
+                out.append(details.get("exception", {}).get("description") or details.get("text", ""))
+            elif e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error":
+                out.append(" ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"]))
+        return out
+
     def evaluate(self, expression: str):
         """The value of a JavaScript expression (a promise is awaited); a thrown error raises."""
         result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
@@ -212,7 +225,9 @@ class Page:
     def screenshot(self, path: Path, full_page: bool = False) -> Path:
         """A PNG of the viewport, or of the whole page (the viewport stretched to the page's height)."""
         params: dict = {"format": "png"}
-        if full_page:
+        if full_page:                 # from the top, so that what sticks to the top is drawn there
+            self.evaluate("window.scrollTo(0, 0)")
+            self.settle()
             size = self.send("Page.getLayoutMetrics")["cssContentSize"]
             params |= {"captureBeyondViewport": True,
                        "clip": {"x": 0, "y": 0, "width": self.width, "height": size["height"], "scale": 1}}

@@ -409,7 +409,7 @@
       r.setAttribute("y", (c.top + c.height - h).toFixed(2));
       r.setAttribute("height", h.toFixed(2));
     });
-    c.alone.textContent = c.op ? `on its own, ${SYMBOL[c.op]} ${numberText(c.value)} keeps ` +
+    c.alone.textContent = c.op ? `on its own, ${SYMBOL[c.op]} ${brief(c.value)} keeps ` +
       `${DATA.exact ? "" : "about "}${percent(c.passed * SCALE, DATA.scored)} of the scored samples` :
       "no threshold: drag on the histogram or the slider to set one";
     showStrip(c);
@@ -456,10 +456,17 @@
       pick.below.push(lo - STRIP + i >= 0 ? held[lo - STRIP + i] : null);     // nearest last
       pick.above.push(lo + i < held.length ? held[lo + i] : null);           // nearest first
     }
-    c.slots.edge.textContent = c.op ? `keep ${SYMBOL[c.op]} ${numberText(c.value)}` : `at ${numberText(c.value)}`;
+    const at = brief(c.value);
+    c.slots.edge.textContent = c.op ? `keep ${SYMBOL[c.op]} ${at}` : `at ${at}`;
+    c.slots.edge.title = `${c.op ? "keep " + c.op : "at"} ${numberText(c.value)}`;
     for (const side of ["below", "above"]) {
       pick[side].forEach((id, i) => fillSlot(c.slots[side][i], id, c));
     }
+  }
+
+  function brief(v) {                  // six digits at most, and a mark where that is not all of it
+    const short = Number(v.toPrecision(6));
+    return short === v ? String(short) : `${short}…`;
   }
 
   function shortest(v, t) {            // v in few digits, but never so few that it seems on t's other side
@@ -536,6 +543,15 @@
     return s;
   }
 
+  function ticks(c) {                   // round values along a score's range, 1, 2 or 5 times a power of ten apart
+    const lo = c.edges[0], hi = c.edges[c.edges.length - 1], span = hi - lo;
+    const power = Math.pow(10, Math.floor(Math.log10(span / 6)));
+    const step = [1, 2, 5, 10].map(m => m * power).find(d => span / d <= 6);
+    const out = [];
+    for (let i = Math.ceil(lo / step - 1e-9); i <= Math.floor(hi / step + 1e-9); i++) out.push(Number((i * step).toPrecision(12)));
+    return out;
+  }
+
   function drawScatter() {
     const s = scatter;
     if (!s) return;
@@ -568,12 +584,18 @@
     ctx.setLineDash([]);
     ctx.fillStyle = "#333";
     ctx.font = "11px system-ui, sans-serif";
-    ctx.textAlign = "left";
-    ctx.fillText(String(cx.edges[0]), s.left, s.h - 22);
+    ctx.textAlign = "center";
+    for (const t of ticks(cx)) {
+      const x = s.left + (xOf(cx, t) - cx.left) / cx.width * pw;
+      ctx.fillRect(x, s.top + ph, 1, 4);
+      ctx.fillText(String(t), x, s.h - 24);
+    }
     ctx.textAlign = "right";
-    ctx.fillText(String(cx.edges[cx.edges.length - 1]), s.left + pw, s.h - 22);
-    ctx.fillText(String(cy.edges[0]), s.left - 4, s.top + ph);
-    ctx.fillText(String(cy.edges[cy.edges.length - 1]), s.left - 4, s.top + 10);
+    for (const t of ticks(cy)) {
+      const y = s.top + ph - (xOf(cy, t) - cy.left) / cy.width * ph;
+      ctx.fillRect(s.left - 4, y, 4, 1);
+      ctx.fillText(String(t), s.left - 6, y + 4);
+    }
     ctx.textAlign = "center";
     ctx.font = "12px system-ui, sans-serif";
     ctx.fillText(cx.name, s.left + pw / 2, s.h - 8);
