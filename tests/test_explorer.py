@@ -257,6 +257,15 @@ def test_a_link_restores_its_selection_and_counts_as_quantiles_does(browser, pag
         own = written(dest, seen)
         parse_expression(own)
         assert seen["count"] == quantiles_line(dest, own)
+    # thresholds exactly at a sample's score (a float32 read as a double): each side of it counted as filter does
+    values = read_scores(str(dest)).values("memorability")
+    for i, value in enumerate(values[[0, 7, 20]].tolist()):
+        for op in (">=", ">", "<=", "<"):
+            where = f"memorability {op} {value!r} and iqa > 0.0"
+            tab.navigate(f"{page.as_uri()}?at={i}{op}#where={quote(where, safe='')}")
+            seen = shown(tab)
+            assert seen["warning"] is None and seen["count"] == quantiles_line(dest, written(dest, seen)), where
+            assert seen["count"].split(" keeps ")[1] == quantiles_line(dest, where).split(" keeps ")[1]
     # the link the controls write reads back to the same selection
     tab.navigate(f"{page.as_uri()}#where={quote('iqa >= 0.03 and emotion in [' + chr(34) + 'anger' + chr(34) + ']')}")
     before = shown(tab)

@@ -41,7 +41,7 @@
 
   const numeric = DATA.numeric.map((n, index) => {
     const root = document.querySelector(`.control.numeric[data-index="${index}"]`);
-    const values = new Float32Array(bytes(n.data).buffer);
+    const values = n.type === "f8" ? new Float64Array(bytes(n.data).buffer) : new Float32Array(bytes(n.data).buffer);
     const edges = n.edges, last = edges.length - 1;
     const bins = new Uint8Array(values.length);          // each held row's step (255: no value)
     for (let i = 0; i < values.length; i++) {
@@ -663,8 +663,14 @@
     drawScatter();
     document.documentElement.dataset.updateMs = (performance.now() - started).toFixed(2);   // read by tests
     if (userChange) {
-      history.replaceState(null, "", "#where=" + encodeURIComponent(expr));
       userChange = false;
+      try {
+        history.replaceState(null, "", "#where=" + encodeURIComponent(expr));
+      } catch (e) {                      // a class name that is not whole Unicode (a lone surrogate)
+        warning.textContent = `This selection cannot be written into a link (${e.message}); the bar and the ` +
+          "command above hold it.";
+        warning.hidden = false;
+      }
     }
   }
 

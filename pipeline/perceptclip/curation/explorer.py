@@ -158,8 +158,8 @@ def step_neighbours(values: np.ndarray, rows: np.ndarray, edges: np.ndarray, k: 
 # --- packed for the page ---------------------------------------------------------------------------------
 
 def explorer_json(explorer: Explorer, scores: ScoreSet, thumbs: dict, command: dict) -> str:
-    """What the page's script reads: the held rows' scores as base64 arrays (little-endian float32, class
-    indices), each control's steps and neighbours, the neighbours' thumbnails. Safe inside a ``<script>``
+    """What the page's script reads: the held rows' scores as base64 arrays (little-endian float32 as the
+    tables hold them, class indices), each control's steps and neighbours, the neighbours' thumbnails. Safe inside a ``<script>``
     element: every ``<``, ``>`` and ``&`` is written as a JSON escape."""
     import pyarrow.compute as pc
 
@@ -177,7 +177,8 @@ def explorer_json(explorer: Explorer, scores: ScoreSet, thumbs: dict, command: d
         "exact": explorer.exact, "limit": explorer.limit, "seed": SAMPLE_SEED, "neighbours": explorer.neighbours,
         "order": explorer.order, "command": command,
         "numeric": [{"name": c.name, "higher": c.higher_is_better, "edges": c.edges.tolist(),
-                     "counts": c.counts.tolist(), "data": _b64(numeric_values[c.name][rows].astype("<f4")),
+                     "counts": c.counts.tolist(), "type": _value_type(table, c.name),
+                     "data": _b64(numeric_values[c.name][rows].astype("<" + _value_type(table, c.name))),
                      "held": [position[int(r)] for r in c.held]} for c in explorer.numeric],
         "classes": [{"name": c.name, "labels": c.labels, "counts": c.counts,
                      "type": "u1" if _code_type(c.labels) == np.uint8 else "u2",
@@ -217,6 +218,14 @@ def _labels_array(labels: list[str]):
     import pyarrow as pa
 
     return pa.array(labels, pa.string())
+
+
+def _value_type(table, name: str) -> str:
+    """How the page holds a score: as the table does (float32), so that it compares as filter compares it;
+    any other column as float64."""
+    import pyarrow as pa
+
+    return "f4" if pa.types.is_float32(table.schema.field(name).type) else "f8"
 
 
 def _code_type(labels: list[str]):
