@@ -60,7 +60,7 @@
       held: n.held, op: "", value: edges[median], root, svg,
       opSelect: root.querySelector("select.op"), input: root.querySelector("input.value"),
       slider: root.querySelector("input.slider"), alone: root.querySelector(".alone"),
-      keptBins: new Float64Array(256), passed: 0,
+      keptBins: new Uint32Array(256), passed: 0, visible: true, tallied: true,
       left: +svg.dataset.left, width: +svg.dataset.width, top: +svg.dataset.top, height: +svg.dataset.height,
     };
     c.yscale = c.height / Math.max(1, Math.max.apply(null, n.counts));
@@ -83,7 +83,7 @@
       kind: "classes", index, name: k.name, labels: k.labels, counts: k.counts, root,
       codes: k.type === "u2" ? new Uint16Array(buffer) : new Uint8Array(buffer),
       on: new Uint8Array(k.labels.length + 1).fill(1, 0, k.labels.length),    // the last code: no label
-      active: false, keptCounts: new Float64Array(k.type === "u2" ? 65536 : 256),
+      active: false, keptCounts: new Uint32Array(k.type === "u2" ? 65536 : 256),
       buttons: Array.from(root.querySelectorAll("button.toggle")),
       hint: root.querySelector(".hint"),
     };
@@ -305,11 +305,26 @@
     return n;
   }
 
-  function tally(codes, into) {        // kept rows per code (a step, a class, a cell)
+  function tally(codes, into) {        // kept rows per code (a step, a class, a cell); -> all kept rows
     into.fill(0);
     for (let i = 0; i < codes.length; i++) into[codes[i]] += mask[i];
+    let n = 0;
+    for (let i = 0; i < into.length; i++) n += into[i];
+    return n;
   }
 
+  // The same loop for the density's cells (16-bit codes): one function seeing both kinds of arrays would be
+  // compiled for neither, and run at half the speed.
+  function tallyCells(codes, into) {
+    into.fill(0);
+    for (let i = 0; i < codes.length; i++) into[codes[i]] += mask[i];
+    let n = 0;
+    for (let i = 0; i < into.length; i++) n += into[i];
+    return n;
+  }
+
+  // What is off screen is not tallied: each tally is a pass over every row. An observer marks what comes
+  // into view, and asks for an update then.
   function recount() {
     mask.fill(1);
     for (const c of numeric) if (c.op) c.passed = pass(c.values, c.op, c.value);
@@ -318,12 +333,33 @@
       const on = c.on, codes = c.codes;
       for (let i = 0; i < codes.length; i++) mask[i] &= on[codes[i]];
     }
-    let count = 0;
-    for (let i = 0; i < mask.length; i++) count += mask[i];
+    let count = -1;
+    for (const c of classes) count = tally(c.codes, c.keptCounts);
+    for (const c of numeric) {
+      c.tallied = c.visible || count < 0;
+      if (c.tallied) count = tally(c.bins, c.keptBins);
+    }
+    if (scatter && scatter.visible) count = tallyCells(scatter.cells, scatter.kept);
+    if (count < 0) {
+      count = 0;
+      for (let i = 0; i < mask.length; i++) count += mask[i];
+    }
     kept = count;
-    for (const c of numeric) tally(c.bins, c.keptBins);
-    for (const c of classes) tally(c.codes, c.keptCounts);
-    if (scatter) tally(scatter.cells, scatter.kept);
+  }
+
+  if (window.IntersectionObserver) {
+    const watched = new Map(numeric.map(c => [c.root, c]));
+    if (scatter) watched.set(scatter.canvas, scatter);
+    const observer = new IntersectionObserver((entries) => {
+      let shown = false;
+      for (const e of entries) {
+        const target = watched.get(e.target);
+        shown = shown || (e.isIntersecting && !target.visible);
+        target.visible = e.isIntersecting;
+      }
+      if (shown) schedule();
+    }, {rootMargin: "200px"});
+    for (const el of watched.keys()) observer.observe(el);
   }
 
   // --- what the page shows --------------------------------------------------------------------------------
@@ -404,7 +440,7 @@
     const below = c.op === ">=" || c.op === ">";
     c.dropped.setAttribute("x", String(below || !c.op ? c.left : x));
     c.dropped.setAttribute("width", String(!c.op ? 0 : below ? x - c.left : c.left + c.width - x));
-    c.keptRects.forEach((r, i) => {
+    if (c.tallied) c.keptRects.forEach((r, i) => {
       const h = Math.min(c.keptBins[i] * SCALE, c.counts[i]) * c.yscale;
       r.setAttribute("y", (c.top + c.height - h).toFixed(2));
       r.setAttribute("height", h.toFixed(2));
@@ -516,7 +552,8 @@
     const cells = s.cols * s.rows;                       // and one more: the rows outside the plot
     s.cells = new Uint16Array(DATA.rows);
     s.total = new Float64Array(cells + 1);
-    s.kept = new Float64Array(cells + 1);
+    s.kept = new Uint32Array(cells + 1);
+    s.visible = true;
     s.y.value = "1";
     const ratio = window.devicePixelRatio || 1;
     canvas.style.width = canvas.width + "px";
@@ -554,7 +591,7 @@
 
   function drawScatter() {
     const s = scatter;
-    if (!s) return;
+    if (!s || !s.visible) return;
     const ctx = s.ctx, pw = s.w - s.left - s.right, ph = s.h - s.top - s.bottom;
     const cx = numeric[+s.x.value], cy = numeric[+s.y.value];
     const pixels = s.image.data, cells = s.cols * s.rows;
