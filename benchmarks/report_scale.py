@@ -12,8 +12,9 @@ and a run summary), for three tiny models made here (``make_tiny_artifact``: iqa
 no weights are loaded). The scores are drawn, not computed: iqa from a Beta(5, 2), memorability from a
 normal, emotion from the softmax of random logits, and 0.3% of rows are error rows without scores. Each
 shard is a CSV table of image locations, as ``score --input-kind table`` reads, pointing at ``--images``
-generated JPEGs of 320 x 240 on local disk (``support.images``: they compress like photos), so every
-thumbnail the report asks for is read and shrunk for real.
+generated JPEGs of 192 x 144 on local disk (``support.images``: they compress like photos; 20,000 by
+default, so the thumbnails a page holds are nearly all of distinct images), so every thumbnail the report
+asks for is read and shrunk for real.
 
 Printed: one JSON line per stage (tables written; the report: seconds, peak RSS, MB, thumbnails; the page:
 load seconds, the update's milliseconds), and what the page says the selection keeps against
@@ -37,15 +38,36 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def write_images(folder: Path, count: int) -> list[str]:
+    """``count`` distinct JPEGs: as many that the thousand or so thumbnails a page holds are nearly all of
+    different images (the page holds each distinct thumbnail once, so repeated images would shrink it)."""
+    import numpy as np
+
     from support.images import image_bytes, make_image
 
     folder.mkdir(parents=True, exist_ok=True)
+    big = make_image(0, (2048, 1536))                   # tiles of one large picture: quick, and all different
+    at = np.random.default_rng(0).integers(0, [2048 - 192, 1536 - 144], size=(count, 2))
     paths = []
-    for i in range(count):
-        path = folder / f"{i:04d}.jpg"
-        path.write_bytes(image_bytes(make_image(i, (320, 240)), quality=90))
+    for i, (x, y) in enumerate(at.tolist()):
+        path = folder / f"{i:05d}.jpg"
+        path.write_bytes(image_bytes(big.crop((x, y, x + 192, y + 144)), quality=90))
         paths.append(str(path))
     return paths
+
+
+def page_parts(page: Path) -> dict:
+    """What the page's megabytes are: the held scores, the neighbours' thumbnails (each distinct one once),
+    the top and bottom grids' thumbnails, the rest."""
+    import re
+
+    text = page.read_text()
+    data = json.loads(re.search(r'id="explorer-data">(.*?)</script>', text, re.S).group(1))
+    scores = sum(len(c["data"]) for c in data["numeric"] + data["classes"])
+    neighbours = sum(len(t) for t in data["thumbs"])
+    grids = sum(len(uri) for uri in re.findall(r'<img src="(data:[^"]+)"', text))
+    return {"scores_mb": round(scores / 1e6, 2), "neighbour_thumbnails": len(data["thumbs"]),
+            "neighbours_mb": round(neighbours / 1e6, 2), "grid_thumbnails_mb": round(grids / 1e6, 2),
+            "rest_mb": round((len(text) - scores - neighbours - grids) / 1e6, 2)}
 
 
 def shard_rows(shard: str, first: int, n: int, images: list[str], rng, labels: list[str]):
@@ -169,7 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--shards", type=int, default=1000)
-    parser.add_argument("--images", type=int, default=200, help="distinct JPEGs the tables point at")
+    parser.add_argument("--images", type=int, default=20000, help="distinct JPEGs the tables point at")
     parser.add_argument("--exact-limit", type=int, default=None, help="default: the report's own (EXACT_LIMIT)")
     parser.add_argument("--keep", type=Path, default=None, help="write here and keep (default: a temporary folder)")
     parser.add_argument("--compare-limits", default="",
@@ -191,6 +213,7 @@ def main() -> None:
                           "seconds": round(time.perf_counter() - start, 1)}), flush=True)
         page = root / "report.html"
         subprocess.run([sys.executable, __file__, "--report-once", dest, str(page), str(limit)], check=True)
+        print(json.dumps({"stage": "page's parts", **page_parts(page)}), flush=True)
         seen = browse(page, root / "chromium-profile")
         print(json.dumps(seen), flush=True)
         from perceptclip.curation.quantiles import describe_scores, format_description, read_scores
