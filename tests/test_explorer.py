@@ -300,7 +300,7 @@ def test_above_the_limit_the_page_says_its_counts_are_estimates(browser, dest, t
     estimate = tab.evaluate("document.getElementById('estimate').textContent")
     assert "keeps about " in seen["count"] and "of 47 samples" in seen["count"]
     assert "uniform sample of 30 of the 46 scored samples" in estimate and "95% interval" in estimate
-    lo, hi = map(int, re.search(r"interval (\d+) to (\d+) samples", estimate).groups())
+    lo, hi = map(int, re.search(r"interval (\d+) to (\d+) ", estimate).groups())
     truth = int(re.search(r"keeps (\d+) of", quantiles_line(dest, where)).group(1))
     assert lo <= truth <= hi
     assert "Counts are estimates" in output.read_text()

@@ -419,9 +419,8 @@
     countLine.append(keeps);
     if (!DATA.exact) {
       const [lo, hi] = interval(kept, DATA.rows, DATA.scored);
-      estimateLine.textContent = `Estimated from a uniform sample of ${DATA.rows} of the ${DATA.scored} scored ` +
-        `samples (a page holds the scores of at most ${DATA.limit}; counts are exact up to that): 95% interval ` +
-        `${lo} to ${hi} samples, ${percent(lo, DATA.scored)} to ${percent(hi, DATA.scored)} of the scored.`;
+      estimateLine.textContent = `An estimate from a uniform sample of ${DATA.rows} of the ${DATA.scored} scored ` +
+        `samples: 95% interval ${lo} to ${hi} (${percent(lo, DATA.scored)} to ${percent(hi, DATA.scored)} of the scored)`;
     }
     const quote = s => "'" + s.replace(/'/g, "'\\''") + "'";
     commandLine.textContent = `perceptclip filter --scores ${quote(DATA.command.scores)} --where ${quote(expr)} ` +
