@@ -9,7 +9,8 @@
 #    built once, a few GB, a few minutes; rebuilt when the list below changes);
 # 2. the bundle, unpacked in a temporary folder;
 # 3. every runtime requirement of the bundle's packages is met by the bundle or by the node's packages
-#    (ray's with its `data` extra), and the bundle holds no package the node already has;
+#    (ray's with its `data` extra), and the bundle holds no package the node already has, unless a
+#    bundled package refuses the node's version and the node's packages accept the bundle's;
 # 4. `benchmarks/gpu.sh --check` (the import check) passes;
 # 5. `benchmarks/gpu.sh` passes the import check and stops with "no CUDA device" (exit 3);
 # 6. a tiny CPU scoring run end to end (benchmarks/stages.py: the tiny model, a local Ray cluster);
@@ -74,12 +75,28 @@ from packaging.requirements import Requirement
 site = sys.argv[1]
 extras = {"ray": {"data"}}                     # the scoring job uses Ray Data
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
-node_has = {norm(d.metadata["Name"]) for d in md.distributions(path=[p for p in sys.path if p != site])}
+node = list(md.distributions(path=[p for p in sys.path if p != site]))
+node_has = {norm(d.metadata["Name"]): d.version for d in node}
+bundle = list(md.distributions(path=[site]))
+
+
+def needs(dists, name):
+    """The requirements on ``name`` of ``dists`` (markers for extras left out)."""
+    return [r for d in dists for r in map(Requirement, d.requires or [])
+            if norm(r.name) == name and not r.marker]
+
+
 problems = []
-for dist in md.distributions(path=[site]):
+for dist in bundle:
     name = norm(dist.metadata["Name"])
     if name in node_has:
-        problems.append(f"{name} is in the bundle and on the node: the bundle's copy shadows the node's")
+        # carried on purpose only where a bundled package refuses the node's version, and every package
+        # of the node that needs it accepts the bundle's
+        refused = [r for r in needs(bundle, name) if not r.specifier.contains(node_has[name], prereleases=True)]
+        unmet = [r for r in needs(node, name) if not r.specifier.contains(dist.version, prereleases=True)]
+        if not refused or unmet:
+            problems.append(f"{name} is in the bundle and on the node: the bundle's copy shadows the node's"
+                            + (f" ({', '.join(map(str, unmet))} on the node)" if unmet else ""))
     for req in map(Requirement, dist.requires or []):
         if req.marker and not any(req.marker.evaluate({"extra": e}) for e in extras.get(name, set()) | {""}):
             continue

@@ -36,7 +36,9 @@ abi=cp${pyver/./}
 # provide: ray needs jsonschema, msgpack, protobuf and requests (ray[data] adds numpy, pandas, pyarrow
 # and fsspec: all on the node); open_clip_torch needs ftfy; webdataset braceexpand. The node reads images
 # over https and from an S3-compatible store too: fsspec's HTTP filesystem needs aiohttp, S3 needs s3fs
-# (aiobotocore, botocore); without them every such image would fail one by one.
+# (aiobotocore, botocore); without them every such image would fail one by one. botocore needs
+# python-dateutil < 3, and a node with a recent pandas has 4.x: the bundle carries 2.x (which pandas
+# accepts too) and its six.
 # scripts/check_node_versions.sh checks this list against a Python with only the node's packages.
 packages=(
   ray open_clip_torch webdataset braceexpand ftfy
@@ -46,6 +48,7 @@ packages=(
   requests urllib3 certifi charset-normalizer
   aiohttp aiohappyeyeballs aiosignal frozenlist multidict propcache yarl
   s3fs aiobotocore botocore jmespath aioitertools wrapt
+  python-dateutil six
 )
 # Parts of ray (and of open_clip_torch's wheel) that neither the scoring job nor the GPU tests import.
 prune=(

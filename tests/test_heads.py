@@ -177,7 +177,8 @@ def test_the_job_writes_every_heads_columns_and_each_equals_its_head_alone(two_t
 
 def test_a_config_gives_each_training_set_its_task():
     from perceptclip.core.config import ConfigError
-    from perceptclip.training.train import TrainConfig, init_model_config
+    from perceptclip.training.config import TrainConfig
+    from perceptclip.training.train import init_model_config
 
     smoke = yaml.safe_load(SMOKE.read_text())
     cfg = TrainConfig.from_mapping({**smoke, "task": None, "tasks": {"light": BRIGHTNESS.definition(),
@@ -207,8 +208,7 @@ def labelled(tmp_path, name: str, seeds: range, label) -> str:
 
 
 @pytest.mark.slow
-def test_a_model_of_two_tasks_trains_exports_and_scores_both_heads_in_one_pass(ray_local, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+def test_a_model_of_two_tasks_trains_exports_and_scores_both_heads_in_one_pass(ray_local, tmp_path):
     smoke = yaml.safe_load(SMOKE.read_text())
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump({**smoke, "task": None, "epochs": 4, "tasks": {
@@ -222,7 +222,7 @@ def test_a_model_of_two_tasks_trains_exports_and_scores_both_heads_in_one_pass(r
     result = CliRunner().invoke(main, [
         "train", "--config", str(config), "--train", f"light={shards['light']}", "--train",
         f"colour={shards['colour']}", "--val", f"light={shards['light-val']}", "--val",
-        f"colour={shards['colour-val']}", "--output", str(tmp_path / "run")])
+        f"colour={shards['colour-val']}", "--output", str(tmp_path / "run"), "--in-process"])
     assert result.exit_code == 0, result.output[-3000:]
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "srcc" in history[-1]["val"]["light"] and "accuracy" in history[-1]["val"]["colour"]

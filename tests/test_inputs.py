@@ -60,8 +60,9 @@ def test_a_prefix_on_object_storage_means_its_shards(s3_server):
 
 
 def test_evaluate_and_train_take_a_folder_of_labelled_shards(iqa_artifact, tmp_path):
+    from perceptclip.training.config import TrainConfig
     from perceptclip.training.evaluate import evaluate
-    from perceptclip.training.train import TrainConfig, worker_plan
+    from perceptclip.training.train import worker_plan
 
     root = tmp_path / "labelled"
     for s in range(2):

@@ -8,7 +8,7 @@ import pytest
 from perceptclip.core.tasks import TASKS, Task, resolve_task
 from perceptclip.model.artifact import ArtifactMeta, read_meta
 from perceptclip.model.debug import make_tiny_artifact, tiny_model_config
-from perceptclip.training.train import TrainConfig
+from perceptclip.training.config import TrainConfig
 
 WARMTH = {"name": "warmth", "kind": "regression", "description": "how warm the picture feels, 1 to 5"}
 SAFETY = {"name": "brand_safety", "kind": "classification", "labels": ["safe", "borderline", "unsafe"],

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,10 @@ from perceptclip.core.metrics import srcc
 from perceptclip.inputs.shards import write_shard
 from perceptclip.model.preprocess import PreprocessConfig
 from perceptclip.training.augment import AugmentConfig, random_crop
+from perceptclip.training.config import TrainConfig, parse_datasets
 from perceptclip.training.data import shard_rows
 from perceptclip.training.losses import plcc_loss, task_loss
-from perceptclip.training.train import TrainConfig, parse_datasets, train
+from perceptclip.training.train import train
 from support.images import image_bytes, make_image
 from support.processes import raylet_pid, worker_pids
 from support.shards import write_labelled_shard
@@ -105,7 +107,10 @@ def test_the_rayjobs_training_config_is_valid_and_uses_its_gpus():
     ({"task": "iqa", "model": {"lora": {"r": "sixteen"}}}, "model.lora.r: must be an integer, got 'sixteen'"),
     ({"task": "iqa", "model": {"lora": {"r": 0}}}, "model.lora.r: must be an integer >= 1, got 0"),
     ({"task": "iqa", "model": {"head_dropout": 1}}, "model.head_dropout: must be a number < 1, got 1.0"),
-    ({"task": "iqa", "scaling": {"gpus": 2}}, "scaling.gpus: unknown option; known: cpus_per_worker, num_workers, use_gpu"),
+    ({"task": "iqa", "scaling": {"gpus": 2}},
+     "scaling.gpus: unknown option; known: cpus_per_worker, in_process, num_workers, use_gpu"),
+    ({"task": "iqa", "scaling": {"num_workers": 2, "in_process": True}},
+     "scaling.in_process: trains in this process, one worker: set scaling.num_workers: 1 (got 2)"),
     ({"task": "iqa", "scaling": {"num_workers": 0}}, "scaling.num_workers: must be an integer >= 1, got 0"),
     ({"task": "iqa", "precision": "fp8"}, "precision: must be one of auto, bf16, fp32, got 'fp8'"),
     ({"task": "iqa", "learning_rate": "fast"}, "learning_rate: must be a number or null, got 'fast'"),
@@ -134,7 +139,8 @@ def test_dataset_arguments_name_the_heads():
 
 
 def test_a_local_machine_that_cannot_place_the_workers_fails_at_start():
-    from perceptclip.training.train import WorkersConfig, check_local_resources
+    from perceptclip.training.config import WorkersConfig
+    from perceptclip.training.train import check_local_resources
 
     with pytest.raises(ValueError, match="scaling.use_gpu: 1 GPU worker"):
         check_local_resources(WorkersConfig(use_gpu=True), {"CPU": 16.0})
@@ -237,12 +243,12 @@ def test_iqa_rows_crop_the_unresized_image():
 
 @pytest.mark.slow
 def test_it_learns_the_synthetic_task_and_the_export_scores(ray_local, synthetic, s3_server, tmp_path):
-    """The smoke config on the synthetic task, checkpointing to S3; the exported model is then
-    evaluated on held-out images and scored by ``perceptclip score``."""
+    """The smoke config on the synthetic task, in this process, checkpointing to S3; the exported model
+    is then evaluated on held-out images and scored by ``perceptclip score``."""
     fs = s3_server.filesystem()
     dest = f"{s3_server.bucket()}/runs/smoke"
     result = CliRunner().invoke(main, ["train", "--config", str(SMOKE), "--train", spec(synthetic["train"]),
-                                       "--val", spec(synthetic["val"]), "--output", dest])
+                                       "--val", spec(synthetic["val"]), "--output", dest, "--in-process"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     history = json.loads(fs.cat(f"{dest[5:]}/metrics.json"))
@@ -370,27 +376,50 @@ def test_the_rows_a_worker_reads_in_an_epoch_depend_only_on_the_seed_the_epoch_a
                                                                                             monkeypatch):
     """What makes several workers reproducible: each reads whole shards, dealt from an order drawn
     from (seed, epoch), with crops seeded per shard; read again, an epoch gives every worker the same
-    rows in the same order (with the order preserved, as each worker sets it)."""
+    rows in the same order, read by Ray Data tasks (with the order preserved, as each worker sets it) or
+    in this process alike."""
     import ray.data
 
-    from perceptclip.training.data import epoch_rows
+    from perceptclip.training.data import epoch_items
+    from perceptclip.training.session import local_read, ray_read
 
     monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)
     pre = PreprocessConfig(kind="multi_crop", size=32, crops=3, max_side=256)
     urls = synthetic["train"][:5]
+    shard = partial(shard_rows, task="iqa", pre=pre, aug=AugmentConfig(), storage_options={})
 
-    def rows(epoch: int, rank: int) -> tuple[list[str], np.ndarray]:
-        read = epoch_rows(urls, epoch, 0, rank, 2, "iqa", pre, AugmentConfig(), {}).take_all()
-        return [r["key"] for r in read], np.stack([r["pixels"] for r in read])
+    def rows(epoch: int, rank: int, read=ray_read) -> tuple[list[str], np.ndarray]:
+        chunks = list(read(epoch_items(urls, epoch, 0, rank, 2), shard))
+        return [k for c in chunks for k in c["key"]], np.concatenate([c["pixels"] for c in chunks])
 
     first = {rank: rows(1, rank) for rank in (0, 1)}
     for rank in (0, 1):
-        again = rows(1, rank)
-        assert again[0] == first[rank][0] and np.array_equal(again[1], first[rank][1])
+        for again in (rows(1, rank), rows(1, rank, local_read)):
+            assert again[0] == first[rank][0] and np.array_equal(again[1], first[rank][1])
     assert sorted(first[0][0] + first[1][0]) == [f"s{seed:05d}" for seed in range(200)]    # each sample once
     assert {len(first[0][0]), len(first[1][0])} == {80, 120}                              # 3 shards and 2
     later = rows(2, 0)
     assert later[0] != first[0][0] or not np.array_equal(later[1], first[0][1])          # a new epoch is new
+
+
+def test_an_epochs_batches_depend_on_its_rows_and_seed_not_on_how_they_are_cut():
+    """The batches a worker trains on: the same rows in chunks of any size (Ray Data's blocks, one
+    shard at a time) give the same batches; every row once; another seed, another order."""
+    from perceptclip.training.data import shuffled_batches
+
+    rows = {"key": np.array([f"k{i}" for i in range(103)]), "pixels": np.arange(103 * 2).reshape(103, 2)}
+
+    def batches(cut: int, seed: int = 7) -> list[list[str]]:
+        chunks = ({k: v[i:i + cut] for k, v in rows.items()} for i in range(0, 103, cut))
+        out = list(shuffled_batches(chunks, 10, seed))
+        assert all(np.array_equal(b["pixels"][:, 0] // 2, [int(k[1:]) for k in b["key"]]) for b in out)
+        return [b["key"].tolist() for b in out]
+
+    first = batches(103)
+    assert [len(b) for b in first] == [10] * 10 + [3]
+    assert sorted(k for b in first for k in b) == sorted(rows["key"].tolist())
+    assert batches(1) == batches(7) == batches(64) == first
+    assert batches(103, seed=8) != first
 
 
 @pytest.mark.slow
@@ -505,6 +534,14 @@ def test_a_run_record_refuses_another_config_or_other_data_and_names_what_change
     operational = TrainConfig.load(str(SMOKE))
     operational.max_failures, operational.keep_checkpoints = 2, 5
     begin_run(operational, *sets, dest, restart=False)          # how it is run, not what it trains
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    del record["config"]["scaling"]["in_process"]               # a record written before the setting existed
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+    begin_run(cfg, *sets, dest, restart=False)                  # ran with its default: the same run
+    here = TrainConfig.load(str(SMOKE))
+    here.scaling.in_process = True                              # its checkpoints are Ray Train's
+    with pytest.raises(ValueError, match=r"scaling.in_process: false -> true"):
+        begin_run(here, *sets, dest, restart=False)
     fewer = TrainConfig.load(str(SMOKE))
     fewer.epochs, fewer.learning_rate = 2, 0.1
     with pytest.raises(ValueError) as info:
@@ -550,7 +587,7 @@ def test_a_set_that_cannot_be_used_stops_the_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_sets_without_a_usable_sample_fail_the_run_naming_them_and_export_nothing(ray_local, synthetic,
+def test_training_sets_without_a_usable_sample_fail_the_run_naming_them_and_export_nothing(synthetic,
                                                                                           tmp_path):
     """Case 7 of "No silent harm": 15 epochs on nothing (train_samples 0), an exported model, exit 0."""
     unlabelled_shard(tmp_path / "unlabelled" / "train-000000.tar")
@@ -571,12 +608,13 @@ def test_training_sets_without_a_usable_sample_fail_the_run_naming_them_and_expo
 
 
 @pytest.mark.slow
-def test_a_validation_set_without_a_usable_sample_fails_the_run_and_exports_nothing(ray_local, synthetic, tmp_path):
+def test_a_validation_set_without_a_usable_sample_fails_the_run_and_exports_nothing(synthetic, tmp_path):
     """Case 8: every epoch srcc NaN with n 0, a "best" epoch of score NaN, an exported model."""
     val = unlabelled_shard(tmp_path / "val" / "val-000000.tar", count=12)
     dest = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", "--config", str(smoke_config(tmp_path, epochs=2)),
-                                       "--train", synthetic["train"][0], "--val", val, "--output", str(dest)])
+                                       "--train", synthetic["train"][0], "--val", val, "--output", str(dest),
+                                       "--in-process"])
     assert result.exit_code != 0
     assert f"validation set 'default' ({val}): no usable sample (unusable samples: bad_label 12)" in result.output
     assert not (dest / "model").exists()
@@ -585,10 +623,10 @@ def test_a_validation_set_without_a_usable_sample_fails_the_run_and_exports_noth
 
 
 @pytest.mark.slow
-def test_a_rerun_with_another_config_is_refused_and_restart_starts_afresh(ray_local, smoke_training, tmp_path):
+def test_a_rerun_with_another_config_is_refused_and_restart_starts_afresh(smoke_training, tmp_path):
     """Over a finished run of 2 epochs (the session's ``smoke_training``, copied), a rerun with 1 epoch is
-    refused naming the change and leaves the run as it was; with --restart it trains afresh: 1 epoch, its
-    history, checkpoints and record those of the new run only."""
+    refused naming the change and leaves the run as it was; with --restart it trains afresh (in this
+    process): 1 epoch, its history, checkpoints and record those of the new run only."""
     import shutil
 
     first = smoke_training["proc"]
@@ -602,13 +640,40 @@ def test_a_rerun_with_another_config_is_refused_and_restart_starts_afresh(ray_lo
     assert (dest / "model" / "model.safetensors").read_bytes() == model
     assert len(json.loads((dest / "metrics.json").read_text())) == 2
 
-    restarted = CliRunner().invoke(main, ["train", "--config", str(changed), *sets, "--restart"])
+    restarted = CliRunner().invoke(main, ["train", "--config", str(changed), *sets, "--restart", "--in-process"])
     assert restarted.exit_code == 0, restarted.output
     assert json.loads(restarted.stdout.strip().splitlines()[-1])["epochs"] == 1
     history = json.loads((dest / "metrics.json").read_text())
     assert [r["epoch"] for r in history] == [0] and "resumed_after_epoch" not in history[0]
-    assert sorted(p.name for p in (dest / "checkpoints").iterdir() if p.name.startswith("epoch-")) == ["epoch-0000"]
+    assert sorted(p.name for p in (dest / "checkpoints").iterdir()) == ["epoch-0000"]
     assert json.loads((dest / "run.json").read_text())["config"]["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_in_this_process_trains_what_one_ray_train_worker_trains(smoke_training, tmp_path):
+    """The session's ``smoke_training`` (Ray Train, one worker, 2 epochs) again with --in-process: the same
+    epochs (losses, scores, samples) and the same exported weights. Its checkpoints are the session's
+    own, and a rerun resumes from them."""
+    from safetensors.torch import load_file
+
+    ray_run = smoke_training["proc"]
+    assert ray_run.returncode == 0, ray_run.stderr[-3000:]
+    dest = tmp_path / "here"
+    args = ["train", "--config", str(smoke_training["config"]), "--train", smoke_training["train"],
+            "--val", smoke_training["val"], "--output", str(dest), "--in-process"]
+    here = CliRunner().invoke(main, args)
+    assert here.exit_code == 0, here.output
+    keys = ("epoch", "train_loss", "score", "train_samples", "best_epoch")
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (dest, smoke_training["output"]))
+    assert len(ours) == len(theirs) == 2
+    for mine, ray_s in zip(ours, theirs):
+        assert [mine[k] for k in keys] == pytest.approx([ray_s[k] for k in keys], rel=1e-5), (mine, ray_s)
+    a, b = (load_file(str(d / "model" / "model.safetensors")) for d in (dest, smoke_training["output"]))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert sorted(p.name for p in (dest / "checkpoints").iterdir()) == ["epoch-0000", "epoch-0001"]
+    again = CliRunner().invoke(main, args)          # every epoch done: resumed after the last, nothing trained
+    assert again.exit_code == 0, again.output
+    assert len(json.loads((dest / "metrics.json").read_text())) == 2
 
 
 def test_an_epoch_whose_predictions_cannot_be_ranked_has_no_score_and_never_becomes_the_best():

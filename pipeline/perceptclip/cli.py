@@ -308,7 +308,9 @@ def quantiles(scores, expression, as_json):
 @click.option("--address", default=None, help="Ray cluster to join; default RAY_ADDRESS, else a local cluster.")
 @click.option("--restart", is_flag=True, help="Discard the earlier run in OUTPUT (checkpoints, metrics, model) and "
               "start again, instead of resuming it.")
-def train(config_path, train_sets, val_sets, dest, init, address, restart):
+@click.option("--in-process", is_flag=True, help="Train in this process, one worker, without Ray (the config's "
+              "scaling.in_process): a small run, a notebook, a debugger.")
+def train(config_path, train_sets, val_sets, dest, init, address, restart, in_process):
     """Fine-tune on Ray Train; rerunning the same command resumes after the last finished epoch.
 
     \b
@@ -322,10 +324,10 @@ def train(config_path, train_sets, val_sets, dest, init, address, restart):
     config or other shards is refused (--restart starts afresh); a set without a usable sample fails the
     run, naming it, and nothing is exported.
     """
-    from perceptclip.training.train import TrainConfig, parse_datasets
+    from perceptclip.training.config import TrainConfig, parse_datasets
     from perceptclip.training.train import train as run_train
 
-    cfg = _or_fail(lambda: TrainConfig.load(config_path, init=init))
+    cfg = _or_fail(lambda: TrainConfig.load(config_path, in_process, init=init))
     train_map = _or_fail(lambda: parse_datasets(train_sets, "--train"))
     val_map = _or_fail(lambda: parse_datasets(val_sets, "--val"))
     with _console("epochs", None) as console:

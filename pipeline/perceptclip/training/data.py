@@ -1,6 +1,6 @@
-"""The rows a training worker reads: a shard's labelled samples as crops (``shard_rows``), and the
-Ray Data datasets of one worker's share of a set, for an epoch of training (``epoch_rows``) or for
-validation (``val_rows``).
+"""The rows a training worker reads: a shard's labelled samples as crops (``shard_rows``), one worker's
+shards of a set for an epoch (``epoch_items``; the worker's session reads them), and the epoch's
+batches of those rows (``shuffled_batches``).
 
 An epoch's rows are a function of (seed, epoch, rank): which shards a worker reads, their order and
 every crop and flip are drawn from generators seeded with them, so a resumed run reads what the
@@ -9,7 +9,7 @@ uninterrupted run read (docs/reliability.md#training).
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -46,29 +46,42 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def epoch_rows(urls: list[str], epoch: int, seed: int, rank: int, world: int, task: Task | str,
-               pre: PreprocessConfig, aug: AugmentConfig, storage_options: dict):
-    """This worker's rows of one training set for one epoch. The set's shards are put in an order
-    drawn from (seed, epoch) and dealt to the workers in turn; each shard is cropped with a generator
-    seeded by (seed, epoch, shard). Read twice, an epoch gives every worker the same rows, in the same
-    order when the DataContext preserves it (the worker sets it)."""
-    import ray.data
-
+def epoch_items(urls: list[str], epoch: int, seed: int, rank: int, world: int) -> list[dict]:
+    """This worker's shards of one training set for one epoch, as items for ``shard_rows``: the set's
+    shards are put in an order drawn from (seed, epoch) and dealt to the workers in turn; each carries
+    the seed its crops are drawn with, from (seed, epoch, shard). Read twice, an epoch gives every worker
+    the same rows in the same order."""
     order = np.random.default_rng([seed, epoch]).permutation(len(urls))[rank::world]
-    items = [{"url": urls[i], "seed": derive_seed(seed, epoch, int(i))} for i in order]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.flat_map(partial(shard_rows, task=task, pre=pre, aug=aug, storage_options=storage_options))
+    return [{"url": urls[i], "seed": derive_seed(seed, epoch, int(i))} for i in order]
 
 
-def val_rows(urls: list[str], task: Task | str, pre: PreprocessConfig, storage_options: dict):
-    """The rows of the validation shards ``urls``, preprocessed as for scoring."""
-    import ray.data
+def shuffled_batches(chunks: Iterable[dict], batch_size: int, shuffle_seed: int, window: int = 4) -> Iterator[dict]:
+    """Batches of the rows in ``chunks`` (columns of numpy arrays), shuffled within a window of ``window``
+    batches: whenever the window is full, a batch is drawn from it at random. The batches depend on the
+    rows, their order and the seed only, not on how the rows are cut into chunks."""
+    rng = np.random.default_rng(shuffle_seed)
+    full = batch_size * window
+    held: dict | None = None
+    for chunk in chunks:
+        n, start = _rows(chunk), 0
+        while start < n:
+            take = min(n - start, full - _rows(held))
+            part = {k: v[start:start + take] for k, v in chunk.items()}
+            held = part if held is None else {k: np.concatenate([held[k], part[k]]) for k in held}
+            start += take
+            if _rows(held) == full:
+                order = rng.permutation(full)
+                yield _pick(held, order[:batch_size])
+                held = _pick(held, order[batch_size:])
+    if held is not None and _rows(held):
+        order = rng.permutation(_rows(held))
+        for i in range(0, len(order), batch_size):
+            yield _pick(held, order[i:i + batch_size])
 
-    ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
-    return ds.flat_map(partial(shard_rows, task=task, pre=pre, aug=None, storage_options=storage_options))
+
+def _rows(columns: dict | None) -> int:
+    return 0 if columns is None else len(next(iter(columns.values())))
 
 
-def shuffled_batches(rows, batch_size: int, shuffle_seed: int):
-    """A dataset's batches, shuffled within a window of a few batches, the same way for the same seed."""
-    return rows.iter_batches(batch_size=batch_size, batch_format="numpy",
-                             local_shuffle_buffer_size=batch_size * 4, local_shuffle_seed=shuffle_seed)
+def _pick(columns: dict, index: np.ndarray) -> dict:
+    return {k: v[index] for k, v in columns.items()}

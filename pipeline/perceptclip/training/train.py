@@ -8,7 +8,10 @@
       -> rank 0: checkpoint (LoRA + heads + optimizer + best so far) -> DEST/checkpoints/
                  history -> DEST/metrics.json; at the end the best epoch -> DEST/model/ (an artifact)
 
-Rerunning the same command finds Ray Train's checkpoint state under DEST/checkpoints and resumes
+With ``scaling.in_process`` the one worker is this process, reading its shards itself, and there is
+no Ray at all (``perceptclip.training.session``): the same epochs as a Ray Train run of one worker.
+
+Rerunning the same command finds the checkpoint state under DEST/checkpoints and resumes
 after the latest finished epoch; a failed worker group restarts from it (``max_failures``). An epoch
 depends only on (seed, epoch), so a resumed run exports the model the uninterrupted run would.
 
@@ -31,21 +34,16 @@ import json
 import logging
 import os
 import posixpath
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from perceptclip.core.config import Config, ConfigError, require, setting
-from perceptclip.core.loading import load_config
-from perceptclip.core.tasks import Task, resolve_task
 from perceptclip.model.artifact import ArtifactMeta, read_meta
-from perceptclip.model.clip_lora import BackboneConfig, HeadConfig, LoraConfig, ModelConfig
+from perceptclip.model.clip_lora import ModelConfig
 from perceptclip.model.reference import resolve_model
 from perceptclip.output.destination import Destination, flatten
-from perceptclip.training.augment import AugmentConfig
+from perceptclip.training.config import TrainConfig, WorkersConfig
 from perceptclip.training.report import EpochReport
 from perceptclip.training.validation import run_metric
-from perceptclip.training.worker import WorkerPlan, printable, train_loop
+from perceptclip.training.worker import WorkerPlan, printable, run_worker, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -57,114 +55,6 @@ RUN_RECORD = "run.json"
 OPERATIONAL = ("max_failures", "keep_checkpoints", "scaling.cpus_per_worker")
 
 
-# ---------------------------------------------------------------------------------------------- config
-
-@dataclass
-class ArchitectureConfig(Config):
-    """The architecture to fine-tune when not starting from an artifact (``init``)."""
-
-    backbone: str | dict = "ViT-L-14-quickgelu"   # an open_clip name, debug-vit, or BackboneConfig fields
-    pretrained: str | None = "openai"              # open_clip pretrained tag; null: random init (tests, smoke)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    head_hidden: list[int] = field(default_factory=lambda: [512, 256])
-    head_dropout: float = setting(0.5, minimum=0, below=1)
-
-    def check(self):
-        # LoraConfig admits r = 0 (a model whose LoRA is merged); a model to fine-tune needs LoRA
-        require(self.lora.r >= 1, "lora.r", f"must be an integer >= 1, got {self.lora.r!r}")
-
-    def model_config(self, task: Task, heads: tuple[str, ...]) -> ModelConfig:
-        if isinstance(self.backbone, str):
-            backbone = BackboneConfig.named(self.backbone, pretrained=self.pretrained)
-        else:
-            backbone = BackboneConfig.from_mapping({**self.backbone, "pretrained": self.pretrained}, "model.backbone.")
-        head = HeadConfig(outputs=task.outputs, hidden=tuple(self.head_hidden), dropout=self.head_dropout)
-        return ModelConfig(backbone=backbone, lora=self.lora, head=head, heads=heads)
-
-
-@dataclass
-class WorkersConfig(Config):
-    """The training workers (``scaling:`` in a training config), given to Ray Train as its ScalingConfig."""
-
-    num_workers: int = setting(1, minimum=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = setting(1.0, above=0)
-
-
-@dataclass
-class TrainConfig(Config):
-    # a built-in task by name, or a mapping defining one (core.tasks): a ``Task`` once the config is built
-    task: Task | str | dict | None = None
-    # several tasks on one LoRA: {training set (head): task}; a set not named here has ``task``
-    tasks: dict[str, Task | str | dict] = field(default_factory=dict)
-    model: ArchitectureConfig = field(default_factory=ArchitectureConfig)
-    init: str | None = None            # a model to start from: built-in name or artifact path/URI
-    epochs: int = setting(10, minimum=1)
-    batch_size: int = setting(32, minimum=1)                # per optimiser step, over all workers
-    learning_rate: float | None = setting(None, above=0)    # None: the task's (5e-5 iqa and memorability, 1e-4 emotion)
-    weight_decay: float = setting(0.01, minimum=0)          # torch AdamW's default
-    precision: str = setting("auto", choices=("auto", "bf16", "fp32"))   # auto: bf16 autocast on GPU, fp32 on CPU
-    seed: int = 0                      # the initial heads and LoRA, the shards' order, crops, dropout
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    eval_crops: int = setting(5, minimum=1)   # multi_crop tasks: crops per image at validation and in the export
-    max_side: int = 2048               # multi_crop tasks: longer images are scaled down to this first
-    scaling: WorkersConfig = field(default_factory=WorkersConfig)
-    max_failures: int = setting(3, minimum=-1)      # worker-group restarts from the latest checkpoint; -1: no limit
-    keep_checkpoints: int = setting(2, minimum=1)
-
-    def check(self):
-        require(self.task is not None or self.tasks, "task", "required (or tasks: a task per training set)")
-        # typed once, here: an unknown name fails naming the built-in tasks, a bad definition its field
-        if self.task is not None:
-            object.__setattr__(self, "task", resolve_task(self.task))
-        object.__setattr__(self, "tasks", {name: resolve_task(t, f"tasks.{name}") for name, t in self.tasks.items()})
-        # one backbone pass serves every head: their images must be cropped alike
-        recipes = {(t.preprocess, t.crops if t.preprocess == "multi_crop" else None)
-                   for t in [*self.tasks.values(), *([self.task] if self.task is not None else [])]}
-        require(len(recipes) <= 1, "tasks", f"the tasks of one model share one preprocessing, got {sorted(recipes)}")
-        require(self.batch_size % self.scaling.num_workers == 0, "batch_size",
-                f"must be a multiple of scaling.num_workers ({self.scaling.num_workers}), got {self.batch_size}")
-
-    @property
-    def lr(self) -> float:
-        return self.learning_rate or self.task_def.learning_rate
-
-    @property
-    def task_def(self) -> Task:
-        """``task``, or without one the first of ``tasks``."""
-        return self.task if self.task is not None else next(iter(self.tasks.values()))
-
-    def head_tasks(self, heads: tuple[str, ...]) -> dict[str, Task]:
-        """Each training set's (head's) task: as ``tasks`` names it, else ``task``."""
-        missing = [h for h in heads if h not in self.tasks and self.task is None]
-        if missing:
-            raise ConfigError(f"tasks: training set {missing[0]!r} has no task; name it under tasks: or set task:")
-        unknown = sorted(set(self.tasks) - set(heads))
-        if unknown:
-            raise ConfigError(f"tasks.{unknown[0]}: names no training set ({', '.join(heads)}); "
-                              f"give its shards with --train {unknown[0]}=SHARDS")
-        return {h: self.tasks.get(h, self.task_def) for h in heads}
-
-    @classmethod
-    def load(cls, path: str, **overrides) -> TrainConfig:
-        """The config in YAML file ``path`` with ``overrides`` (those not None: the command line) on top."""
-        return load_config(cls, path, overrides)
-
-
-def parse_datasets(specs: tuple[str, ...] | list[str], what: str) -> dict[str, str]:
-    """``[NAME=]SHARDS`` arguments -> {name: shards}; a single unnamed set is called ``default``."""
-    out: dict[str, str] = {}
-    for spec in specs:
-        m = re.match(r"^([A-Za-z][A-Za-z0-9_-]*)=(.+)$", spec)
-        name, shards = (m.group(1), m.group(2)) if m else ("default", spec)
-        if name in out:
-            raise ValueError(f"{what}: two sets are named {name!r}; name them NAME=SHARDS")
-        out[name] = shards
-    if not out:
-        raise ValueError(f"{what}: at least one set of shards is needed")
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- driver
 
 def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str], dest: str,
@@ -173,9 +63,8 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
     checkpoint to ``dest`` and export the best epoch to ``dest/model``. Returns the run's summary.
     ``address``: the Ray cluster to join when Ray is not running yet; None: RAY_ADDRESS if set, else a
     local cluster, started here and shut down at the end. ``restart``: discard an earlier run in ``dest``
-    instead of resuming it. ``progress`` is told each epoch (a ``Console``: see ``perceptclip.core.console``)."""
-    import ray
-
+    instead of resuming it. ``progress`` is told each epoch (a ``Console``: see ``perceptclip.core.console``).
+    With ``scaling.in_process`` the run is this process's alone, and Ray is not started."""
     from perceptclip.core.console import Console, ray_output
     from perceptclip.core.storage import protocol, storage_options
 
@@ -187,8 +76,14 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
     options = storage_options()
     plan = worker_plan(cfg, train_sets, val_sets, dest, options)
     begin_run(cfg, plan.train, plan.val, dest, restart, options)
-    storage_path, storage_fs = _storage(dest, options)
     console = progress if isinstance(progress, Console) else None
+    if cfg.scaling.in_process:
+        with EpochReport(plan, progress, show=console.show if console else None):
+            train_here(cfg, plan, dest, options)
+        return _summary(plan)
+    import ray
+
+    storage_path, storage_fs = _storage(dest, options)
     started_ray = not ray.is_initialized()
     with ray_output(console) as output:
         if started_ray:
@@ -203,6 +98,23 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
             if started_ray:
                 ray.shutdown()
     return _summary(plan)
+
+
+def train_here(cfg: TrainConfig, plan: WorkerPlan, dest: str, options: dict) -> None:
+    """The run in this process (``scaling.in_process``), on ``scaling.cpus_per_worker`` torch threads
+    as a Ray Train worker would be, its checkpoints in DEST/checkpoints."""
+    import torch
+
+    from perceptclip.core.storage import join
+    from perceptclip.training.session import LocalSession
+
+    session = LocalSession(join(dest, CHECKPOINTS), options, cfg.keep_checkpoints, cfg.scaling.use_gpu)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    try:
+        run_worker(plan, session)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def worker_plan(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str], dest: str,
@@ -299,7 +211,7 @@ def begin_run(cfg: TrainConfig, train_urls: dict[str, list[str]], val_urls: dict
         raise ValueError(f"--output: {dest} holds an earlier run ({', '.join(found)}) with no record of its "
                          f"settings; pass --restart to discard it, or choose another --output")
     elif found:
-        changes = _changes(earlier, record)
+        changes = _changes(_with_defaults(earlier), record)
         if changes:
             raise ValueError(f"--output: {dest} holds a run started with other settings ({'; '.join(changes)}); "
                              f"rerun it as it was started to resume it, or pass --restart to discard it "
@@ -308,6 +220,15 @@ def begin_run(cfg: TrainConfig, train_urls: dict[str, list[str]], val_urls: dict
     # nothing to resume (a record alone is a run that failed before its first epoch): record this one
     output.begin(remove=lambda: [])
     fs.pipe_file(path, json.dumps(record, indent=1, allow_nan=False).encode())
+
+
+def _with_defaults(record: dict) -> dict:
+    """A run record with its config as this version reads it: a setting added since it was written
+    has its default, which is what that run ran with."""
+    try:
+        return {**record, "config": TrainConfig.from_mapping(record["config"]).to_mapping()}
+    except (KeyError, TypeError, ValueError):
+        return record
 
 
 def _changes(earlier: dict, now: dict) -> list[str]:

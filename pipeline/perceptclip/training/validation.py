@@ -1,4 +1,4 @@
-"""Validation during training, on every Ray Train worker: each worker scores its part of each validation
+"""Validation during training, on every worker: each worker scores its part of each validation
 set, the (output, target) pairs of all workers are gathered, and every worker computes the same
 metrics over the whole set (``validate``). Then, from the epoch's record, whether the run can go on
 (``run_problems``).
@@ -12,6 +12,8 @@ run goes on.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from functools import partial
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ import torch
 from perceptclip.core.metrics import classification_metrics, json_ready, regression_metrics, undefined
 from perceptclip.core.tasks import Task
 from perceptclip.model.preprocess import normalize
-from perceptclip.training.data import val_rows
+from perceptclip.training.data import shard_rows
 from perceptclip.training.labels import describe_reasons
 
 
@@ -35,17 +37,16 @@ def run_metric(tasks: dict[str, Task]) -> str:
 
 @torch.no_grad()
 def validate(model, parts: dict[str, list[str]], tasks: dict[str, Task], pre, device: torch.device, autocast,
-             batch_size: int, storage_options: dict) -> dict[str, dict]:
+             batch_size: int, storage_options: dict, read) -> dict[str, dict]:
     """Metrics of each validation set over all its samples (``parts``: this worker's shards of each), by
-    the task of the set's head (``tasks``)."""
+    the task of the set's head (``tasks``). ``read``: the worker session's reader of rows."""
     model.eval()
     results = {}
     for name, urls in parts.items():
         task = tasks[name]
         outputs, targets, reasons = [], [], Counter()
-        batches = val_rows(urls, task, pre, storage_options).iter_batches(batch_size=batch_size,
-                                                                               batch_format="numpy") if urls else ()
-        for batch in batches:
+        rows = partial(shard_rows, task=task, pre=pre, aug=None, storage_options=storage_options)
+        for batch in batches_of(read([{"url": u} for u in urls], rows), batch_size):
             valid = batch["error"] == ""
             reasons.update(batch["reason"][~valid].tolist())
             if not valid.any():
@@ -98,6 +99,21 @@ def run_problems(record: dict, provenance: dict) -> str | None:
                  f"{describe_reasons(m['error_reasons']) if m['errors'] else 'none'})"
                  for name, m in record["val"].items() if m.get("unusable")]
     return "; ".join(problems) or None
+
+
+def batches_of(chunks: Iterable[dict], size: int) -> Iterator[dict]:
+    """The rows of ``chunks`` (columns of numpy arrays), in order, in batches of ``size`` (the last smaller)."""
+    held: list[dict] = []
+    count = 0
+    for chunk in chunks:
+        held.append(chunk)
+        count += len(next(iter(chunk.values())))
+        while count >= size:
+            rows = {k: np.concatenate([c[k] for c in held]) for k in held[0]}
+            yield {k: v[:size] for k, v in rows.items()}
+            held, count = [{k: v[size:] for k, v in rows.items()}], count - size
+    if count:
+        yield {k: np.concatenate([c[k] for c in held]) for k in held[0]}
 
 
 def gather(obj) -> list:

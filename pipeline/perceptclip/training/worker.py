@@ -1,11 +1,12 @@
-"""What runs on every Ray Train worker of ``perceptclip train``, from the plan the driver resolved
-(``WorkerPlan``) to the checkpoints and the exported model.
+"""What runs on every worker of ``perceptclip train`` (a Ray Train worker, or this process alone: the
+worker's ``session``, ``training.session``), from the plan the driver resolved (``WorkerPlan``) to the
+checkpoints and the exported model.
 
     restore     the latest checkpoint, if any: LoRA + heads, the best epoch's, AdamW's state, the history
     each epoch  train on this worker's rows of every training set (DDP), one head per set; validate
                 every set, the predictions of all workers gathered, metrics over the whole set
                 (perceptclip.training.validation)
-    checkpoint  rank 0: the epoch's state -> Ray Train (DEST/checkpoints), the history -> metrics.json
+    checkpoint  rank 0: the epoch's state -> the session (DEST/checkpoints), the history -> metrics.json
     export      rank 0, after the last epoch: the best epoch -> a model artifact (DEST/model)
 
 A set that cannot be used (a training set without a usable sample, a validation set whose labels
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -39,8 +41,9 @@ from perceptclip.model.clip_lora import ClipLoraModel, ModelConfig
 from perceptclip.model.preprocess import normalize
 from perceptclip.model.reference import resolve_model
 from perceptclip.training.augment import AugmentConfig
-from perceptclip.training.data import derive_seed, epoch_rows, shuffled_batches
+from perceptclip.training.data import derive_seed, epoch_items, shard_rows, shuffled_batches
 from perceptclip.training.losses import task_loss
+from perceptclip.training.session import STATE_FILE
 from perceptclip.training.validation import epoch_score, gather, run_metric, run_problems, validate
 
 log = logging.getLogger(__name__)
@@ -80,16 +83,23 @@ class RunState:
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker; ``config`` is ``{"plan": WorkerPlan}``."""
-    import ray.train
+    from perceptclip.training.session import RaySession
 
-    worker = Worker(config["plan"])
-    worker.restore(ray.train.get_checkpoint())
+    run_worker(config["plan"], RaySession())
+
+
+def run_worker(plan: WorkerPlan, session) -> None:
+    """The run's epochs on one worker of ``session`` (``training.session``): from its latest checkpoint,
+    if any, to the last epoch; then rank 0 exports the best."""
+    worker = Worker(plan, session)
+    with session.latest() as checkpoint:
+        worker.restore(checkpoint)
     worker.distribute()
-    for epoch in range(worker.state.epoch + 1, worker.plan.epochs):
+    for epoch in range(worker.state.epoch + 1, plan.epochs):
         started = time.monotonic()
         counts = worker.train_epoch(epoch)
         record = worker.validate_epoch(epoch, started, counts)
-        problems = run_problems(record, worker.plan.artifact.provenance)   # the same on every worker
+        problems = run_problems(record, plan.artifact.provenance)   # the same on every worker
         if problems:
             worker.fail(record, problems)
             return
@@ -120,19 +130,9 @@ def build_model(cfg: ModelConfig, seed: int, init: str | None) -> ClipLoraModel:
 class Worker:
     """One worker's model, optimiser and run state, and the steps of ``train_loop``."""
 
-    def __init__(self, plan: WorkerPlan):
-        import ray.data
-        import ray.train
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.plan, self.rank, self.world = plan, ctx.get_world_rank(), ctx.get_world_size()
-        # rows reach the worker in the order of their shards, not in the order the data tasks finish: with
-        # seeded shard orders and crops, an epoch then gives the same batches however often it runs
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
-        # the driver reports the epochs; Ray Data's progress bars would fill this worker's log with redraws
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        self.device = ray.train.torch.get_device()
+    def __init__(self, plan: WorkerPlan, session):
+        self.plan, self.session = plan, session
+        self.rank, self.world, self.device = session.rank, session.world, session.device
         self.tasks = {head: plan.artifact.task_of(head) for head in plan.train}   # each training set's head's
         self.pre = plan.artifact.preprocess
         self.autocast = torch.bfloat16 if self.device.type == "cuda" and plan.precision in ("auto", "bf16") else None
@@ -149,26 +149,23 @@ class Worker:
                       "reason": np.array(["no_batch"])}
         self.net = self.model                     # the model as DDP wraps it, once ``distribute`` has
 
-    def restore(self, checkpoint) -> None:
-        """Continue from ``checkpoint`` (Ray Train's latest), if there is one."""
-        if not checkpoint:
+    def restore(self, directory: str | None) -> None:
+        """Continue from the checkpoint in ``directory`` (the session's latest), if there is one."""
+        if directory is None:
             return
-        with checkpoint.as_directory() as d:
-            self.model.load_state_dict(_load_tensors(os.path.join(d, "trainable.safetensors")), strict=False)
-            self.best = _load_tensors(os.path.join(d, "best.safetensors"))
-            self.optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
-            with open(os.path.join(d, "state.json")) as f:
-                self.state = RunState(**json.load(f))
+        self.model.load_state_dict(_load_tensors(os.path.join(directory, "trainable.safetensors")), strict=False)
+        self.best = _load_tensors(os.path.join(directory, "best.safetensors"))
+        self.optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
+        with open(os.path.join(directory, STATE_FILE)) as f:
+            self.state = RunState(**json.load(f))
         self.resumed_after = self.state.epoch
         if self.rank == 0:
-            print(f"resuming after epoch {self.state.epoch} from {checkpoint.path}", flush=True)
+            self.session.note(f"resuming after epoch {self.state.epoch}")
 
     def distribute(self) -> None:
         """Wrap the model for DDP, after ``restore``: DDP starts every worker from rank 0's weights."""
-        import ray.train.torch
-
         multi = len(self.plan.train) > 1     # each step trains one head: the others get no gradient
-        self.net = ray.train.torch.prepare_model(self.model, parallel_strategy_kwargs={"find_unused_parameters": multi})
+        self.net = self.session.prepare(self.model, find_unused=multi)
 
     def train_epoch(self, epoch: int) -> tuple[float, int, dict[str, int], dict[str, Counter]]:
         """One pass over this worker's rows of every training set: its (loss sum, steps, usable samples
@@ -176,11 +173,12 @@ class Worker:
         plan = self.plan
         self.net.train()
         seed_globals(derive_seed(plan.seed, epoch, self.rank))
-        iterators = {name: iter(shuffled_batches(epoch_rows(urls, epoch, plan.seed, self.rank, self.world,
-                                                            self.tasks[name], self.pre, plan.augment,
-                                                            plan.storage_options),
-                                                 self.per_worker, derive_seed(plan.seed, epoch, self.rank)))
-                     for name, urls in plan.train.items()}
+        iterators = {}
+        for name, urls in plan.train.items():
+            rows = partial(shard_rows, task=self.tasks[name], pre=self.pre, aug=plan.augment,
+                           storage_options=plan.storage_options)
+            chunks = self.session.read(epoch_items(urls, epoch, plan.seed, self.rank, self.world), rows)
+            iterators[name] = shuffled_batches(chunks, self.per_worker, derive_seed(plan.seed, epoch, self.rank))
         loss_sum, steps = 0.0, 0
         seen, reasons = dict.fromkeys(plan.train, 0), {name: Counter() for name in plan.train}
         for name, batch in _interleave(iterators, self.blank, self.device):
@@ -216,7 +214,7 @@ class Worker:
         added to the history; the epoch's weights become the best if its score beats the best so far."""
         train_seconds = time.monotonic() - started
         val = validate(self.model, self.val_parts, self.tasks, self.pre, self.device, self.autocast,
-                       self.plan.batch_size, self.plan.storage_options)
+                       self.plan.batch_size, self.plan.storage_options, self.session.read)
         totals = gather(counts)
         sets = {}
         for name in self.plan.train:
@@ -246,25 +244,21 @@ class Worker:
         return record
 
     def checkpoint(self, record: dict) -> None:
-        """Report the epoch to Ray Train; rank 0 with the checkpoint, and rewrites the history."""
-        import ray.train
-        from ray.train import Checkpoint
-
+        """Report the epoch to the session; rank 0 with the checkpoint, and rewrites the history."""
         flat = {"epoch": record["epoch"], "score": record["score"], "train_loss": record["train_loss"],
                 "train_errors": record["train_errors"], "best_epoch": self.state.best_epoch}
         if self.rank != 0:
-            ray.train.report(flat)
+            self.session.report(flat)
             return
         with tempfile.TemporaryDirectory() as d:
             _save_tensors(self.model.trainable_state_dict(), os.path.join(d, "trainable.safetensors"))
             _save_tensors(self.best, os.path.join(d, "best.safetensors"))
             torch.save(self.optimizer.state_dict(), os.path.join(d, "optimizer.pt"))
-            with open(os.path.join(d, "state.json"), "w") as f:
+            with open(os.path.join(d, STATE_FILE), "w") as f:
                 json.dump(json_ready(dataclasses.asdict(self.state)), f, allow_nan=False)
-            ray.train.report(flat, checkpoint=Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"epoch-{record['epoch']:04d}")
+            self.session.report(flat, d, record["epoch"])
         _write_json(self.plan.metrics_url, self.state.history, self.plan.storage_options)
-        print(json.dumps(printable(record)), flush=True)
+        self.session.note(json.dumps(printable(record)))
 
     def fail(self, record: dict, problems: str) -> None:
         """Stop the run at this epoch: rank 0 writes the epoch's record, with why, after the history;
@@ -272,7 +266,7 @@ class Worker:
         if self.rank == 0:
             failed = {**record, "failure": problems}
             _write_json(self.plan.metrics_url, [*self.state.history[:-1], failed], self.plan.storage_options)
-            print(json.dumps(printable(failed)), flush=True)
+            self.session.note(json.dumps(printable(failed)))
 
     def export(self) -> None:
         """The best epoch's weights as a model artifact at ``plan.model_url`` (rank 0, after the last epoch)."""
