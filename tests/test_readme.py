@@ -62,6 +62,7 @@ def test_every_walkthrough_command_runs(workdir, ray_local):
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     smoke = yaml.safe_load((ROOT / "configs" / "train" / "smoke.yaml").read_text())
     smoke["epochs"] = 2                                    # the commands must run; learning is tested elsewhere
+    smoke["scaling"]["in_process"] = True                  # and Ray Train's wiring too (test_train.py)
     (work / "smoke-2-epochs.yaml").write_text(yaml.safe_dump(smoke))
     for command in walkthrough_commands():
         command = (command.replace("perceptclip-iqa", models["iqa"])
@@ -78,7 +79,7 @@ def test_every_walkthrough_command_runs(workdir, ray_local):
 
 
 def test_your_own_task_runs_as_written(workdir, ray_local):
-    """The README's "Your own task": its config's ViT-L/14 swapped for the debug model, 2 epochs."""
+    """The README's "Your own task": its config's ViT-L/14 swapped for the debug model, 2 epochs, in process."""
     import pyarrow.parquet as pq
     import yaml
 
@@ -87,7 +88,8 @@ def test_your_own_task_runs_as_written(workdir, ray_local):
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     custom = yaml.safe_load((ROOT / "configs" / "train" / "custom.yaml").read_text())
     smoke = yaml.safe_load((ROOT / "configs" / "train" / "smoke.yaml").read_text())
-    (work / "custom-smoke.yaml").write_text(yaml.safe_dump({**smoke, "task": custom["task"], "epochs": 2}))
+    (work / "custom-smoke.yaml").write_text(yaml.safe_dump({**smoke, "task": custom["task"], "epochs": 2,
+                                                            "scaling": {**smoke["scaling"], "in_process": True}}))
     commands = walkthrough_commands("### Your own task")
     assert [shlex.split(c)[1] for c in commands] == ["convert", "convert", "train", "score", "quantiles", "filter"]
     for command in commands:
