@@ -244,16 +244,17 @@ def _console(unit: str, item: str | None):
 @click.option("--top-k", default=12, show_default=True, type=click.IntRange(0),
               help="How many of the highest and of the lowest scored samples to show per model.")
 def report(scores, output, shards, top_k):
-    """Write one self-contained HTML page about the scores under SCORES.
+    """Write one self-contained HTML page to explore the scores under SCORES and choose what to keep.
 
     \b
     Example:
       perceptclip report --scores s3://bucket/scores --output report.html
       perceptclip report --scores scores/ --output report.html --shards '/mnt/shards/*.tar' --top-k 24
 
-    Per model: a histogram and quantiles (a classifier: its class distribution), and thumbnails of the
-    top and bottom samples, read from the shards; then the errors by reason and the run summaries. The
-    page needs no network to open. A thumbnail that cannot be read shows why instead.
+    A threshold on each score's histogram, each classifier's classes as toggles: the page says what the
+    selection keeps (as quantiles --where does), shows the images on each side of every threshold, and
+    gives the selection as a filter command; #where= in its link restores it. Also per model: quantiles,
+    the top and bottom samples, errors by reason, the run summaries. It needs no network or server.
     """
     from perceptclip.core.storage import storage_options
     from perceptclip.curation.report import write_report
