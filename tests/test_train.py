@@ -138,6 +138,21 @@ def test_dataset_arguments_name_the_heads():
         parse_datasets(["a.tar", "b.tar"], "--train")
 
 
+def test_a_run_in_this_process_that_asks_for_a_gpu_or_a_cluster_fails_before_writing(few_shards, tmp_path,
+                                                                                      monkeypatch):
+    """--in-process with a config that wants a GPU this process does not see, or with --address: a clear
+    error naming the setting, and the output is not even made."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    dest = tmp_path / "run"
+    sets = ["--train", few_shards["train"][0], "--val", few_shards["val"][0], "--output", str(dest), "--in-process"]
+    gpu = smoke_config(tmp_path, scaling={"num_workers": 1, "use_gpu": True, "cpus_per_worker": 1})
+    result = CliRunner().invoke(main, ["train", "--config", str(gpu), *sets])
+    assert result.exit_code != 0 and "scaling.use_gpu: this process sees no GPU" in result.output, result.output
+    result = CliRunner().invoke(main, ["train", "--config", str(SMOKE), *sets, "--address", "10.0.0.1:6379"])
+    assert result.exit_code != 0 and "joins no Ray cluster" in result.output, result.output
+    assert not dest.exists()
+
+
 def test_a_local_machine_that_cannot_place_the_workers_fails_at_start():
     from perceptclip.training.config import WorkersConfig
     from perceptclip.training.train import check_local_resources

@@ -114,8 +114,6 @@ class LocalSession:
     def __init__(self, root: str, storage_options: dict, keep: int, use_gpu: bool = False):
         from perceptclip.core.storage import filesystem
 
-        if use_gpu and not torch.cuda.is_available():
-            raise ValueError("scaling.use_gpu: this process sees no GPU; set scaling.use_gpu: false")
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.fs, self.root = filesystem(root, storage_options)
         self.keep = keep

@@ -71,6 +71,8 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
     unknown = sorted(set(val_sets) - set(train_sets))
     if unknown:
         raise ValueError(f"validation set {unknown[0]!r} names no training set ({', '.join(train_sets)})")
+    if cfg.scaling.in_process:
+        check_in_process(cfg.scaling, address)
     if protocol(dest) == "file":
         dest = os.path.abspath(dest.removeprefix("file://"))
     options = storage_options()
@@ -157,6 +159,18 @@ def init_model_config(cfg: TrainConfig, heads: tuple[str, ...]) -> ModelConfig:
         return dataclasses.replace(meta.model, heads=heads, head_outputs=sizes,
                                    head=dataclasses.replace(meta.model.head, outputs=task.outputs))
     return dataclasses.replace(cfg.model.model_config(task, heads), head_outputs=sizes)
+
+
+def check_in_process(scaling: WorkersConfig, address: str | None) -> None:
+    """A run in this process joins no cluster and runs on this machine's GPU or none: fail at start."""
+    import torch
+
+    if address:
+        raise ValueError(f"--address {address}: a run in this process (scaling.in_process) joins no Ray "
+                         f"cluster; leave out one or the other")
+    if scaling.use_gpu and not torch.cuda.is_available():
+        raise ValueError("scaling.use_gpu: this process sees no GPU (scaling.in_process); set scaling.use_gpu: "
+                         "false, or run on Ray Train to use a cluster's GPUs")
 
 
 def check_local_resources(scaling: WorkersConfig, available: dict) -> None:
