@@ -1,6 +1,6 @@
 """The rows a training worker reads: a shard's labelled samples as crops (``shard_rows``), one worker's
 shards of a set for an epoch (``epoch_items``; the worker's session reads them), and the epoch's
-batches of those rows (``shuffled_batches``).
+batches of those rows (``shuffled_batches``; for validation, in order: ``batches_of``).
 
 An epoch's rows are a function of (seed, epoch, rank): which shards a worker reads, their order and
 every crop and flip are drawn from generators seeded with them, so a resumed run reads what the
@@ -77,6 +77,21 @@ def shuffled_batches(chunks: Iterable[dict], batch_size: int, shuffle_seed: int,
         order = rng.permutation(_rows(held))
         for i in range(0, len(order), batch_size):
             yield _pick(held, order[i:i + batch_size])
+
+
+def batches_of(chunks: Iterable[dict], size: int) -> Iterator[dict]:
+    """The rows of ``chunks`` (columns of numpy arrays), in order, in batches of ``size`` (the last smaller)."""
+    held: list[dict] = []
+    count = 0
+    for chunk in chunks:
+        held.append(chunk)
+        count += _rows(chunk)
+        while count >= size:
+            rows = {k: np.concatenate([c[k] for c in held]) for k in held[0]}
+            yield {k: v[:size] for k, v in rows.items()}
+            held, count = [{k: v[size:] for k, v in rows.items()}], count - size
+    if count:
+        yield {k: np.concatenate([c[k] for c in held]) for k in held[0]}
 
 
 def _rows(columns: dict | None) -> int:

@@ -12,7 +12,6 @@ run goes on.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from functools import partial
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from perceptclip.core.metrics import classification_metrics, json_ready, regression_metrics, undefined
 from perceptclip.core.tasks import Task
 from perceptclip.model.preprocess import normalize
-from perceptclip.training.data import shard_rows
+from perceptclip.training.data import batches_of, shard_rows
 from perceptclip.training.labels import describe_reasons
 
 
@@ -99,21 +98,6 @@ def run_problems(record: dict, provenance: dict) -> str | None:
                  f"{describe_reasons(m['error_reasons']) if m['errors'] else 'none'})"
                  for name, m in record["val"].items() if m.get("unusable")]
     return "; ".join(problems) or None
-
-
-def batches_of(chunks: Iterable[dict], size: int) -> Iterator[dict]:
-    """The rows of ``chunks`` (columns of numpy arrays), in order, in batches of ``size`` (the last smaller)."""
-    held: list[dict] = []
-    count = 0
-    for chunk in chunks:
-        held.append(chunk)
-        count += len(next(iter(chunk.values())))
-        while count >= size:
-            rows = {k: np.concatenate([c[k] for c in held]) for k in held[0]}
-            yield {k: v[:size] for k, v in rows.items()}
-            held, count = [{k: v[size:] for k, v in rows.items()}], count - size
-    if count:
-        yield {k: np.concatenate([c[k] for c in held]) for k in held[0]}
 
 
 def gather(obj) -> list:
