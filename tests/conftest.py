@@ -113,11 +113,13 @@ def smoke_training(tmp_path_factory):
     the smoke config for 2 epochs, 40 training and 20 validation samples (labels 0 to 4). One run: the
     console test reads what it printed, the rerun test trains again over (a copy of) its output.
     Returns the finished process, the config file, the shards and the output folder."""
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
     from support.images import image_bytes, make_image
+    from support.processes import ray_tmpdir_left_by_a_dead_cluster
     from support.shards import write_labelled_shard
 
     root = tmp_path_factory.mktemp("smoke-training")
@@ -131,11 +133,17 @@ def smoke_training(tmp_path_factory):
     config = root / "smoke.yaml"
     config.write_text((repo / "configs/train/smoke.yaml").read_text().replace("epochs: 15", "epochs: 2"))
     train, val = shard("train", range(40)), shard("val", range(100, 120))
-    # a session fixture is set up before the tests' own fixtures: the polling interval is set here too
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S}
-    proc = subprocess.run([sys.executable, "-c", "from perceptclip.cli import main; main()", "train", "--config",
-                           str(config), "--train", train, "--val", val, "--output", str(root / "run")],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    # a session fixture is set up before the tests' own fixtures: the polling interval is set here too.
+    # Ray's folder holds a dead cluster's address file: the run starts a cluster of its own all the same
+    ray_tmp = ray_tmpdir_left_by_a_dead_cluster()
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S,
+           "RAY_TMPDIR": ray_tmp}
+    try:
+        proc = subprocess.run([sys.executable, "-c", "from perceptclip.cli import main; main()", "train", "--config",
+                               str(config), "--train", train, "--val", val, "--output", str(root / "run")],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     return {"proc": proc, "config": config, "train": train, "val": val, "output": root / "run"}
 
 

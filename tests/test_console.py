@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from perceptclip.core.console import Console, ShardTally, Tally, clock_time
 from perceptclip.output.commit import ShardResult
 from perceptclip.output.runs import RunProgress, RunSummary
 from support.images import image_bytes, make_image
+from support.processes import ray_tmpdir_left_by_a_dead_cluster
 from support.shards import write_labelled_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,6 +219,7 @@ def test_a_read_only_block_is_scored_without_a_warning(iqa_artifact):
         import_open_clip_for_scoring()          # as the model actor starts: open_clip without transformers
         sys.path.insert(0, {str(REPO / "tests")!r})
         from support.images import image_bytes, make_image
+from support.processes import ray_tmpdir_left_by_a_dead_cluster
         from perceptclip.scoring.decode import decode_samples
         from perceptclip.model.reference import ModelSpec, distinct_preprocessing
         from perceptclip.scoring.actor import score_block
@@ -270,16 +273,24 @@ def ray_lines_left(stderr: str) -> list[str]:
 
 @pytest.mark.slow
 def test_a_scoring_run_prints_our_lines_only(iqa_artifact, tmp_path):
+    """``perceptclip score`` with a local cluster of its own, on a machine where a dead cluster's address
+    file is left in Ray's folder: the run starts its own (``num_cpus`` is a local cluster's setting)."""
     for shard in range(2):
         write_labelled_shard(tmp_path / f"in/s-{shard}.tar",
                              [(f"{shard}{i}", image_bytes(make_image(i, (48, 40))), {}) for i in range(5)])
     config = tmp_path / "score.yaml"
     config.write_text("num_cpus: 2\nreader_memory_mb: 256\nblock_rows: 2\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}      # a local cluster of its own
-    with subprocess.Popen([*CLI, "score", "--config", str(config), "--input", str(tmp_path / "in/s-{0..1}.tar"),
-                           "--output", str(tmp_path / "out"), "--model", iqa_artifact], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        stdout, stderr = proc.communicate(timeout=300)
+    ray_tmp = ray_tmpdir_left_by_a_dead_cluster()
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
+    try:
+        with subprocess.Popen([*CLI, "score", "--config", str(config), "--input", str(tmp_path / "in/s-{0..1}.tar"),
+                               "--output", str(tmp_path / "out"), "--model", iqa_artifact], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            stdout, stderr = proc.communicate(timeout=300)
+        # what Ray printed on the driver's stderr is in the Ray session's logs
+        kept = [p.read_text() for p in Path(ray_tmp, "ray").glob(f"session_*/logs/perceptclip-driver-{proc.pid}.err")]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, stderr[-3000:]
     assert json.loads(stdout)["samples"]["total"] == 10
     lines = stderr.splitlines()
@@ -287,9 +298,7 @@ def test_a_scoring_run_prints_our_lines_only(iqa_artifact, tmp_path):
     assert lines[0] == "2 shards: 2 to score, 0 already committed"
     assert all(re.fullmatch(r"\[[0-2]/2\] shards, .* elapsed(, ETA .*)?", line) for line in lines[1:]), lines
     assert lines[-1].startswith("[2/2] shards, 10 images, ")
-    # what Ray printed on the driver's stderr is in the Ray session's logs
-    kept = list(Path("/tmp/ray").glob(f"session_*/logs/perceptclip-driver-{proc.pid}.err"))
-    assert kept and "core_worker.cc" in kept[0].read_text()
+    assert kept and "core_worker.cc" in kept[0]
 
 
 @pytest.mark.slow

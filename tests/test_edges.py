@@ -55,6 +55,25 @@ def test_the_column_flags_reach_the_run(tmp_path, iqa_artifact, flag, value, mes
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["--address", "RAY_ADDRESS"])
+def test_num_cpus_for_a_cluster_joined_is_refused_at_start_naming_it(where, tmp_path, iqa_artifact, monkeypatch):
+    """``num_cpus`` sizes the local cluster a run starts; with a cluster named (the flag, or the environment
+    that ``ray job submit`` sets), it is refused before any work, naming the cluster."""
+    write_image_files(tmp_path / "imgs", ["a.jpg"])
+    (tmp_path / "score.yaml").write_text("num_cpus: 2\n")
+    args = ["score", "--config", str(tmp_path / "score.yaml"), "--input", str(tmp_path / "imgs"), "--output",
+            str(tmp_path / "out"), "--model", iqa_artifact]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if where == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    else:
+        args += ["--address", "10.1.2.3:6379"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert "num_cpus: only for a local cluster; this job joins 10.1.2.3:6379" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 # --- input kinds that cannot be mistaken -------------------------------------------------------------------
 
 def test_a_table_whose_location_column_holds_images_is_refused_at_start_naming_the_kind(tmp_path, iqa_artifact):

@@ -75,7 +75,7 @@ def add_scores(ds, models: str | list[str], image_column: str = "image", *, batc
     check_columns(specs)
     preprocessing, crops_index = distinct_preprocessing(specs)
     if not ray.is_initialized():
-        ray.init()          # as Ray Data itself would: RAY_ADDRESS when set, else a local cluster
+        ray.init()          # as Ray Data itself would: RAY_ADDRESS, else the last `ray start`, else a local cluster
     _check_names(ds, specs, image_column, error_column)
     size, per_actor = actor_pool(actors, gpus_per_actor)
     return ds.map_batches(

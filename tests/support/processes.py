@@ -57,3 +57,16 @@ def kill_session(proc: subprocess.Popen) -> None:
             except ProcessLookupError:
                 pass
     proc.wait()
+
+
+def ray_tmpdir_left_by_a_dead_cluster() -> str:
+    """A folder for ``RAY_TMPDIR`` as a killed ``ray start`` (or ``ray.cluster_utils.Cluster``) leaves
+    Ray's: its address file names a cluster that is gone, which a bare ``ray.init()`` would try to join.
+    Short, under /tmp: Ray's socket paths beneath it must stay within 107 bytes. The caller removes it."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="pc-ray-", dir="/tmp")
+    os.makedirs(os.path.join(folder, "ray"))
+    with open(os.path.join(folder, "ray", "ray_current_cluster"), "w") as f:
+        f.write("127.0.0.1:9\n")        # the discard port: nothing of Ray's listens there
+    return folder

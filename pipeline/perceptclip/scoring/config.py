@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from perceptclip.core.cluster import cluster_address
 from perceptclip.core.config import Config, require, setting
 from perceptclip.core.schema import FILLED_BY_INPUT, RESERVED_COLUMNS
 from perceptclip.core.storage import StorageConfig
@@ -64,8 +65,9 @@ class ScoreConfig(Config):
         require(bool(self.input), "input", "give at least one shard path, URL, pattern or URL list")
         require(bool(self.output), "output", "give a destination folder or object-store prefix")
         require(bool(self.models), "models", "give at least one model")
-        require(self.address is None or self.num_cpus is None, "num_cpus",
-                "only for a local cluster; an existing cluster (address) has its own")
+        joins = cluster_address(self.address)
+        require(self.num_cpus is None or joins == "local", "num_cpus",
+                f"only for a local cluster; this job joins {joins} (address or RAY_ADDRESS), which has its own")
         return self
 
 

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from perceptclip.core.clock import utc_now
-from perceptclip.core.console import Console, ShardTally, ray_output
+from perceptclip.core.cluster import ray_cluster
+from perceptclip.core.console import Console, ShardTally
 from perceptclip.core.storage import StorageError, redact, redact_text, storage_options
 from perceptclip.model.reference import ModelSpec, check_columns, distinct_preprocessing
 from perceptclip.output.commit import COMMIT_WORKERS, ScoreWriter
@@ -124,38 +125,26 @@ def actor_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int, f
 
 def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dict, summary: RunSummary,
              started: float, progress: Callable[[str], None]) -> None:
-    import ray
-
     console = progress if isinstance(progress, Console) else None
-    started_ray = not ray.is_initialized()
     # with a console, Ray's own output goes to the session's logs (unless verbose) and our bar replaces its
-    with ray_output(console) as output:
-        if started_ray:
-            # no address and no RAY_ADDRESS: ray.init starts a local cluster, the embedded default
-            ray.init(address=cfg.address, num_cpus=cfg.num_cpus, include_dashboard=False,
-                     log_to_driver=output.shown)
-        output.keep_in_session()
-        try:
-            ds = score_dataset(cfg, plan.todo, models, options)
+    with ray_cluster(cfg.address, console, num_cpus=cfg.num_cpus, include_dashboard=False):
+        ds = score_dataset(cfg, plan.todo, models, options)
 
-            # commits run on a few threads of the driver while it goes on pulling rows (docs/scoring.md)
-            writer = ScoreWriter(cfg.output, options, models, summary.run_id, cfg.overwrite, workers=COMMIT_WORKERS)
-            # with a console, the tally says a failed shard and shows the rest on the bar, not a line each
-            tally = ShardTally(console, len(plan.todo)) if console else None
-            report = RunProgress(summary, len(plan.todo), started, tally.say if tally else progress, show=tally)
-            try:
-                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    if tally is not None:
-                        tally.block(block["status"].to_pylist())
-                    report(writer.add(block))
-                report(writer.finish())
-            finally:
-                report(writer.close())      # stopped early: the commits in flight settle, and count
-            report.finish()
-            lost = writer.pending()
-            if lost:
-                raise RuntimeError(f"shards with missing rows at the end of the run: {', '.join(lost)}")
+        # commits run on a few threads of the driver while it goes on pulling rows (docs/scoring.md)
+        writer = ScoreWriter(cfg.output, options, models, summary.run_id, cfg.overwrite, workers=COMMIT_WORKERS)
+        # with a console, the tally says a failed shard and shows the rest on the bar, not a line each
+        tally = ShardTally(console, len(plan.todo)) if console else None
+        report = RunProgress(summary, len(plan.todo), started, tally.say if tally else progress, show=tally)
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if tally is not None:
+                    tally.block(block["status"].to_pylist())
+                report(writer.add(block))
+            report(writer.finish())
         finally:
-            if started_ray:
-                ray.shutdown()
+            report(writer.close())      # stopped early: the commits in flight settle, and count
+        report.finish()
+        lost = writer.pending()
+        if lost:
+            raise RuntimeError(f"shards with missing rows at the end of the run: {', '.join(lost)}")
 

@@ -62,10 +62,12 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
     """Fine-tune on ``train_sets`` ({head name: shard spec}), validate on ``val_sets`` every epoch,
     checkpoint to ``dest`` and export the best epoch to ``dest/model``. Returns the run's summary.
     ``address``: the Ray cluster to join when Ray is not running yet; None: RAY_ADDRESS if set, else a
-    local cluster, started here and shut down at the end. ``restart``: discard an earlier run in ``dest``
-    instead of resuming it. ``progress`` is told each epoch (a ``Console``: see ``perceptclip.core.console``).
+    local cluster of its own, started here and shut down at the end (``perceptclip.core.cluster``).
+    ``restart``: discard an earlier run in ``dest`` instead of resuming it. ``progress`` is told each
+    epoch (a ``Console``: see ``perceptclip.core.console``).
     With ``scaling.in_process`` the run is this process's alone, and Ray is not started."""
-    from perceptclip.core.console import Console, ray_output
+    from perceptclip.core.cluster import ray_cluster
+    from perceptclip.core.console import Console
     from perceptclip.core.storage import protocol, storage_options
 
     unknown = sorted(set(val_sets) - set(train_sets))
@@ -86,19 +88,11 @@ def train(cfg: TrainConfig, train_sets: dict[str, str], val_sets: dict[str, str]
     import ray
 
     storage_path, storage_fs = _storage(dest, options)
-    started_ray = not ray.is_initialized()
-    with ray_output(console) as output:
-        if started_ray:
-            ray.init(address=address, log_to_driver=output.shown)
-        output.keep_in_session()
-        try:
-            if started_ray and not (address or os.environ.get("RAY_ADDRESS")):
-                check_local_resources(cfg.scaling, ray.cluster_resources())
-            with EpochReport(plan, progress, show=console.show if console else None):
-                _trainer(cfg, plan, storage_path, storage_fs).fit()
-        finally:
-            if started_ray:
-                ray.shutdown()
+    with ray_cluster(address, console) as local:
+        if local:
+            check_local_resources(cfg.scaling, ray.cluster_resources())
+        with EpochReport(plan, progress, show=console.show if console else None):
+            _trainer(cfg, plan, storage_path, storage_fs).fit()
     return _summary(plan)
 
 
