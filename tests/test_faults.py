@@ -14,9 +14,11 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -147,9 +149,11 @@ def test_a_killed_model_actor_is_restarted_and_every_shard_commits_once(proxy, s
 # ray.init beside it will not work. It starts a head (no CPUs: nothing runs beside the driver) and two
 # 2-CPU worker nodes, scores, removes the node of the model actor after the first commit, and prints
 # a line "removed {...}" then and a line "outcome {...}" at the end (Ray may print lines of its own).
-# Its output goes to files: a pipe nobody reads would fill up and stop it. It runs in the repository.
+# Anything that stops it first is a line "failed {...}", and it exits at once: the run's thread, waiting
+# on the held shard, would keep it alive. Its output goes to files: a pipe nobody reads would fill up and
+# stop it. It runs in the repository.
 NODE_LOSS = r"""
-import json, os, sys, threading, time
+import json, os, sys, threading, time, traceback
 from ray.cluster_utils import Cluster
 from perceptclip.scoring.config import ScoreConfig
 from perceptclip.scoring.job import run_score
@@ -177,10 +181,20 @@ try:        # shutdown also removes the address file the Cluster wrote for plain
         time.sleep(0.02)
     if thread.is_alive():
         victim = next(n for n in workers if runs_the_model(n))
-        cluster.remove_node(victim, allow_graceful=False)
+        try:
+            cluster.remove_node(victim, allow_graceful=False)
+        except AssertionError as e:
+            # Ray waits 30 s at most for each SIGKILLed process of the node to be reaped, then says
+            # "zombie processes left over": on a loaded machine one may take longer. It is killed all the same.
+            if "zombie" not in str(e):
+                raise
         print("removed", json.dumps({"nodes_left": len(cluster.list_all_nodes())}), flush=True)
     thread.join()
     print("outcome", json.dumps(result), flush=True)
+except BaseException:
+    print("failed", json.dumps(traceback.format_exc()), flush=True)
+    cluster.shutdown()
+    os._exit(1)
 finally:
     cluster.shutdown()
 """
@@ -197,7 +211,9 @@ def test_a_node_removed_mid_run_and_the_run_completes_on_the_rest(proxy, s3_serv
     cfg = score_config(bucket, iqa_artifact, str(out))
     fields = {k: getattr(cfg, k) for k in ("input", "output", "models", "block_rows", "batch_size",
                                            "cpus_per_reader", "reader_memory_mb")}
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ray's folder of its own: the cluster, killed at the end if it must be, leaves no address file in /tmp/ray
+    ray_tmp = tempfile.mkdtemp(prefix="pc-ray-", dir="/tmp")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
     stdout, stderr = tmp_path / "driver.out", tmp_path / "driver.err"
 
     def said(word: str) -> dict | None:
@@ -208,13 +224,14 @@ def test_a_node_removed_mid_run_and_the_run_completes_on_the_rest(proxy, s3_serv
         proc = subprocess.Popen([sys.executable, "-c", NODE_LOSS, json.dumps(fields)], cwd=REPO, env=env,
                                 stdout=out_file, stderr=err_file, start_new_session=True)
     try:
-        removal = wait_for(lambda: said("removed") or said("outcome") or proc.poll() is not None, 300,
-                            "the node's removal")
+        removal = wait_for(lambda: said("removed") or said("failed") or proc.poll() is not None, 300,
+                           "the node's removal", said=lambda: stdout.read_text() + stderr.read_text()[-3000:])
         proxy.release()
         proc.wait(timeout=300)
     finally:
         kill_session(proc)
-    assert removal == {"nodes_left": 2}, stderr.read_text()[-3000:]     # the head and one worker node
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert removal == {"nodes_left": 2}, said("failed") or stderr.read_text()[-3000:]   # the head and one worker node
     outcome = said("outcome")
     assert outcome["summary"]["shards"] == {"planned": SHARDS, "done": SHARDS, "skipped": 0, "failed": 0}, outcome
     reconcile(fsspec.filesystem("file"), str(out), contents)
