@@ -219,7 +219,6 @@ def test_a_read_only_block_is_scored_without_a_warning(iqa_artifact):
         import_open_clip_for_scoring()          # as the model actor starts: open_clip without transformers
         sys.path.insert(0, {str(REPO / "tests")!r})
         from support.images import image_bytes, make_image
-from support.processes import ray_tmpdir_left_by_a_dead_cluster
         from perceptclip.scoring.decode import decode_samples
         from perceptclip.model.reference import ModelSpec, distinct_preprocessing
         from perceptclip.scoring.actor import score_block
