@@ -110,9 +110,32 @@ def quick_train_polling(monkeypatch):
 @pytest.fixture(scope="session")
 def smoke_training(tmp_path_factory):
     """``perceptclip train`` as a user runs it: a process of its own that starts its own local Ray cluster,
-    the smoke config for 2 epochs, 40 training and 20 validation samples (labels 0 to 4). One run: the
-    console test reads what it printed, the rerun test trains again over (a copy of) its output.
+    the smoke config for 2 epochs, 40 training and 20 validation samples (labels 0 to 4). One run for the
+    whole session, however many pytest-xdist workers share it (the first to ask runs it, under a file
+    lock): the console test reads what it printed, the rerun test trains again over (a copy of) its output.
     Returns the finished process, the config file, the shards and the output folder."""
+    import fcntl
+    import json
+    import subprocess
+
+    # under pytest-xdist each worker's base folder is one of its session's: their parent is shared
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root = shared / "smoke-training"
+    with open(shared / "smoke-training.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done.json").exists():
+            _train_smoke(root)
+    done = json.loads((root / "done.json").read_text())
+    proc = subprocess.CompletedProcess(done["args"], done["returncode"], done["stdout"], done["stderr"])
+    return {"proc": proc, "config": root / "smoke.yaml", "train": done["train"], "val": done["val"],
+            "output": root / "run"}
+
+
+def _train_smoke(root) -> None:
+    """The session's smoke training into ``root``; what the process did and printed into ``root/done.json``."""
+    import json
     import shutil
     import subprocess
     import sys
@@ -122,7 +145,9 @@ def smoke_training(tmp_path_factory):
     from support.processes import ray_tmpdir_left_by_a_dead_cluster
     from support.shards import write_labelled_shard
 
-    root = tmp_path_factory.mktemp("smoke-training")
+    if root.exists():
+        shutil.rmtree(root)             # a worker that died half way: start again
+    root.mkdir(parents=True)
     repo = Path(__file__).resolve().parents[1]
 
     def shard(name: str, seeds: range) -> str:
@@ -138,13 +163,14 @@ def smoke_training(tmp_path_factory):
     ray_tmp = ray_tmpdir_left_by_a_dead_cluster()
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S,
            "RAY_TMPDIR": ray_tmp}
+    args = [sys.executable, "-c", "from perceptclip.cli import main; main()", "train", "--config", str(config),
+            "--train", train, "--val", val, "--output", str(root / "run")]
     try:
-        proc = subprocess.run([sys.executable, "-c", "from perceptclip.cli import main; main()", "train", "--config",
-                               str(config), "--train", train, "--val", val, "--output", str(root / "run")],
-                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return {"proc": proc, "config": config, "train": train, "val": val, "output": root / "run"}
+    (root / "done.json").write_text(json.dumps({"args": args, "returncode": proc.returncode, "stdout": proc.stdout,
+                                                "stderr": proc.stderr, "train": train, "val": val}))
 
 
 @pytest.fixture(scope="session")

@@ -101,7 +101,8 @@ def test_the_last_line_is_not_repeated_and_nothing_is_printed_for_a_run_that_nev
     assert out.getvalue() == "model 'x' could not be fetched\n"
 
 
-def test_a_terminal_gets_one_bar_redrawn_in_place_with_messages_above_it():
+def test_a_terminal_gets_one_bar_redrawn_in_place_with_messages_above_it(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")        # the bar is cut to the terminal's width: one wide enough
     con, out, clock = console(tty=True)
     con.show(Tally(0, 4))
     clock.now += 10
