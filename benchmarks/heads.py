@@ -39,8 +39,8 @@ def model_config(width: int, heads: tuple[str, ...]) -> ModelConfig:
                               vision={"image_size": 64, "layers": 6, "width": width, "patch_size": 8,
                                       "head_width": 64})
     first = TASKS[heads[0]]
-    return ModelConfig(backbone=backbone, lora=LoraConfig(r=4), head=HeadConfig(outputs=first.outputs, hidden=(64, 32)),
-                       heads=heads, head_outputs={h: TASKS[h].outputs for h in heads if TASKS[h].outputs != first.outputs})
+    return ModelConfig(backbone=backbone, lora=LoraConfig(r=4), head=HeadConfig(size=first.head_size, hidden=(64, 32)),
+                       heads=heads, head_sizes={h: TASKS[h].head_size for h in heads if TASKS[h].head_size != first.head_size})
 
 
 def scorer(width: int, heads: tuple[str, ...], device: str) -> Scorer:

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from perceptclip.core.tasks import TASKS
 from perceptclip.model.artifact import ArtifactError, ArtifactMeta, load_artifact, read_meta, save_artifact
 from perceptclip.model.debug import tiny_model
 
@@ -17,8 +18,9 @@ def test_save_and_load_round_trip_exactly(tmp_path):
     assert original.keys() == again.keys()
     assert all(torch.equal(original[k], again[k]) for k in original)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["labels"][0] == "amusement" and config["model"]["lora"] == {"r": 4, "alpha": 8.0, "dropout": 0.1}
-    assert config["preprocess"]["kind"] == "resize_center_crop" and config["higher_is_better"] is True
+    assert config["format_version"] == 2 and config["task"] == TASKS["emotion"].definition()
+    assert config["model"]["lora"] == {"r": 4, "alpha": 8.0, "dropout": 0.1}
+    assert config["model"]["head"]["size"] == 8 and config["preprocess"]["kind"] == "resize_center_crop"
 
 
 def test_weights_that_do_not_match_the_checksum_are_refused(tmp_path):

@@ -80,7 +80,7 @@ def test_a_task_of_your_own_learns_and_scores_under_its_name(photos, task, bound
         "--output", str(tmp_path / "run"), "--in-process")
     model = str(tmp_path / "run" / "model")
     written = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
-    assert written["task"] == task and written["task_definition"]["kind"] == TASKS[task]["kind"]
+    assert written["task"]["name"] == task and written["task"]["kind"] == TASKS[task]["kind"]
 
     metrics = run("evaluate", "--model", model, "--data", shards["test"], "--bootstrap", "50")
     metric, least = bound

@@ -23,6 +23,7 @@ from perceptclip.model.preprocess import decode_image
 from perceptclip.model.reference import ModelSpec, check_columns
 from perceptclip.model.scorer import Scorer
 from perceptclip.training.evaluate import evaluate
+from support.artifacts import as_version_1
 from support.images import image_bytes, make_image
 from support.scoring import score_here
 from support.shards import write_labelled_shard
@@ -34,7 +35,7 @@ TINT = Task(name="tint", kind="classification", labels=("red", "green", "blue"),
 
 def two_task_model(seed: int = 0) -> ClipLoraModel:
     """The debug model with a regression head and a three-class head on one LoRA (random weights)."""
-    cfg = dataclasses.replace(tiny_model_config(BRIGHTNESS, heads=("light", "colour")), head_outputs={"colour": 3})
+    cfg = dataclasses.replace(tiny_model_config(BRIGHTNESS, heads=("light", "colour")), head_sizes={"colour": 3})
     torch.manual_seed(seed)
     model = ClipLoraModel(cfg)
     with torch.no_grad():
@@ -72,13 +73,13 @@ def test_the_artifact_records_each_heads_task_and_each_head_has_its_tasks_output
     model, meta = load_artifact(two_task)
     assert [model.heads[h][-1].out_features for h in ("light", "colour")] == [1, 3]
     assert meta.task_of("colour") == TINT and meta.task_of("light") == BRIGHTNESS
-    assert [(h, name) for h, name, _ in meta.outputs()] == [("light", "brightness"), ("colour", "tint")]
-    assert [name for _, name, _ in meta.outputs("colour", "hue")] == ["hue"]
+    assert [(h, name) for h, name, _ in meta.scored_heads()] == [("light", "brightness"), ("colour", "tint")]
+    assert [name for _, name, _ in meta.scored_heads("colour", "hue")] == ["hue"]
 
 
 def test_a_head_whose_size_does_not_fit_its_task_is_refused_naming_the_field():
     model = two_task_model()
-    with pytest.raises(ValueError, match="model: head 'colour' has 3 outputs, its task 'brightness' 1"):
+    with pytest.raises(ValueError, match="model: head 'colour' has size 3, its task 'brightness' 1"):
         ArtifactMeta.for_task(BRIGHTNESS, model.cfg)                       # no head_tasks: every head brightness
     with pytest.raises(ValueError, match="head_tasks: names the heads"):
         ArtifactMeta.for_task(BRIGHTNESS, model.cfg, head_tasks={"light": BRIGHTNESS})
@@ -87,11 +88,12 @@ def test_a_head_whose_size_does_not_fit_its_task_is_refused_naming_the_field():
 
 
 def test_an_artifact_written_before_head_tasks_loads_and_scores_the_same(tmp_path, crops):
-    """config.json as it was written before: no head_tasks, no head_outputs, no task_definition."""
+    """config.json as it was written before heads had tasks (format version 1): no head_tasks, no
+    head_outputs, no task_definition."""
     path = make_tiny_artifact(str(tmp_path / "old"), task="emotion", seed=5, heads=("a", "b"))
     before = Scorer.load(path, device="cpu")
     expected = before.score(crops)
-    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config = as_version_1(json.loads((tmp_path / "old" / "config.json").read_text()))
     del config["task_definition"], config["model"]["head_outputs"]
     assert "head_tasks" not in config
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
@@ -159,8 +161,8 @@ def test_the_job_writes_every_heads_columns_and_each_equals_its_head_alone(two_t
     shard = write_labelled_shard(tmp_path / "in" / "part-0.tar", images)
     spec = ModelSpec.resolve(two_task)
     assert spec.columns == ["brightness", "tint", "tint_red", "tint_green", "tint_blue"]
-    assert [o["name"] for o in spec.describe()["outputs"]] == ["brightness", "tint"]
-    assert spec.describe()["outputs"][1]["labels"] == list(TINT.labels)
+    assert [o["name"] for o in spec.describe()["heads"]] == ["brightness", "tint"]
+    assert spec.describe()["heads"][1]["labels"] == list(TINT.labels)
     check_columns([spec, ModelSpec.resolve(iqa_artifact)])
     with pytest.raises(ValueError, match="'tint'.*NAME=MODEL#HEAD"):
         check_columns([ModelSpec.resolve(f"tint={iqa_artifact}"), spec])
@@ -185,7 +187,7 @@ def test_a_config_gives_each_training_set_its_task():
                                                                      "colour": TINT.definition()}})
     assert cfg.head_tasks(("light", "colour")) == {"light": BRIGHTNESS, "colour": TINT}
     model = init_model_config(cfg, ("light", "colour"))
-    assert model.outputs("light") == 1 and model.outputs("colour") == 3
+    assert model.head_size("light") == 1 and model.head_size("colour") == 3
     with pytest.raises(ConfigError, match="tasks: training set 'other' has no task"):
         cfg.head_tasks(("light", "other"))
     with pytest.raises(ConfigError, match="tasks: the tasks of one model share one preprocessing"):
@@ -228,7 +230,7 @@ def test_a_model_of_two_tasks_trains_exports_and_scores_both_heads_in_one_pass(r
     assert "srcc" in history[-1]["val"]["light"] and "accuracy" in history[-1]["val"]["colour"]
     model = str(tmp_path / "run" / "model")
     meta = read_meta(model)
-    assert meta.task == "brightness" and meta.task_of("colour") == TINT and list(meta.model.heads) == ["light", "colour"]
+    assert meta.task.name == "brightness" and meta.task_of("colour") == TINT and list(meta.model.heads) == ["light", "colour"]
 
     metrics = evaluate(f"{model}#colour", shards["colour-val"], resamples=10)
     assert metrics["kind"] == "classification" and "accuracy" in metrics and metrics["head"] == "colour"

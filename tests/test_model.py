@@ -94,7 +94,7 @@ def test_several_heads_share_one_backbone():
 
 
 def test_tasks_registry():
-    assert {t: (TASKS[t].outputs, TASKS[t].loss) for t in TASKS} == {
+    assert {t: (TASKS[t].head_size, TASKS[t].loss) for t in TASKS} == {
         "iqa": (1, "plcc"), "memorability": (1, "mse"), "emotion": (8, "cross_entropy")}
     assert get_task("emotion").labels[:3] == ("amusement", "awe", "contentment")
     with pytest.raises(ValueError, match="unknown task 'beauty'"):

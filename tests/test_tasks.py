@@ -6,9 +6,10 @@ import json
 import pytest
 
 from perceptclip.core.tasks import TASKS, Task, resolve_task
-from perceptclip.model.artifact import ArtifactMeta, read_meta
-from perceptclip.model.debug import make_tiny_artifact, tiny_model_config
+from perceptclip.model.artifact import ArtifactError, read_meta
+from perceptclip.model.debug import make_tiny_artifact
 from perceptclip.training.config import TrainConfig
+from support.artifacts import as_version_1
 
 WARMTH = {"name": "warmth", "kind": "regression", "description": "how warm the picture feels, 1 to 5"}
 SAFETY = {"name": "brand_safety", "kind": "classification", "labels": ["safe", "borderline", "unsafe"],
@@ -16,7 +17,7 @@ SAFETY = {"name": "brand_safety", "kind": "classification", "labels": ["safe", "
 
 
 def test_the_built_in_tasks_are_definitions_with_the_values_they_had():
-    assert {name: (t.kind, t.outputs, t.loss, t.metrics, t.preprocess, t.learning_rate)
+    assert {name: (t.kind, t.head_size, t.loss, t.metrics, t.preprocess, t.learning_rate)
             for name, t in TASKS.items()} == {
         "iqa": ("regression", 1, "plcc", ("srcc", "plcc", "mse"), "multi_crop", 5e-5),
         "memorability": ("regression", 1, "mse", ("srcc", "plcc", "mse"), "resize_center_crop", 5e-5),
@@ -27,8 +28,8 @@ def test_the_built_in_tasks_are_definitions_with_the_values_they_had():
 
 def test_a_definition_takes_defaults_by_kind():
     warmth, safety = resolve_task(WARMTH), resolve_task(SAFETY)
-    assert (warmth.loss, warmth.outputs, warmth.metrics, warmth.labels) == ("mse", 1, ("srcc", "plcc", "mse"), None)
-    assert (safety.loss, safety.outputs, safety.labels) == ("cross_entropy", 3, ("safe", "borderline", "unsafe"))
+    assert (warmth.loss, warmth.head_size, warmth.metrics, warmth.labels) == ("mse", 1, ("srcc", "plcc", "mse"), None)
+    assert (safety.loss, safety.head_size, safety.labels) == ("cross_entropy", 3, ("safe", "borderline", "unsafe"))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -59,23 +60,39 @@ def test_the_artifact_carries_its_whole_task(tmp_path):
     safety = resolve_task(SAFETY)
     dest = make_tiny_artifact(str(tmp_path / "safety"), task=safety)
     written = json.loads((tmp_path / "safety" / "config.json").read_text())
-    assert written["task"] == "brand_safety" and written["task_definition"] == safety.definition()
+    assert written["task"] == safety.definition() and "head_tasks" not in written
     meta = read_meta(dest)
-    assert meta.task_def == safety and meta.labels == ["safe", "borderline", "unsafe"]
-    assert meta.higher_is_better is False and meta.model.head.outputs == 3
+    assert meta.task == safety and meta.labels == ["safe", "borderline", "unsafe"]
+    assert meta.task.higher_is_better is False and meta.model.head.size == 3
 
 
 def test_an_artifact_written_before_tasks_were_data_still_loads(tmp_path):
     dest = make_tiny_artifact(str(tmp_path / "old"), task="emotion")
     config = tmp_path / "old" / "config.json"
-    written = json.loads(config.read_text())
-    del written["task_definition"]                  # as every artifact written before this change
+    written = as_version_1(json.loads(config.read_text()))
+    del written["task_definition"]                  # as every artifact written before tasks were data
     config.write_text(json.dumps(written))
-    assert read_meta(dest).task_def is TASKS["emotion"]
+    assert read_meta(dest).task is TASKS["emotion"]
 
 
-def test_metadata_disagreeing_with_its_task_is_refused():
-    with pytest.raises(ValueError, match="labels: .* but the task's classes are"):
-        ArtifactMeta(task="emotion", model=tiny_model_config("emotion"),
-                     preprocess=ArtifactMeta.for_task("emotion", tiny_model_config("emotion")).preprocess,
-                     labels=["a", "b"])
+@pytest.mark.parametrize("change, message", [
+    ({"labels": ["a", "b"]}, r"labels: \['a', 'b'\] but the task's classes are \['amusement'"),
+    ({"task": "iqa"}, "task: 'iqa' but its definition is 'emotion'"),
+])
+def test_a_version_1_config_disagreeing_with_its_task_is_refused(change, message, tmp_path):
+    """Version 1 wrote the task's name, classes and direction beside its definition: they must agree."""
+    dest = make_tiny_artifact(str(tmp_path / "old"), task="emotion")
+    config = tmp_path / "old" / "config.json"
+    config.write_text(json.dumps({**as_version_1(json.loads(config.read_text())), **change}))
+    with pytest.raises(ArtifactError, match=message):
+        read_meta(dest)
+
+
+def test_a_config_with_a_task_and_head_tasks_is_refused(tmp_path):
+    """Format version 2 writes each task once: ``task`` or, for a model of several tasks, ``head_tasks``."""
+    dest = make_tiny_artifact(str(tmp_path / "m"), task="emotion", heads=("a", "b"))
+    config = tmp_path / "m" / "config.json"
+    written = json.loads(config.read_text())
+    config.write_text(json.dumps({**written, "head_tasks": {"a": written["task"], "b": written["task"]}}))
+    with pytest.raises(ArtifactError, match="task: written once, under head_tasks"):
+        read_meta(dest)

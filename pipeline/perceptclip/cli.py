@@ -90,7 +90,7 @@ def import_official(checkpoint, task, output):
 
     _or_fail(lambda: check_apart("--output", output, {"the checkpoint": [checkpoint]}))
     meta = _or_fail(lambda: convert(checkpoint, task, output))
-    click.echo(f"wrote {output} ({meta.task}, {meta.model.backbone.name}, sha256 {meta.weights_sha256[:12]})")
+    click.echo(f"wrote {output} ({meta.task.name}, {meta.model.backbone.name}, sha256 {meta.weights_sha256[:12]})")
 
 
 def _or_fail(action):

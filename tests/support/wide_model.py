@@ -19,7 +19,7 @@ def wide_model_config(task: str) -> ModelConfig:
     backbone = BackboneConfig(name="debug-vit", pretrained=None, embed_dim=64, quick_gelu=True,
                               vision={"image_size": 64, "layers": 2, "width": 128, "patch_size": 16,
                                       "head_width": 64})
-    return ModelConfig(backbone=backbone, lora=LoraConfig(r=4), head=HeadConfig(outputs=get_task(task).outputs,
+    return ModelConfig(backbone=backbone, lora=LoraConfig(r=4), head=HeadConfig(size=get_task(task).head_size,
                                                                                hidden=(32, 16)))
 
 
@@ -42,7 +42,7 @@ def make_thread_sensitive_artifact(dest: str, seed: int = 0) -> str:
     backbone = BackboneConfig(name="debug-vit", pretrained=None, embed_dim=128, quick_gelu=True,
                               vision={"image_size": 224, "layers": 4, "width": 256, "patch_size": 14,
                                       "head_width": 64})
-    cfg = ModelConfig(backbone=backbone, lora=LoraConfig(r=4), head=HeadConfig(outputs=1, hidden=(32, 16)))
+    cfg = ModelConfig(backbone=backbone, lora=LoraConfig(r=4), head=HeadConfig(size=1, hidden=(32, 16)))
     model = ClipLoraModel(cfg).eval()
     meta = ArtifactMeta.for_task("memorability", model.cfg, provenance={"source": "tests/support/wide_model"})
     save_artifact(model, meta, dest)

@@ -71,8 +71,8 @@ class Task(Config):
                 f"must be one of {', '.join(LOSSES[self.kind])} for a {self.kind}, got {self.loss!r}")
 
     @property
-    def outputs(self) -> int:
-        """Size of the head's last layer."""
+    def head_size(self) -> int:
+        """Size of the last layer of a head of this task: 1 for a regression, else one per class."""
         return len(self.labels) if self.labels else 1
 
     @property

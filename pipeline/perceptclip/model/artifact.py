@@ -2,22 +2,25 @@
 
 ``config.json`` says everything needed to rebuild and use the model without this package's defaults:
 
-    {"format": "perceptclip-model", "format_version": 1,
-     "task": "iqa", "labels": null, "higher_is_better": true,
-     "task_definition": {...},                       # the whole task (Task.definition())
-     "head_tasks": {head: {...}, ...},               # only a model whose heads have tasks of their own
-     "model": {backbone, lora, head, heads},        # ModelConfig.to_mapping()
+    {"format": "perceptclip-model", "format_version": 2,
+     "task": {...},                                  # the whole task (Task.definition()); or, for a model
+     "head_tasks": {head: {...}, ...},               #   whose heads have tasks of their own, each head's
+     "model": {backbone, lora, head, heads, head_sizes},    # ModelConfig.to_mapping()
      "preprocess": {...},                            # PreprocessConfig.to_mapping()
      "provenance": {...},                            # where the weights came from
      "weights": {"file": "model.safetensors", "sha256": "...", "bytes": N}}
+
+Each task is written once: ``task`` for a model whose heads all have it (one head per training dataset),
+``head_tasks`` instead for a model of several tasks, whose default head (the first) gives its ``task``.
+Version 1 (read as ever): ``task`` by name, beside ``task_definition``, ``labels`` and
+``higher_is_better``; ``head_tasks`` repeating the default head's task; ``head.outputs`` and
+``head_outputs`` for the head sizes.
 
 Weights are the full, unmerged state dict (base + LoRA + heads) in safetensors, so an artifact scores
 and fine-tunes offline. Nothing is ever unpickled. Remote artifacts are copied once per machine into a
 local cache (``PERCEPTCLIP_CACHE``, default ``~/.cache/perceptclip``) and verified against the checksum.
 
-A model whose heads serve different tasks on one LoRA records each head's task in ``head_tasks``;
-``task`` is then its default head's. Without ``head_tasks`` every head has the artifact's task (heads
-per training dataset) and the model scores its default head; with it, every head (``outputs``).
+Without ``head_tasks`` the model scores its default head; with it, every head (``scored_heads``).
 """
 
 from __future__ import annotations
@@ -39,50 +42,46 @@ from perceptclip.model.errors import ArtifactError
 from perceptclip.model.preprocess import PreprocessConfig
 
 FORMAT = "perceptclip-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
 class ArtifactMeta(Config):
-    task: str
+    # the default head's task (a built-in name or a definition when built; a ``Task`` then)
+    task: Task | str | dict
     model: ModelConfig
     preprocess: PreprocessConfig
-    labels: list[str] | None = None
-    higher_is_better: bool = True
     provenance: dict = field(default_factory=dict)
     weights_sha256: str | None = None
-    # the whole task definition; None only in artifacts written before tasks were data, whose task is
-    # a built-in one by name
-    task_definition: Task | None = None
     # each head's task, for a model whose heads serve different tasks; None: every head has ``task``
     head_tasks: dict[str, Task] | None = None
 
     def check(self):
-        if self.task_definition is None:
-            object.__setattr__(self, "task_definition", resolve_task(self.task))
-        definition = self.task_definition
-        require(definition.name == self.task, "task", f"{self.task!r} but its definition is {definition.name!r}")
-        require(list(definition.labels or []) == list(self.labels or []), "labels",
-                f"{self.labels} but the task's classes are {list(definition.labels or [])}")
+        object.__setattr__(self, "task", resolve_task(self.task))
         if self.head_tasks is not None:
             self.head_tasks = {h: resolve_task(t, f"head_tasks.{h}") for h, t in self.head_tasks.items()}
             require(list(self.head_tasks) == list(self.model.heads), "head_tasks",
                     f"names the heads {list(self.head_tasks)}, the model has {list(self.model.heads)}")
-            require(self.head_tasks[self.model.heads[0]] == definition, "head_tasks",
-                    f"the default head's task must be the artifact's task {self.task!r}")
+            require(self.head_tasks[self.model.heads[0]] == self.task, "head_tasks",
+                    f"the default head's task must be the artifact's task {self.task.name!r}")
         for head in self.model.heads:
             task = self.task_of(head)
-            require(self.model.outputs(head) == task.outputs, "model",
-                    f"head {head!r} has {self.model.outputs(head)} outputs, its task {task.name!r} {task.outputs}")
+            require(self.model.head_size(head) == task.head_size, "model",
+                    f"head {head!r} has size {self.model.head_size(head)}, its task {task.name!r} {task.head_size}")
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The default head's classes; None for a regression."""
+        return list(self.task.labels) if self.task.labels else None
 
     def task_of(self, head: str) -> Task:
         """The task of one of the model's heads."""
-        return self.head_tasks[head] if self.head_tasks else self.task_definition
+        return self.head_tasks[head] if self.head_tasks else self.task
 
-    def outputs(self, head: str | None = None, name: str | None = None) -> list[tuple[str, str, Task]]:
-        """(head, column name, task) of each head a scorer of this model outputs: ``head`` alone when
+    def scored_heads(self, head: str | None = None, name: str | None = None) -> list[tuple[str, str, Task]]:
+        """(head, column name, task) of each head a scorer of this model scores: ``head`` alone when
         given (``MODEL#HEAD``), else every head of a model of several tasks, else the default head.
         ``name`` (``NAME=MODEL``) renames the columns of a single head."""
         heads = self.model.heads
@@ -94,34 +93,25 @@ class ArtifactMeta(Config):
                              f"({', '.join(chosen)}); pick one with MODEL#HEAD")
         return [(h, name or self.task_of(h).name, self.task_of(h)) for h in chosen]
 
-    @property
-    def task_def(self) -> Task:
-        """The task this model was trained for, as its artifact defines it."""
-        return self.task_definition
-
     @classmethod
     def for_task(cls, task: str | Task, model: ModelConfig, provenance: dict | None = None,
                  head_tasks: dict[str, str | Task] | None = None, **preprocess) -> ArtifactMeta:
-        """Metadata with the task's defaults: its labels, direction and preprocessing at the model's size.
-        ``task``: a built-in name or a ``Task``; ``head_tasks``: each head's, for a model of several tasks
-        (``task`` is then the default head's)."""
+        """Metadata with the task's defaults: its preprocessing at the model's size. ``task``: a built-in
+        name or a ``Task``; ``head_tasks``: each head's, for a model of several tasks (``task`` is then
+        the default head's)."""
         t = resolve_task(task)
         if t.preprocess == "multi_crop":
             preprocess.setdefault("crops", t.crops)
         pre = PreprocessConfig(kind=t.preprocess, size=model.backbone.image_size, **preprocess)
-        return cls(task=t.name, model=model, preprocess=pre, labels=list(t.labels) if t.labels else None,
-                   higher_is_better=t.higher_is_better, provenance=dict(provenance or {}), task_definition=t,
-                   head_tasks=head_tasks)
+        return cls(task=t, model=model, preprocess=pre, provenance=dict(provenance or {}), head_tasks=head_tasks)
 
     def to_dict(self) -> dict:
+        tasks = ({"head_tasks": {h: t.definition() for h, t in self.head_tasks.items()}} if self.head_tasks
+                 else {"task": self.task.definition()})
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "task": self.task,
-            "task_definition": self.task_def.definition(),
-            **({"head_tasks": {h: t.definition() for h, t in self.head_tasks.items()}} if self.head_tasks else {}),
-            "labels": self.labels,
-            "higher_is_better": self.higher_is_better,
+            **tasks,
             "model": self.model.to_mapping(),
             "preprocess": self.preprocess.to_mapping(),
             "provenance": self.provenance,
@@ -132,17 +122,43 @@ class ArtifactMeta(Config):
     def from_dict(cls, d: dict, where: str = "config.json") -> ArtifactMeta:
         if d.get("format") != FORMAT:
             raise ArtifactError(f"{where}: not a perceptclip model config (format={d.get('format')!r})")
-        if d.get("format_version", 0) > FORMAT_VERSION:
-            raise ArtifactError(f"{where}: format_version {d['format_version']} is newer than this perceptclip reads")
-        fields = {k: d[k] for k in ("task", "model", "preprocess", "labels", "higher_is_better", "provenance",
-                                    "task_definition", "head_tasks") if k in d}
+        version = d.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise ArtifactError(f"{where}: format_version {version} is newer than this perceptclip reads")
         weights = d.get("weights")
         try:
+            fields = {k: d[k] for k in ("task", "model", "preprocess", "provenance", "head_tasks") if k in d}
+            if version < 2:
+                fields = _version_1(d, fields)
+            elif "head_tasks" in d:
+                if "task" in d:
+                    raise ConfigError("task: written once, under head_tasks, for a model of several tasks")
+                heads = (d.get("model") or {}).get("heads") or list(d["head_tasks"] or {})
+                fields["task"] = (d["head_tasks"] or {}).get(heads[0] if heads else None)
             if weights is not None and not isinstance(weights, dict):
                 raise ConfigError(f"weights: must be a mapping, got {weights!r}")
             return cls.from_mapping({**fields, "weights_sha256": (weights or {}).get("sha256")})
         except ValueError as e:
             raise ArtifactError(f"{where}: invalid model config: {e}") from None
+
+
+def _version_1(d: dict, fields: dict) -> dict:
+    """The fields of a version 1 ``config.json``, in today's terms: its task by name beside its definition,
+    labels and direction (only the name in artifacts written before tasks were data: a built-in task), and
+    the head sizes under ``outputs``."""
+    definition = d.get("task_definition")
+    task = resolve_task(definition if definition is not None else d.get("task"), "task_definition")
+    require(task.name == d.get("task"), "task", f"{d.get('task')!r} but its definition is {task.name!r}")
+    require(list(task.labels or []) == list(d.get("labels") or []), "labels",
+            f"{d.get('labels')} but the task's classes are {list(task.labels or [])}")
+    model = dict(d.get("model") or {})
+    if isinstance(model.get("head"), dict) and "outputs" in model["head"]:
+        head = dict(model["head"])
+        head["size"] = head.pop("outputs")
+        model["head"] = head
+    if "head_outputs" in model:
+        model["head_sizes"] = model.pop("head_outputs")
+    return {**fields, "task": task, "model": model}
 
 
 def _sha256_file(path: str | Path) -> str:
@@ -259,10 +275,10 @@ def load_artifact(uri: str, verify: bool = True, storage_options: dict | None = 
 
 def describe(meta: ArtifactMeta, task: Task | None = None) -> dict:
     """A short JSON-able identity for logs and Parquet metadata; with ``task`` (one of its heads'), that
-    head's task, labels and direction."""
-    labels, higher = (meta.labels, meta.higher_is_better) if task is None else (
-        list(task.labels) if task.labels else None, task.higher_is_better)
-    return {"task": (task or meta.task_def).name, "backbone": meta.model.backbone.name,
-            "weights_sha256": meta.weights_sha256, "labels": labels, "higher_is_better": higher,
+    head's task, labels and direction, else the default head's."""
+    task = task or meta.task
+    return {"task": task.name, "backbone": meta.model.backbone.name,
+            "weights_sha256": meta.weights_sha256, "labels": list(task.labels) if task.labels else None,
+            "higher_is_better": task.higher_is_better,
             "preprocess": meta.preprocess.to_mapping(), "provenance": meta.provenance}
 

@@ -94,7 +94,7 @@ class LoraConfig(Config):
 
 @dataclass
 class HeadConfig(Config):
-    outputs: int = setting(1, minimum=1)
+    size: int = setting(1, minimum=1)         # the last layer's width: 1 for a regression, else the classes
     hidden: tuple[int, ...] = (512, 256)
     dropout: float = setting(0.5, minimum=0, below=1)
 
@@ -105,28 +105,28 @@ class ModelConfig(Config):
     lora: LoraConfig = field(default_factory=LoraConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     heads: tuple[str, ...] = ("default",)   # one head per training dataset or task; the first is the default
-    head_outputs: dict[str, int] = field(default_factory=dict)   # a head whose task has another output
-                                                                 # size than head.outputs: its size
+    head_sizes: dict[str, int] = field(default_factory=dict)   # a head whose task needs another size
+                                                               # than head.size: its size
 
     def check(self):
-        unknown = sorted(set(self.head_outputs) - set(self.heads))
-        require(not unknown, "head_outputs", f"{unknown[0] if unknown else ''!r} is not a head ({list(self.heads)})")
-        require(all(isinstance(k, int) and k >= 1 for k in self.head_outputs.values()), "head_outputs",
-                f"each output size must be an integer >= 1, got {self.head_outputs}")
+        unknown = sorted(set(self.head_sizes) - set(self.heads))
+        require(not unknown, "head_sizes", f"{unknown[0] if unknown else ''!r} is not a head ({list(self.heads)})")
+        require(all(isinstance(k, int) and k >= 1 for k in self.head_sizes.values()), "head_sizes",
+                f"each head size must be an integer >= 1, got {self.head_sizes}")
 
-    def outputs(self, head: str) -> int:
+    def head_size(self, head: str) -> int:
         """Size of ``head``'s last layer."""
-        return self.head_outputs.get(head, self.head.outputs)
+        return self.head_sizes.get(head, self.head.size)
 
 
 class MLPHead(nn.Sequential):
-    def __init__(self, in_features: int, cfg: HeadConfig, outputs: int):
+    def __init__(self, in_features: int, cfg: HeadConfig, size: int):
         layers: list[nn.Module] = []
         width = in_features
         for hidden in cfg.hidden:
             layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
             width = hidden
-        layers.append(nn.Linear(width, outputs))
+        layers.append(nn.Linear(width, size))
         super().__init__(*layers)
 
 
@@ -170,7 +170,7 @@ class ClipLoraModel(nn.Module):
         for module in self.visual.modules():
             if isinstance(module, LoraPair):
                 module.requires_grad_(True)
-        self.heads = nn.ModuleDict({name: MLPHead(cfg.backbone.embed_dim, cfg.head, cfg.outputs(name))
+        self.heads = nn.ModuleDict({name: MLPHead(cfg.backbone.embed_dim, cfg.head, cfg.head_size(name))
                                     for name in cfg.heads})
 
     @classmethod

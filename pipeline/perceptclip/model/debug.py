@@ -25,7 +25,7 @@ def tiny_model_config(task: str | Task = "iqa", image_size: int = 32, heads: tup
     return ModelConfig(
         backbone=debug_backbone(image_size),
         lora=LoraConfig(r=4, alpha=8.0, dropout=0.1),
-        head=HeadConfig(outputs=resolve_task(task).outputs, hidden=(32, 16), dropout=0.5),
+        head=HeadConfig(size=resolve_task(task).head_size, hidden=(32, 16), dropout=0.5),
         heads=heads,
     )
 

@@ -91,10 +91,10 @@ def infer_model_config(state: dict[str, torch.Tensor], task: str, where: str = "
     rank = state[f"{p}encoder.layers.0.self_attn.q_proj.lora_A.default.weight"].shape[0]
     fcs = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"mlp\.fc(\d+)\.weight", k)))
     head_shapes = [tuple(state[f"mlp.fc{i}.weight"].shape) for i in fcs]   # (out, in) each
-    outputs = head_shapes[-1][0]
-    expected = get_task(task).outputs
-    if outputs != expected:
-        raise CheckpointLayoutError(f"{where}: head has {outputs} outputs but task {task!r} needs {expected}; wrong --task?")
+    size = head_shapes[-1][0]
+    expected = get_task(task).head_size
+    if size != expected:
+        raise CheckpointLayoutError(f"{where}: head of size {size} but task {task!r} needs {expected}; wrong --task?")
     if width % head_width:
         raise CheckpointLayoutError(f"{where}: width {width} is not a multiple of the {head_width}-wide attention heads")
     standard = (width, len(layer_ids), patch, grid * patch, embed_dim) == (1024, 24, 14, 224, 768)
@@ -108,7 +108,7 @@ def infer_model_config(state: dict[str, torch.Tensor], task: str, where: str = "
                     "head_width": head_width, "mlp_ratio": mlp_width / width},
         ),
         lora=LoraConfig(r=rank, alpha=lora_alpha, dropout=0.1),
-        head=HeadConfig(outputs=outputs, hidden=tuple(s[0] for s in head_shapes[:-1]), dropout=0.5),
+        head=HeadConfig(size=size, hidden=tuple(s[0] for s in head_shapes[:-1]), dropout=0.5),
     )
 
 

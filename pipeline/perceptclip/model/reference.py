@@ -64,7 +64,7 @@ class ModelSpec:
         name, base, head = parse_model_ref(text)
         resolved = resolve_model(base)             # the actors load exactly what the driver resolved
         meta = read_meta(resolved, options)
-        return cls(name=meta.outputs(head, name)[0][1], ref=resolved + (f"#{head}" if head else ""), meta=meta,
+        return cls(name=meta.scored_heads(head, name)[0][1], ref=resolved + (f"#{head}" if head else ""), meta=meta,
                    given=base + (f"#{head}" if head else ""), batch=batch)
 
     def actor_args(self) -> tuple[str, str, int | None]:
@@ -73,29 +73,28 @@ class ModelSpec:
 
     @property
     def head(self) -> str | None:
-        """The head picked with ``MODEL#HEAD``; None: the model's own choice (``ArtifactMeta.outputs``)."""
+        """The head picked with ``MODEL#HEAD``; None: the model's own choice (``ArtifactMeta.scored_heads``)."""
         return self.ref.rsplit("#", 1)[1] if "#" in self.ref else None
 
     @property
-    def outputs(self) -> list[tuple]:
+    def scored_heads(self) -> list[tuple]:
         """(head, name, task) of each head this model scores: one, or every head of a model of several tasks."""
-        return self.meta.outputs(self.head, self.name if self.name != self.meta.task else None)
+        return self.meta.scored_heads(self.head, self.name if self.name != self.meta.task.name else None)
 
     @property
     def columns(self) -> list[str]:
-        return [c for _, name, task in self.outputs for c in task.columns(name)]
+        return [c for _, name, task in self.scored_heads for c in task.columns(name)]
 
     def describe(self) -> dict:
         """The model in the run summary and every table's metadata: task, labels and direction those of the
-        head it scores. A model of several tasks lists every column and adds ``outputs``, each head's entry."""
+        head it scores. A model of several tasks lists every column and adds ``heads``, each head's entry."""
         from perceptclip.model.artifact import describe
 
         base = {"ref": self.given or self.ref, "resolved": self.ref, "model_batch": self.model_batch(),
                 "model_threads": {"cpu": canonical_threads("cpu")}}
-        outputs = [{"name": name, **base, "head": head if self.head or len(self.outputs) > 1 else None,
-                    "columns": task.columns(name), **describe(self.meta, task)} for head, name, task in self.outputs]
-        return outputs[0] if len(outputs) == 1 else {**outputs[0], "head": None, "columns": self.columns,
-                                                     "outputs": outputs}
+        heads = [{"name": name, **base, "head": head if self.head or len(self.scored_heads) > 1 else None,
+                  "columns": task.columns(name), **describe(self.meta, task)} for head, name, task in self.scored_heads]
+        return heads[0] if len(heads) == 1 else {**heads[0], "head": None, "columns": self.columns, "heads": heads}
 
     def model_batch(self) -> int | dict[str, int]:
         """Crops per model call: as configured, else the canonical size for each device type."""
@@ -124,7 +123,7 @@ def check_columns(models: list[ModelSpec], carried: list[str] = ()) -> None:
             if column in seen or column in carried:
                 what = "a carried column" if column in carried else "two outputs"
                 fix = (f"name the model NAME=MODEL, e.g. --model {model.name}_2={model.given or model.ref}" if
-                       len(model.outputs) == 1 else f"score its heads apart: NAME=MODEL#HEAD ({model.meta.model.heads})")
+                       len(model.scored_heads) == 1 else f"score its heads apart: NAME=MODEL#HEAD ({model.meta.model.heads})")
                 raise ValueError(f"models: {what} would be called {column!r}; {fix}")
             seen.add(column)
 

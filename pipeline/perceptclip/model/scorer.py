@@ -8,7 +8,7 @@
 
 A model whose heads serve several tasks scores every head from one backbone pass per model call: its
 outputs sit side by side in ``score``'s array and ``columns`` names each head's after its task
-(``REF#HEAD`` picks one head; ``ArtifactMeta.outputs`` says which heads, under which names).
+(``REF#HEAD`` picks one head; ``ArtifactMeta.scored_heads`` says which heads, under which names).
 
 **One image, one score.** Every model call has the same number of crops, the canonical batch
 (``canonical_batch``: per device type and model size), the last call of a batch padded with zero
@@ -59,9 +59,9 @@ class Scorer:
         self.autocast_dtype = PRECISIONS[precision]
         # (head, column name, task) of each head scored, in output order
         # (naming a model after its own task renames nothing: the job's actors are given every model's name)
-        self.outputs = meta.outputs(head, name if name != meta.task else None)
-        self.heads = tuple(h for h, _, _ in self.outputs)
-        self.name = self.outputs[0][1]        # the first output's (the only one, but for a model of several tasks)
+        self.scored_heads = meta.scored_heads(head, name if name != meta.task.name else None)
+        self.heads = tuple(h for h, _, _ in self.scored_heads)
+        self.name = self.scored_heads[0][1]        # the first output's (the only one, but for a model of several tasks)
         if batch is not None and batch < 0:
             raise ValueError(f"batch must be >= 0 (0: unpadded calls), not {batch}")
         self.batch = canonical_batch(self.device.type, meta.model) if batch is None else batch
@@ -93,13 +93,13 @@ class Scorer:
 
     @property
     def labels(self) -> list[str] | None:
-        labels = self.outputs[0][2].labels
+        labels = self.scored_heads[0][2].labels
         return list(labels) if labels else None
 
     @property
     def names(self) -> list[str]:
         """Each output's name: the score column (or JSON key) of each head scored."""
-        return [name for _, name, _ in self.outputs]
+        return [name for _, name, _ in self.scored_heads]
 
     def describe(self) -> dict:
         return {"name": self.name, "head": self.head, "heads": list(self.heads), "batch": self.batch,
@@ -136,7 +136,7 @@ class Scorer:
                 raise ValueError(f"crops: expected (images, crops, 3, S, S), got shape {tuple(crops.shape)}")
             counts = [crops.shape[1]] * crops.shape[0]
             batch = crops.flatten(0, 1)
-        sizes = [task.outputs for _, _, task in self.outputs]
+        sizes = [task.head_size for _, _, task in self.scored_heads]
         if not counts:
             return np.zeros((0, sum(sizes)), dtype=np.float32)
         if self.device.type == "cuda" and batch.device.type == "cpu":
@@ -170,7 +170,7 @@ class Scorer:
         """Table columns for ``outputs`` (N, K): per head, one float for a regression; for a
         classification the arg-max label and one probability column per class."""
         cols: dict[str, object] = {}
-        for (_, name, task), part in zip(self.outputs, self._split(outputs)):
+        for (_, name, task), part in zip(self.scored_heads, self._split(outputs)):
             if not task.is_classification:
                 cols[name] = part[:, 0].astype(np.float32)
                 continue
@@ -183,7 +183,7 @@ class Scorer:
     def record(self, output: np.ndarray) -> dict[str, object]:
         """One image's JSON fields, per head: ``{name: float}``, or ``{name: label, name_probs: {label: p}}``."""
         fields: dict[str, object] = {}
-        for (_, name, task), part in zip(self.outputs, self._split(output[None])):
+        for (_, name, task), part in zip(self.scored_heads, self._split(output[None])):
             if not task.is_classification:
                 fields[name] = float(part[0, 0])
                 continue
@@ -194,5 +194,5 @@ class Scorer:
 
     def _split(self, outputs: np.ndarray) -> list[np.ndarray]:
         """(N, K_1 + K_2 + ...) -> each head's (N, K_i)."""
-        bounds = np.cumsum([task.outputs for _, _, task in self.outputs])[:-1]
+        bounds = np.cumsum([task.head_size for _, _, task in self.scored_heads])[:-1]
         return np.split(outputs, bounds, axis=1)

@@ -112,7 +112,7 @@ class ScoreWriter:
         self.failed: dict[str, str] = {}
         self.finished: set[str] = set()
         # every table's metadata: one entry per scored head, as quantiles, filter, report and the language read it
-        self.described = [entry for m in models for entry in m.describe().get("outputs", [m.describe()])]
+        self.described = [entry for m in models for entry in m.describe().get("heads", [m.describe()])]
         # Parquet dictionaries for the columns of few distinct values only: for keys, URLs and scores one is
         # built and then dropped (40% of the write)
         self.few_values = ["shard", "status", "error"] + [name for m in models for _, name, task in m.outputs

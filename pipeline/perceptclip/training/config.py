@@ -33,7 +33,7 @@ class ArchitectureConfig(Config):
             backbone = BackboneConfig.named(self.backbone, pretrained=self.pretrained)
         else:
             backbone = BackboneConfig.from_mapping({**self.backbone, "pretrained": self.pretrained}, "model.backbone.")
-        head = HeadConfig(outputs=task.outputs, hidden=tuple(self.head_hidden), dropout=self.head_dropout)
+        head = HeadConfig(size=task.head_size, hidden=tuple(self.head_hidden), dropout=self.head_dropout)
         return ModelConfig(backbone=backbone, lora=self.lora, head=head, heads=heads)
 
 

@@ -39,10 +39,10 @@ def evaluate(model: str, shards: str | list[str], head: str | None = None, resam
     if output:
         _check_output(output, urls, resolve_model(parse_model_ref(model)[1]))
     scorer = Scorer.load(f"{model}#{head}" if head else model, device=device)
-    if len(scorer.outputs) > 1:    # labelled shards carry one task's labels
-        raise ValueError(f"{model} has heads of several tasks ({', '.join(f'{h}: {t.name}' for h, _, t in scorer.outputs)}"
+    if len(scorer.scored_heads) > 1:    # labelled shards carry one task's labels
+        raise ValueError(f"{model} has heads of several tasks ({', '.join(f'{h}: {t.name}' for h, _, t in scorer.scored_heads)}"
                          f"); evaluate one head at a time, MODEL#HEAD, on shards labelled for its task")
-    task = scorer.outputs[0][2]            # the head's task: its kind says the metrics
+    task = scorer.scored_heads[0][2]            # the head's task: its kind says the metrics
     out, target, errors = _score(scorer, task, urls, batch_size, storage_options)
     what = f"{', '.join(shards) if isinstance(shards, list) else shards} ({len(urls)} shard(s))"
     if not target.size:
@@ -86,7 +86,7 @@ def _score(scorer, task, urls: list[str], batch_size: int, storage_options: dict
             if len(pending) == batch_size:
                 flush()
     flush()
-    out = np.concatenate(outputs) if outputs else np.zeros((0, task.outputs), dtype=np.float32)
+    out = np.concatenate(outputs) if outputs else np.zeros((0, task.head_size), dtype=np.float32)
     return out, np.asarray(targets, dtype=np.float64), errors
 
 

@@ -145,14 +145,14 @@ def init_model_config(cfg: TrainConfig, heads: tuple[str, ...]) -> ModelConfig:
     output size that of its task."""
     tasks = cfg.head_tasks(heads)
     task = tasks[heads[0]]
-    sizes = {h: t.outputs for h, t in tasks.items() if t.outputs != task.outputs}
+    sizes = {h: t.head_size for h, t in tasks.items() if t.head_size != task.head_size}
     if cfg.init:
         meta = read_meta(resolve_model(cfg.init))
-        if meta.task != task.name:
-            log.warning("starting a %s model from a %s model (%s)", task.name, meta.task, cfg.init)
-        return dataclasses.replace(meta.model, heads=heads, head_outputs=sizes,
-                                   head=dataclasses.replace(meta.model.head, outputs=task.outputs))
-    return dataclasses.replace(cfg.model.model_config(task, heads), head_outputs=sizes)
+        if meta.task.name != task.name:
+            log.warning("starting a %s model from a %s model (%s)", task.name, meta.task.name, cfg.init)
+        return dataclasses.replace(meta.model, heads=heads, head_sizes=sizes,
+                                   head=dataclasses.replace(meta.model.head, size=task.head_size))
+    return dataclasses.replace(cfg.model.model_config(task, heads), head_sizes=sizes)
 
 
 def check_in_process(scaling: WorkersConfig, address: str | None) -> None:

@@ -67,7 +67,7 @@ def validate(model, parts: dict[str, list[str]], tasks: dict[str, Task], pre, de
 def set_metrics(task: Task, outputs: list[np.ndarray], targets: list[np.ndarray], reasons: Counter) -> dict:
     """One set's metrics, JSON-ready: ``unusable`` says why its labels give no metric, ``undefined`` why
     this epoch's predictions do not; either leaves the main metric null."""
-    out = np.concatenate(outputs) if outputs else np.zeros((0, task.outputs), dtype=np.float32)
+    out = np.concatenate(outputs) if outputs else np.zeros((0, task.head_size), dtype=np.float32)
     target = np.concatenate(targets) if targets else np.zeros(0)
     why = undefined(out if task.is_classification else out[:, 0], target, task.is_classification)
     if why and why[0] == "labels":
