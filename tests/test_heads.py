@@ -65,10 +65,11 @@ def crops(two_task):
 
 # --- 1. the artifact ----------------------------------------------------------------------------------
 
-def test_the_artifact_records_each_heads_task_and_each_head_has_its_tasks_outputs(two_task):
+def test_the_artifact_records_each_heads_task_once_and_each_head_has_its_tasks_size(two_task):
     config = json.loads(open(f"{two_task}/config.json").read())
-    assert config["task"] == "brightness" and config["labels"] is None
+    assert "task" not in config and list(config["head_tasks"]) == ["light", "colour"]   # the default: the first
     assert config["head_tasks"]["colour"]["labels"] == ["red", "green", "blue"]
+    assert config["model"]["head_sizes"] == {"colour": 3}
     assert config["head_tasks"]["light"]["kind"] == "regression"
     model, meta = load_artifact(two_task)
     assert [model.heads[h][-1].out_features for h in ("light", "colour")] == [1, 3]

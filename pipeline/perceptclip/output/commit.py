@@ -115,7 +115,7 @@ class ScoreWriter:
         self.described = [entry for m in models for entry in m.describe().get("heads", [m.describe()])]
         # Parquet dictionaries for the columns of few distinct values only: for keys, URLs and scores one is
         # built and then dropped (40% of the write)
-        self.few_values = ["shard", "status", "error"] + [name for m in models for _, name, task in m.outputs
+        self.few_values = ["shard", "status", "error"] + [name for m in models for _, name, task in m.scored_heads
                                                            if task.is_classification]
         self.workers = workers
         self.loop = self.fs.loop if workers and getattr(self.fs, "async_impl", False) else None
@@ -251,7 +251,7 @@ class ScoreWriter:
         fields = [pa.field(c, pa.int32() if c in ("width", "height") else pa.string()) for c in BASE_COLUMNS]
         fields.append(pa.field("ordinal", pa.int64()))
         for m in self.models:
-            for _, name, task in m.outputs:
+            for _, name, task in m.scored_heads:
                 fields += [pa.field(c, pa.string() if task.is_classification and c == name else pa.float32())
                            for c in task.columns(name)]
         return pa.schema(fields).empty_table()
