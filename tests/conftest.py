@@ -4,6 +4,9 @@ import pytest
 
 # Tests never touch the network: the Hugging Face hub is offline for every test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch.compile builds its kernels in this process: a pool of compile workers started for one test
+# costs more than it saves on two cores shared with the other test worker
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

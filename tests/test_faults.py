@@ -241,7 +241,7 @@ def test_a_node_removed_mid_run_and_the_run_completes_on_the_rest(proxy, s3_serv
 
 def test_a_throttling_store_is_retried_and_what_it_refuses_is_redone_by_the_next_run(
         proxy, s3_server, iqa_artifact, ray_local):
-    """Every other request to the store is answered 503 SlowDown for the whole run (shards, model,
+    """Every third request to the store is answered 503 SlowDown for the whole run (shards, model,
     tables, markers, summary), one shard's downloads are refused (403), and so is the upload of another
     shard's table, the last to arrive (its download is held until the refused shard is reported). The
     client's back-off carries the run through the throttling; the refused shard is a failed shard; the

@@ -440,11 +440,12 @@ def test_an_epochs_batches_depend_on_its_rows_and_seed_not_on_how_they_are_cut()
 @pytest.mark.slow
 def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_exports_the_uninterrupted_model(ray_local, synthetic,
                                                                                            tmp_path):
-    """The same seed trained twice, side by side: once with its worker SIGKILLed during epoch 1, after
-    epoch 0's checkpoint, and once uninterrupted. Ray Train restarts the worker (max_failures), it
-    resumes from that checkpoint and trains epoch 1 again from the start; both runs must export the
-    same model. One worker: two runs of two would take twice as long here (the rows each of several
-    workers reads are checked by the test above)."""
+    """The same seed trained twice: once on Ray Train with its worker SIGKILLed during epoch 1, after
+    epoch 0's checkpoint, and once uninterrupted, in this process (which trains what one Ray Train worker
+    trains: ``test_a_run_in_this_process_trains_what_one_ray_train_worker_trains``). Ray Train restarts the
+    worker (max_failures), it resumes from that checkpoint and trains epoch 1 again from the start; both
+    runs must export the same model. One worker: the rows each of several workers reads are checked by
+    the test above."""
     from safetensors.torch import load_file
 
     from perceptclip.model.scorer import Scorer
@@ -453,26 +454,21 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_exports_the_uninterr
     cfg.epochs = 3
     cfg.max_failures = 1
     cfg.keep_checkpoints = 3
-    cfg.scaling.cpus_per_worker = 0.5          # two runs on the shared 2-CPU cluster, with room for the data
+    cfg.scaling.cpus_per_worker = 0.5          # one torch thread, as in this process; room for the data tasks
     sets = ({"default": spec(synthetic["train"][:3])}, {"default": spec(synthetic["val"][:1])})
     interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
     summaries = {}
 
-    def start(dest: Path) -> threading.Thread:
-        thread = threading.Thread(target=lambda: summaries.update({dest.name: train(cfg, *sets, str(dest))}))
-        thread.start()
-        return thread
-
-    # the reference starts once the other run's worker is up, so that worker is the only new one
     earlier = set(_train_worker_pids())            # an earlier test's workers may still be stopping
-    threads = [start(interrupted)]
-    wait_for(lambda: set(_train_worker_pids()) - earlier, 240, "the interrupted run's worker", every=0.2)
+    thread = threading.Thread(target=lambda: summaries.update(interrupted=train(cfg, *sets, str(interrupted))))
+    thread.start()
+    wait_for(lambda: set(_train_worker_pids()) - earlier, 240, "the run's worker", every=0.2)
     (victim,) = set(_train_worker_pids()) - earlier
-    threads.append(start(reference))
     wait_for(lambda: _latest_checkpoint(interrupted) == "epoch-0000", 240, "epoch 0's checkpoint", every=0.2)
     os.kill(victim, signal.SIGKILL)
-    for thread in threads:
-        thread.join(timeout=300)
+    thread.join(timeout=300)
+    cfg.scaling.in_process = True
+    summaries["reference"] = train(cfg, *sets, str(reference))
     # a run whose only worker was killed completed: Ray Train started a new one
     assert summaries["interrupted"] == {**summaries["reference"], "model": str(interrupted / "model")}
 

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class StoreProxy:
     """An S3 endpoint on loopback that forwards to moto and injects faults.
 
-    ``mode``: ``ok`` forwards; ``flaky`` answers every other request with 503 SlowDown (throttling);
+    ``mode``: ``ok`` forwards; ``flaky`` answers every third request with 503 SlowDown (throttling);
     ``down`` drops every connection without an answer (the store is gone). ``deny`` maps a path
     substring to a method whose requests get 403 AccessDenied. ``hold(method, part)`` keeps the next
     matching requests waiting until ``release()``; ``arrived`` is set when one is waiting. ``delay``:
@@ -77,7 +77,7 @@ class StoreProxy:
                     proxy._gate.wait(timeout=120)
                 with proxy._lock:
                     proxy._count += 1
-                    throttled = proxy.mode == "flaky" and proxy._count % 2 == 0
+                    throttled = proxy.mode == "flaky" and proxy._count % 3 == 0
                 denied = any(part in self.path and method == self.command for part, method in proxy.deny.items())
                 if proxy.mode == "down":
                     proxy.log.append((self.command, self.path, None))
