@@ -405,11 +405,12 @@ CONFIG_KEYS = ("input", "output", "models", "block_rows", "batch_size", "cpus_pe
 
 
 def kill_after_two_commits_then_rerun(proxy, cfg, keys: tuple, hold: str, orphan: str, contents: dict,
-                                      unchanged: list[Path] = ()) -> None:
-    """``perceptclip score --config`` (``cfg``'s ``keys``, its own local cluster) SIGKILLed after two commits
-    while the request for ``hold`` waits at the proxy; a table for ``orphan`` left without its marker, as if
-    killed between the two writes; then the same command again. The rerun must skip exactly what was
-    committed, leave those tables and the ``unchanged`` files as they were, and score the rest."""
+                                      unchanged: list[Path] = (), address: str | None = None) -> None:
+    """``perceptclip score --config`` (``cfg``'s ``keys``; a local cluster of its own, or the cluster at
+    ``address`` through RAY_ADDRESS) SIGKILLed after two commits while the request for ``hold`` waits at the
+    proxy; a table for ``orphan`` left without its marker, as if killed between the two writes; then the
+    same command again. The rerun must skip exactly what was committed, leave those tables and the
+    ``unchanged`` files as they were, and score the rest."""
     import yaml
 
     out = Path(cfg.output)
@@ -417,6 +418,8 @@ def kill_after_two_commits_then_rerun(proxy, cfg, keys: tuple, hold: str, orphan
     path.write_text(yaml.safe_dump({k: getattr(cfg, k) for k in keys}))
     cmd = [sys.executable, "-c", "from perceptclip.cli import main; main()", "score", "--config", str(path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if address:
+        env["RAY_ADDRESS"] = address
     proxy.hold("GET", hold)
 
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -427,8 +430,9 @@ def kill_after_two_commits_then_rerun(proxy, cfg, keys: tuple, hold: str, orphan
         assert first.poll() is None
         first.send_signal(signal.SIGKILL)
         first.wait()
-        # Ray's reaper takes the driver's cluster down with it: the GCS, the raylet and the workers go
-        # within seconds, and the rerun starts while the agents still linger
+        # Ray's reaper takes the driver's own cluster down with it: the GCS, the raylet and the workers go
+        # within seconds, and the rerun starts while the agents still linger (a joined cluster stays up
+        # and ends the dead driver's job)
         wait_for(lambda: _titles(first.pid) <= AGENTS, 60, "the killed driver's cluster to stop")
         committed = {p.stem for p in out.glob("_markers/*.json")}
         before = {name: (out / f"{name}.parquet").stat().st_mtime_ns for name in committed}
@@ -558,15 +562,17 @@ def test_files_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_compl
 
 
 def test_files_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_virtual_shards(
-        proxy, s3_server, iqa_artifact, tmp_path):
-    """As for tars: ``perceptclip score`` over the prefix is SIGKILLed after two commits, while a file of
-    the last virtual shard is held; the same command again reads the grouping the first recorded, skips
-    what was committed, overwrites the orphan table and scores the rest, image by image once."""
+        proxy, s3_server, iqa_artifact, ray_local, tmp_path):
+    """As for tars, with a driver that joined a running cluster (the session's, through RAY_ADDRESS):
+    ``perceptclip score`` over the prefix is SIGKILLed after two commits, while a file of the last virtual
+    shard is held; the same command again reads the grouping the first recorded, skips what was
+    committed, overwrites the orphan table and scores the rest, image by image once."""
     bucket, contents, _ = upload_files(s3_server, iqa_artifact)
     out = tmp_path / "scores"
-    cfg = files_config(bucket, iqa_artifact, str(out), num_cpus=2)
+    cfg = files_config(bucket, iqa_artifact, str(out))
     # the grouping the first run recorded is the one the rerun reads: its listing is left as it was
-    kill_after_two_commits_then_rerun(proxy, cfg, CONFIG_KEYS + ("input_kind", "files_per_shard", "fetch_timeout_s"),
+    kill_after_two_commits_then_rerun(proxy, cfg, CONFIG_KEYS[:-1] + ("input_kind", "files_per_shard", "fetch_timeout_s"),
                                       "/photos/007/03.jpg", "photos-000007", contents,
-                                      unchanged=[out / "_inputs" / "photos" / "listing-000000.parquet"])
+                                      unchanged=[out / "_inputs" / "photos" / "listing-000000.parquet"],
+                                      address=ray_local.get_runtime_context().gcs_address)
     reconcile_files(fsspec.filesystem("file"), str(out), bucket, contents)
