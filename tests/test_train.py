@@ -591,14 +591,16 @@ def test_a_set_that_cannot_be_used_stops_the_run(tmp_path):
 @pytest.mark.slow
 def test_training_sets_without_a_usable_sample_fail_the_run_naming_them_and_export_nothing(synthetic,
                                                                                           tmp_path):
-    """Case 7 of "No silent harm": 15 epochs on nothing (train_samples 0), an exported model, exit 0."""
+    """Training sets none of whose samples can be used stop the run after its first epoch, naming each such
+    set and why (a folder means its shards); the usable set is not named, and nothing is exported. The
+    worker records the failure in the history, where the driver reads it on Ray Train as in this process."""
     unlabelled_shard(tmp_path / "unlabelled" / "train-000000.tar")
     dest = tmp_path / "run"
     result = CliRunner().invoke(main, [
         "train", "--config", str(smoke_config(tmp_path, epochs=2)),
         "--train", f"nolabels={tmp_path / 'unlabelled' / 'train-000000.tar'}",
         "--train", f"folder={tmp_path / 'unlabelled'}/", "--train", f"good={synthetic['train'][0]}",
-        "--val", f"good={synthetic['val'][0]}", "--output", str(dest)])
+        "--val", f"good={synthetic['val'][0]}", "--output", str(dest), "--in-process"])
     assert result.exit_code != 0
     assert "training set 'nolabels'" in result.output and "no usable sample (bad_label 10)" in result.output
     # a folder means its shards: the same unlabelled shard, read through its folder
@@ -611,7 +613,8 @@ def test_training_sets_without_a_usable_sample_fail_the_run_naming_them_and_expo
 
 @pytest.mark.slow
 def test_a_validation_set_without_a_usable_sample_fails_the_run_and_exports_nothing(synthetic, tmp_path):
-    """Case 8: every epoch srcc NaN with n 0, a "best" epoch of score NaN, an exported model."""
+    """A validation set none of whose samples can be used fails the run naming it and why; its metrics are
+    null, never NaN, and nothing is exported."""
     val = unlabelled_shard(tmp_path / "val" / "val-000000.tar", count=12)
     dest = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", "--config", str(smoke_config(tmp_path, epochs=2)),
