@@ -1,5 +1,5 @@
 """The scoring job on a cluster of several nodes, on this machine (``ray.cluster_utils.Cluster``): a head
-without GPUs and three worker nodes that declare one GPU each (the models then run on this machine's
+without GPUs and two worker nodes that declare one GPU each (the models then run on this machine's
 CPU). The job needs no setting of its own there: one model actor per GPU, hence one per GPU node; the
 decode tasks spread over the nodes; and the tables are those of a run on the ordinary local cluster,
 row for row."""
@@ -23,7 +23,7 @@ from support.waiting import wait_for
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SHARDS, PER_SHARD, GPU_NODES = 6, 4, 3
+SHARDS, PER_SHARD, GPU_NODES = 6, 4, 2
 
 # The cluster's driver runs in a process of its own: the test process may hold the shared local cluster
 # (ray_local), and a second ray.init beside it will not work. The head has no CPUs (nothing runs beside
@@ -94,7 +94,7 @@ def config(shards: dict, models: list[str], output: Path) -> ScoreConfig:
                        block_rows=2, batch_size=2, reader_memory_mb=256)
 
 
-def test_three_gpu_nodes_one_model_actor_each_and_the_tables_of_a_single_node_run(
+def test_gpu_nodes_one_model_actor_each_and_the_tables_of_a_single_node_run(
         shards, iqa_artifact, emotion_artifact, ray_local, tmp_path):
     models = [iqa_artifact, emotion_artifact]
     cfg = config(shards, models, tmp_path / "cluster")
