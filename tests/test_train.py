@@ -422,8 +422,8 @@ def test_an_epochs_batches_depend_on_its_rows_and_seed_not_on_how_they_are_cut()
 @pytest.mark.slow
 def test_a_run_whose_worker_was_killed_is_resumed_by_the_same_command_and_exports_the_uninterrupted_model(
         ray_local, synthetic, tmp_path):
-    """The same seed trained twice: once on Ray Train with its worker SIGKILLed after epoch 0's checkpoint
-    (max_failures 0: the run fails), then the same call again, which resumes after the latest checkpoint
+    """The same seed trained twice: once on Ray Train with its worker SIGKILLed after its first registered
+    checkpoint (max_failures 0: the run fails), then the same call again, which resumes after the latest checkpoint
     the killed run registered; and once uninterrupted, in this process (which trains what one Ray Train worker trains:
     ``test_a_run_in_this_process_trains_what_one_ray_train_worker_trains``). Both must export the same
     model. One worker: the rows each of several workers reads are checked by the test above."""
@@ -451,11 +451,12 @@ def test_a_run_whose_worker_was_killed_is_resumed_by_the_same_command_and_export
     thread.start()
     wait_for(lambda: set(_train_worker_pids()) - earlier, 240, "the run's worker", every=0.2)
     (victim,) = set(_train_worker_pids()) - earlier
-    wait_for(lambda: _latest_checkpoint(interrupted) == "epoch-0000", 240, "epoch 0's checkpoint", every=0.2)
+    # Ray Train registers what the worker reported each time it polls: epoch 0's checkpoint, or 0 and 1 at once
+    wait_for(lambda: _latest_checkpoint(interrupted), 240, "the first registered checkpoint", every=0.2)
     os.kill(victim, signal.SIGKILL)
     thread.join(timeout=300)
     assert "error" in failure, "the interrupted run should have failed"
-    # the latest checkpoint the killed run registered: epoch 0's, or epoch 1's if it came in before the kill
+    # the latest checkpoint the killed run registered: one of the first two epochs
     latest = _latest_checkpoint(interrupted)
     done = int(latest.rsplit("-", 1)[1]) + 1
     assert done < 3, latest
