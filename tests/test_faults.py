@@ -400,8 +400,8 @@ def _titles(session: int) -> set[str]:
     return {command.split()[0] if command.split() else str(pid) for pid, command in session_pids(session).items()}
 
 
-CONFIG_KEYS = ("input", "output", "models", "block_rows", "batch_size", "cpus_per_reader", "reader_memory_mb",
-               "num_cpus")
+# what the command's config file holds; num_cpus only for a driver that starts a cluster of its own
+CONFIG_KEYS = ("input", "output", "models", "block_rows", "batch_size", "cpus_per_reader", "reader_memory_mb")
 
 
 def kill_after_two_commits_then_rerun(proxy, cfg, keys: tuple, hold: str, orphan: str, contents: dict,
@@ -466,7 +466,8 @@ def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shard
     bucket, contents, _ = upload(s3_server, iqa_artifact)
     out = tmp_path / "scores"
     cfg = score_config(bucket, iqa_artifact, str(out), num_cpus=2)
-    kill_after_two_commits_then_rerun(proxy, cfg, CONFIG_KEYS, "/shards/shard-000007.tar", "shard-000007", contents)
+    kill_after_two_commits_then_rerun(proxy, cfg, CONFIG_KEYS + ("num_cpus",), "/shards/shard-000007.tar", "shard-000007",
+                                      contents)
     reconcile(fsspec.filesystem("file"), str(out), contents)
 
 
@@ -571,7 +572,7 @@ def test_files_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted
     out = tmp_path / "scores"
     cfg = files_config(bucket, iqa_artifact, str(out))
     # the grouping the first run recorded is the one the rerun reads: its listing is left as it was
-    kill_after_two_commits_then_rerun(proxy, cfg, CONFIG_KEYS[:-1] + ("input_kind", "files_per_shard", "fetch_timeout_s"),
+    kill_after_two_commits_then_rerun(proxy, cfg, CONFIG_KEYS + ("input_kind", "files_per_shard", "fetch_timeout_s"),
                                       "/photos/007/03.jpg", "photos-000007", contents,
                                       unchanged=[out / "_inputs" / "photos" / "listing-000000.parquet"],
                                       address=ray_local.get_runtime_context().gcs_address)

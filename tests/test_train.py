@@ -423,10 +423,10 @@ def test_an_epochs_batches_depend_on_its_rows_and_seed_not_on_how_they_are_cut()
 def test_a_run_whose_worker_was_killed_is_resumed_by_the_same_command_and_exports_the_uninterrupted_model(
         ray_local, synthetic, tmp_path):
     """The same seed trained twice: once on Ray Train with its worker SIGKILLed after its first registered
-    checkpoint (max_failures 0: the run fails), then the same call again, which resumes after the latest checkpoint
-    the killed run registered; and once uninterrupted, in this process (which trains what one Ray Train worker trains:
-    ``test_a_run_in_this_process_trains_what_one_ray_train_worker_trains``). Both must export the same
-    model. One worker: the rows each of several workers reads are checked by the test above."""
+    checkpoint (max_failures 0: the run fails), then the same call again, which resumes after the latest
+    checkpoint the killed run registered; and once uninterrupted, in this process (which trains what one
+    Ray Train worker trains: ``test_a_run_in_this_process_trains_what_one_ray_train_worker_trains``). Both
+    must export the same model. One worker: the rows each of several workers reads are checked above."""
     from safetensors.torch import load_file
 
     from perceptclip.model.scorer import Scorer
