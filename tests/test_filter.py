@@ -2,8 +2,11 @@
 process (``support.scoring``)."""
 
 import ast
+import io
 import json
 import shutil
+import threading
+import weakref
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from perceptclip.cli import main
+from perceptclip.core.storage import read_parquet
 from perceptclip.curation.expression import ExpressionError, kept_rows, parse_expression
 from perceptclip.curation.filter import safe_member_name
 from perceptclip.inputs.shards import read_shard, write_shard
@@ -24,6 +28,27 @@ TABLE = pa.table({
     "emotion": ["awe", "fear", None, "awe", "anger"],
     "width": pa.array([10, 20, None, 30, 40], pa.int32()),
 })
+
+
+def test_a_parquet_file_read_whole_is_let_go_by_the_time_the_read_returns():
+    """``read_parquet`` (score tables, listings and manifests read whole): Arrow holds nothing of the file
+    once it returns, so no Arrow thread lets go of it later, while a command's process exits (which
+    aborts the process, exit 134, after its work is done)."""
+    buf = io.BytesIO()
+    pq.write_table(TABLE, buf)
+    released_in = []
+
+    class File(io.BytesIO):
+        def __del__(self):
+            released_in.append(threading.current_thread().name)
+
+    for _ in range(50):
+        file = File(buf.getvalue())
+        held = weakref.ref(file)
+        assert read_parquet(file, columns=["key", "iqa"]).equals(TABLE.select(["key", "iqa"]))
+        del file
+        assert held() is None
+    assert released_in == [threading.current_thread().name] * 50
 
 
 @pytest.mark.parametrize("where,kept", [

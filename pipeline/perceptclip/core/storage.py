@@ -97,6 +97,18 @@ def filesystem(url: str, options: dict[str, dict] | None = None):
     return fsspec.core.url_to_fs(url, **opts)
 
 
+def read_parquet(file, columns: list[str] | None = None):
+    """The Parquet table in ``file``, an open binary file (``fs.open(...)``): whole, or ``columns`` of it.
+
+    Through ``pq.ParquetFile``, not ``pq.read_table``: read_table's dataset layer may still hold the file
+    on one of Arrow's threads after it returns, and a process that exits while that thread lets go of it
+    aborts ("terminate called without an active exception", exit 134) after its work is done. Here the
+    file is released by the calling thread, before this returns."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(file).read(columns=columns)
+
+
 def check_protocols(urls) -> None:
     """Fail at start, naming the package, when a URL's protocol needs a filesystem library that is not
     installed (``s3://`` needs s3fs, ``http(s)://`` aiohttp), rather than failing every image one by one."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from perceptclip.core.schema import METADATA_KEY
-from perceptclip.core.storage import filesystem, join, redact_text
+from perceptclip.core.storage import filesystem, join, read_parquet, redact_text
 from perceptclip.curation.expression import KeepExpression, kept_rows, parse_expression
 from perceptclip.inputs.shards import ShardError, parse_json, shard_bytes, shard_name
 from perceptclip.output.destination import Destination, made_from
@@ -107,8 +107,6 @@ _EXTENSIONS = {"JPEG": "jpg", "TIFF": "tif", "JPEG2000": "jp2"}
 def filter_shard(marker: dict, scores: str, expression: KeepExpression, output: str, options: dict,
                  form: str = "auto") -> dict:
     """Write one curated shard and its marker; returns the marker."""
-    import pyarrow.parquet as pq
-
     from perceptclip.inputs.base import InputSpec
     from perceptclip.inputs.kinds import open_shard
     from perceptclip.inputs.parquet import ParquetReader
@@ -118,7 +116,7 @@ def filter_shard(marker: dict, scores: str, expression: KeepExpression, output: 
     # the table sits next to its marker, wherever the scores folder has been moved since
     fs, path = filesystem(table_path(scores, name), options)
     with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+        table = read_parquet(f)
     models = json.loads(table.schema.metadata[METADATA_KEY])["models"]
     score_columns = [c for m in models for c in m["columns"]]
     with open_shard(marker["shard"], InputSpec(), options, check=True) as reader:

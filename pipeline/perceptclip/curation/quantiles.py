@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from perceptclip.core.schema import METADATA_KEY
-from perceptclip.core.storage import filesystem, join
+from perceptclip.core.storage import filesystem, join, read_parquet
 from perceptclip.output.layout import MARKERS_DIR, RUNS_DIR, committed_names, json_files, shard_of
 
 DEFAULT_LEVELS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
@@ -51,8 +51,6 @@ def read_scores(dest: str, options: dict | None = None,
                 progress: Callable[[str], None] = lambda _: None) -> ScoreSet:
     """Read the committed score tables of a ``perceptclip score`` output. Raises ``ValueError`` naming
     the file at fault and what to do."""
-    import pyarrow.parquet as pq
-
     options = options or {}
     fs, root = filesystem(dest, options)
     try:
@@ -71,7 +69,7 @@ def read_scores(dest: str, options: dict | None = None,
         progress(f"reading score tables [{i}/{len(files)}] {path.rsplit('/', 1)[-1]}")
         try:
             with fs.open(join(root, path.rsplit("/", 1)[-1]), "rb") as f:
-                table = pq.read_table(f)
+                table = read_parquet(f)
         except (pa.ArrowException, OSError) as e:
             raise ValueError(f"{path}: not a readable Parquet table ({e}); delete its marker under "
                              f"{MARKERS_DIR}/ and rerun perceptclip score to rewrite it") from None

@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from perceptclip.core.storage import filesystem, join, location, protocol, redact_text
+from perceptclip.core.storage import filesystem, join, location, protocol, read_parquet, redact_text
 from perceptclip.inputs.base import ShardReader
 from perceptclip.inputs.shards import GLOB_CHARS, IMAGE_EXTENSIONS, VIRTUAL_SHARD, ShardError, _absolute, folder_files
 
@@ -163,8 +163,6 @@ def create(url: str, data: bytes, options: dict) -> None:
 def read_listings(src: FileSource, listings: str, options: dict) -> list[tuple[str, object]]:
     """``(url, table)`` of each listing recorded for ``src``'s name under ``listings``, in generation order;
     ``ValueError`` when they were recorded for another root."""
-    import pyarrow.parquet as pq
-
     fs, folder = filesystem(join(listings, src.name), options)
     try:
         names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False) if _LISTING.search(p))
@@ -174,7 +172,7 @@ def read_listings(src: FileSource, listings: str, options: dict) -> list[tuple[s
     for name in names:
         url = join(listings, src.name, name)
         with fs.open(join(folder, name), "rb") as f:
-            table = pq.read_table(f, columns=["shard", "key"])
+            table = read_parquet(f, columns=["shard", "key"])
         root = json.loads(table.schema.metadata[b"perceptclip"])["root"]
         if location(root) != location(src.root):
             raise ValueError(f"output: {listings} records the files of {root} as {src.name}, not those of {src.root}; "

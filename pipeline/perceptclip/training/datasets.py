@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from perceptclip.core.storage import filesystem
+from perceptclip.core.storage import filesystem, read_parquet
 from perceptclip.core.tasks import EMOSET_LABELS, Task
 from perceptclip.inputs.shards import parse_json
 
@@ -240,11 +240,9 @@ def _misfit(label, numeric: bool, task: Task | None) -> str:
 
 def _read_manifest(manifest: str) -> list[tuple[str, dict]]:
     if manifest.endswith((".parquet", ".pq")):
-        import pyarrow.parquet as pq
-
         fs, where = filesystem(manifest, {})
         with fs.open(where, "rb") as f:
-            table = pq.read_table(f)
+            table = read_parquet(f)
         columns = set(table.column_names)
         if "label" not in columns or not columns & {"path", "url"}:
             raise ValueError(f"{manifest}: needs a 'label' column and a 'path' or 'url' column")
