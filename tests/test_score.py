@@ -371,10 +371,11 @@ def test_the_decode_tasks_import_no_torch():
 
 
 @pytest.mark.slow
-def test_the_model_actor_skips_importing_transformers(iqa_artifact):
-    """open_clip imports transformers whenever it is installed (seconds of a scoring run's start-up); the
-    actor loads its models without it, scores as a process that imported everything does, and leaves
-    transformers importable. (Slow: a fresh interpreter that imports torch, open_clip and transformers.)"""
+def test_the_model_actor_skips_importing_transformers_and_timm(iqa_artifact):
+    """open_clip imports transformers and timm whenever they are installed (seconds of a scoring run's
+    start-up); the actor loads its models without them, scores as a process that imported everything
+    does, and leaves both importable. (Slow: a fresh interpreter that imports torch, open_clip,
+    transformers and timm.)"""
     from perceptclip.model.scorer import Scorer
 
     code = (
@@ -383,13 +384,13 @@ def test_the_model_actor_skips_importing_transformers(iqa_artifact):
         f"actor = ModelActor([('iqa', {iqa_artifact!r}, None)], [0], 1)\n"
         "crops = np.random.default_rng(0).integers(0, 256, (3, 1, 3, 32, 32), dtype=np.uint8)\n"
         "scores = actor.scorers[0].score(list(crops)).tolist()\n"
-        "skipped = 'transformers' not in sys.modules and 'open_clip' in sys.modules\n"
-        "import transformers\n"
+        "skipped = [m for m in ('transformers', 'timm') if m not in sys.modules] if 'open_clip' in sys.modules else []\n"
+        "import transformers, timm\n"
         "print(json.dumps({'skipped': skipped, 'scores': scores}))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["skipped"] is True
-    import open_clip  # noqa: F401  (this process imports it with transformers, as the driver does)
+    assert out["skipped"] == ["transformers", "timm"]
+    import open_clip  # noqa: F401  (this process imports it with transformers and timm, as the driver does)
 
     crops = np.random.default_rng(0).integers(0, 256, (3, 1, 3, 32, 32), dtype=np.uint8)
     expected = Scorer.load(iqa_artifact).score(list(crops))

@@ -131,24 +131,28 @@ class MLPHead(nn.Sequential):
 
 
 def import_open_clip_for_scoring() -> None:
-    """Import open_clip as if Hugging Face ``transformers`` were not installed.
+    """Import open_clip as if Hugging Face ``transformers`` and ``timm`` were not installed.
 
     open_clip's ``__init__`` imports ``transformers`` whenever it is installed, for the Hugging Face text
-    towers of some CLIP variants. A PerceptCLIP model is a vision tower only, so scoring never uses it,
-    and the import costs about 1.5 s of CPU in every process that loads a model: on a small machine it
-    is part of the start-up of every scoring run (``docs/benchmarks.md``). The scoring actors call this
-    first thing; they are processes that only score. Elsewhere (the driver, training, tests) open_clip
-    imports as usual. Does nothing once open_clip or transformers is imported, and ``transformers``
-    stays importable afterwards for code that imports it itself (open_clip's own Hugging Face text
-    towers are then unavailable in this process).
+    towers of some CLIP variants, and ``timm``, for its timm vision towers. A PerceptCLIP model is an
+    open_clip vision transformer only (``BackboneConfig.from_open_clip`` refuses timm towers), so scoring
+    uses neither, and the imports cost about 1.5 s and 0.3 s of CPU in every process that loads a model:
+    on a small machine they are part of the start-up of every scoring run (``docs/benchmarks.md``). The
+    scoring actors call this first thing; they are processes that only score. Elsewhere (the driver,
+    training, tests) open_clip imports as usual. Does nothing once open_clip, transformers or timm is
+    imported, and both stay importable afterwards for code that imports them itself (open_clip's own
+    Hugging Face text towers and timm towers are then unavailable in this process).
     """
-    if "open_clip" in sys.modules or "transformers" in sys.modules:
+    skipped = ("transformers", "timm")
+    if "open_clip" in sys.modules or any(name in sys.modules for name in skipped):
         return
-    sys.modules["transformers"] = None          # `import transformers` raises ImportError, as if absent
+    for name in skipped:
+        sys.modules[name] = None                # `import transformers` raises ImportError, as if absent
     try:
         import open_clip  # noqa: F401
     finally:
-        del sys.modules["transformers"]
+        for name in skipped:
+            del sys.modules[name]
 
 
 def build_vision_tower(cfg: BackboneConfig) -> nn.Module:
