@@ -139,13 +139,13 @@ def import_open_clip_for_scoring() -> None:
     uses neither, and the imports cost about 1.5 s and 0.3 s of CPU in every process that loads a model:
     on a small machine they are part of the start-up of every scoring run (``docs/benchmarks.md``). The
     scoring actors call this first thing; they are processes that only score. Elsewhere (the driver,
-    training, tests) open_clip imports as usual. Does nothing once open_clip, transformers or timm is
-    imported, and both stay importable afterwards for code that imports them itself (open_clip's own
-    Hugging Face text towers and timm towers are then unavailable in this process).
+    training, tests) open_clip imports as usual. Does nothing once open_clip is imported, skips only
+    what is not imported yet, and both stay importable afterwards for code that imports them itself
+    (open_clip's own Hugging Face text towers and timm towers are then unavailable in this process).
     """
-    skipped = ("transformers", "timm")
-    if "open_clip" in sys.modules or any(name in sys.modules for name in skipped):
+    if "open_clip" in sys.modules:
         return
+    skipped = [name for name in ("transformers", "timm") if name not in sys.modules]
     for name in skipped:
         sys.modules[name] = None                # `import transformers` raises ImportError, as if absent
     try:
