@@ -22,7 +22,8 @@ import workload  # noqa: F401, I001  (puts tests/ on the path: the generated ima
 
 from perceptclip.core.tasks import Task
 from perceptclip.model.artifact import ArtifactMeta
-from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
+from perceptclip.model.clip_lora import ClipLoraModel
+from perceptclip.model.config import BackboneConfig, HeadConfig, LoraConfig, ModelConfig
 from perceptclip.model.preprocess import decode_image
 from perceptclip.model.scorer import Scorer
 from support.images import image_bytes, make_image

@@ -19,7 +19,8 @@ import time
 import torch
 
 from perceptclip.model.artifact import ArtifactMeta
-from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel, ModelConfig
+from perceptclip.model.clip_lora import ClipLoraModel
+from perceptclip.model.config import BackboneConfig, ModelConfig
 from perceptclip.model.scorer import Scorer
 
 

@@ -40,7 +40,8 @@ def workload_model(model: str, root: Path) -> str:
         return make_tiny_artifact(str(root / "model"), task="memorability", seed=0)
     if model.startswith("random:"):
         from perceptclip.model.artifact import ArtifactMeta, save_artifact
-        from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel, ModelConfig
+        from perceptclip.model.clip_lora import ClipLoraModel
+        from perceptclip.model.config import BackboneConfig, ModelConfig
 
         cfg = ModelConfig(backbone=BackboneConfig.from_open_clip(model.removeprefix("random:"), pretrained=None))
         meta = ArtifactMeta.for_task("iqa", cfg)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from perceptclip.model.batching import canonical_batch
-from perceptclip.model.clip_lora import BackboneConfig, ModelConfig
+from perceptclip.model.config import BackboneConfig, ModelConfig
 from perceptclip.model.preprocess import decode_image
 from perceptclip.model.scorer import Scorer
 from support.images import image_bytes, make_image

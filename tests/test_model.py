@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from perceptclip.core.tasks import TASKS, get_task
-from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel
+from perceptclip.model.clip_lora import ClipLoraModel
+from perceptclip.model.config import BackboneConfig
 from perceptclip.model.debug import tiny_model, tiny_model_config
 from perceptclip.model.lora import LoraAttention, LoraPair
 

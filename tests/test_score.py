@@ -370,6 +370,20 @@ def test_the_decode_tasks_import_no_torch():
     assert out.strip() == "[]"
 
 
+def test_the_driver_reads_a_models_config_without_importing_torch(iqa_artifact):
+    """The driver resolves a run's models and reads their configs (columns, provenance) without torch: it
+    would add seconds to the start of every command that names a model."""
+    code = ("import sys, json, perceptclip.cli, perceptclip.scoring.job\n"
+            "from perceptclip.model.reference import ModelSpec\n"
+            f"spec = ModelSpec.resolve({iqa_artifact!r})\n"
+            "print(json.dumps([spec.columns, spec.describe()['weights_sha256'],\n"
+            "                  sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    columns, digest, imported = json.loads(out)
+    assert columns == ["iqa"] and len(digest) == 64
+    assert imported == []
+
+
 @pytest.mark.slow
 def test_the_model_actor_skips_importing_transformers_and_timm(iqa_artifact):
     """open_clip imports transformers and timm whenever they are installed (seconds of a scoring run's

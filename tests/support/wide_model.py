@@ -12,7 +12,8 @@ import torch
 
 from perceptclip.core.tasks import get_task
 from perceptclip.model.artifact import ArtifactMeta, save_artifact
-from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
+from perceptclip.model.clip_lora import ClipLoraModel
+from perceptclip.model.config import BackboneConfig, HeadConfig, LoraConfig, ModelConfig
 
 
 def wide_model_config(task: str) -> ModelConfig:

@@ -33,11 +33,15 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from perceptclip.core.config import Config, ConfigError, require
 from perceptclip.core.storage import filesystem
 from perceptclip.core.tasks import Task, resolve_task
-from perceptclip.model.clip_lora import ClipLoraModel, ModelConfig
+from perceptclip.model.config import ModelConfig
+
+if TYPE_CHECKING:      # torch: imported by what builds or loads a model, not by what reads a config
+    from perceptclip.model.clip_lora import ClipLoraModel
 from perceptclip.model.errors import ArtifactError
 from perceptclip.model.preprocess import PreprocessConfig
 
@@ -253,6 +257,8 @@ def load_artifact(uri: str, verify: bool = True, storage_options: dict | None = 
     """Rebuild the model saved at ``uri`` (unmerged, eval mode, on CPU) and its metadata."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from perceptclip.model.clip_lora import ClipLoraModel
 
     local = fetch_artifact(uri, storage_options)
     meta = read_meta(str(local))

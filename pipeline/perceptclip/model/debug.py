@@ -9,14 +9,8 @@ import torch
 
 from perceptclip.core.tasks import Task, resolve_task
 from perceptclip.model.artifact import CONFIG_FILE, ArtifactMeta, cache_dir, publish_once, save_artifact
-from perceptclip.model.clip_lora import (
-    DEBUG_BACKBONE,
-    ClipLoraModel,
-    HeadConfig,
-    LoraConfig,
-    ModelConfig,
-    debug_backbone,
-)
+from perceptclip.model.clip_lora import ClipLoraModel
+from perceptclip.model.config import DEBUG_BACKBONE, HeadConfig, LoraConfig, ModelConfig, debug_backbone
 
 NAME = DEBUG_BACKBONE
 

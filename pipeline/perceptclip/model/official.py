@@ -26,7 +26,8 @@ import torch
 
 from perceptclip.core.tasks import get_task
 from perceptclip.model.artifact import CONFIG_FILE, ArtifactError, ArtifactMeta, cache_dir, publish_once, save_artifact
-from perceptclip.model.clip_lora import BackboneConfig, ClipLoraModel, HeadConfig, LoraConfig, ModelConfig
+from perceptclip.model.clip_lora import ClipLoraModel
+from perceptclip.model.config import BackboneConfig, HeadConfig, LoraConfig, ModelConfig
 from perceptclip.model.releases import BUILTIN_MODELS
 
 PREFIX = "model.base_model.model."

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from perceptclip.core.config import Config, ConfigError, require, setting
 from perceptclip.core.loading import load_config
 from perceptclip.core.tasks import Task, resolve_task
-from perceptclip.model.clip_lora import BackboneConfig, HeadConfig, LoraConfig, ModelConfig
+from perceptclip.model.config import BackboneConfig, HeadConfig, LoraConfig, ModelConfig
 from perceptclip.training.augment import AugmentConfig
 
 

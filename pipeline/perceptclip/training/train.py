@@ -37,7 +37,7 @@ import posixpath
 from collections.abc import Callable
 
 from perceptclip.model.artifact import ArtifactMeta, read_meta
-from perceptclip.model.clip_lora import ModelConfig
+from perceptclip.model.config import ModelConfig
 from perceptclip.model.reference import resolve_model
 from perceptclip.output.destination import Destination, flatten
 from perceptclip.training.config import TrainConfig, WorkersConfig

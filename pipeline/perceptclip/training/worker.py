@@ -37,7 +37,8 @@ import torch
 
 from perceptclip.core.metrics import json_ready
 from perceptclip.model.artifact import ArtifactMeta, load_artifact, save_artifact
-from perceptclip.model.clip_lora import ClipLoraModel, ModelConfig
+from perceptclip.model.clip_lora import ClipLoraModel
+from perceptclip.model.config import ModelConfig
 from perceptclip.model.preprocess import normalize
 from perceptclip.model.reference import resolve_model
 from perceptclip.training.augment import AugmentConfig
