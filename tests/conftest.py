@@ -101,13 +101,20 @@ TRAIN_POLL_S = "0.5"
 
 
 @pytest.fixture(autouse=True)
-def quick_train_polling(monkeypatch):
-    """Ray Train's controller learns of a reported checkpoint, and of a finished or failed worker, when it
-    polls the workers: every 2 s by default. Polling more often ends each training run sooner (every test
-    that trains, in this process or in a command it runs), and lets a test kill a worker soon after a
-    checkpoint is registered, well inside the next epoch. Ray Train hands the driver's value to its
-    controller and workers when a run starts."""
+def quick_ray_train(monkeypatch):
+    """Ray Train set for a local test cluster: it polls its workers more often and watches for no preemption.
+
+    - Its controller learns of a reported checkpoint, and of a finished or failed worker, when it polls
+      the workers: every 2 s by default. Polling more often ends each training run sooner (every test
+      that trains, in this process or in a command it runs), and lets a test kill a worker soon after a
+      checkpoint is registered, well inside the next epoch.
+    - Each worker group also gets a preemption watcher, an actor that asks the cluster whether a node is
+      being drained (spot instances): a process of its own, about 2 s of CPU, for a local cluster whose
+      nodes are never drained.
+
+    Ray Train hands the driver's values to its controller and workers when a run starts."""
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -161,11 +168,11 @@ def _train_smoke(root) -> None:
     config = root / "smoke.yaml"
     config.write_text((repo / "configs/train/smoke.yaml").read_text().replace("epochs: 15", "epochs: 2"))
     train, val = shard("train", range(40)), shard("val", range(100, 120))
-    # a session fixture is set up before the tests' own fixtures: the polling interval is set here too.
+    # a session fixture is set up before the tests' own fixtures: quick_ray_train's settings are made here too.
     # Ray's folder holds a dead cluster's address file: the run starts a cluster of its own all the same
     ray_tmp = ray_tmpdir_left_by_a_dead_cluster()
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S,
-           "RAY_TMPDIR": ray_tmp}
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TMPDIR": ray_tmp}
     args = [sys.executable, "-c", "from perceptclip.cli import main; main()", "train", "--config", str(config),
             "--train", train, "--val", val, "--output", str(root / "run")]
     try:
@@ -191,3 +198,4 @@ def ray_local():
                  _system_config={"num_workers_soft_limit": 16})
     yield ray
     ray.shutdown()
+

@@ -216,8 +216,8 @@ def test_a_read_only_block_is_scored_without_a_warning(iqa_artifact):
     which imports torch and open_clip; hence slow)."""
     script = textwrap.dedent(f"""
         import numpy as np, sys
-        from perceptclip.model.clip_lora import import_open_clip_for_scoring
-        import_open_clip_for_scoring()          # as the model actor starts: open_clip without transformers or timm
+        from perceptclip.model.clip_lora import import_open_clip_for_vision_towers
+        import_open_clip_for_vision_towers()          # as the model actor starts: open_clip without transformers or timm
         sys.path.insert(0, {str(REPO / "tests")!r})
         from support.images import image_bytes, make_image
         from perceptclip.scoring.decode import decode_samples

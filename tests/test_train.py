@@ -4,6 +4,8 @@ model on a synthetic perceptual task (the label is a known amount of noise added
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from functools import partial
 from pathlib import Path
@@ -680,6 +682,30 @@ def test_a_run_in_this_process_trains_what_one_ray_train_worker_trains(smoke_tra
     again = CliRunner().invoke(main, args)          # every epoch done: resumed after the last, nothing trained
     assert again.exit_code == 0, again.output
     assert len(json.loads((dest / "metrics.json").read_text())) == 2
+
+
+@pytest.mark.slow
+def test_a_worker_builds_a_model_from_its_configuration_without_transformers_or_timm(tmp_path):
+    """A training worker builds the smoke config's model (a vision tower from configuration, no pretrained
+    download) without importing transformers or timm, seconds of each worker's start; the same weights
+    as this process, which imported both, builds (the whole runs agree: the test above). (Slow: a fresh
+    interpreter that imports torch and open_clip.)"""
+    from perceptclip.training.worker import build_model
+
+    smoke = TrainConfig.load(str(SMOKE))
+    cfg = smoke.model.model_config(smoke.task, ("default",))
+    code = ("import sys, json\n"
+            "from perceptclip.model.config import ModelConfig\n"
+            "from perceptclip.training.worker import build_model\n"
+            f"model = build_model(ModelConfig.from_mapping({cfg.to_mapping()!r}), 7, None)\n"
+            f"__import__('torch').save(model.state_dict(), {str(tmp_path / 'state.pt')!r})\n"
+            "print(json.dumps([m for m in ('transformers', 'timm') if m not in sys.modules]))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == ["transformers", "timm"]
+    import open_clip  # noqa: F401  (this process imports it with transformers and timm)
+
+    theirs, ours = torch.load(tmp_path / "state.pt"), build_model(cfg, 7, None).state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
 
 
 def test_an_epoch_whose_predictions_cannot_be_ranked_has_no_score_and_never_becomes_the_best():

@@ -35,18 +35,21 @@ class MLPHead(nn.Sequential):
         super().__init__(*layers)
 
 
-def import_open_clip_for_scoring() -> None:
+def import_open_clip_for_vision_towers() -> None:
     """Import open_clip as if Hugging Face ``transformers`` and ``timm`` were not installed.
 
     open_clip's ``__init__`` imports ``transformers`` whenever it is installed, for the Hugging Face text
     towers of some CLIP variants, and ``timm``, for its timm vision towers. A PerceptCLIP model is an
-    open_clip vision transformer only (``BackboneConfig.from_open_clip`` refuses timm towers), so scoring
-    uses neither, and the imports cost about 1.5 s and 0.3 s of CPU in every process that loads a model:
-    on a small machine they are part of the start-up of every scoring run (``docs/benchmarks.md``). The
-    scoring actors call this first thing; they are processes that only score. Elsewhere (the driver,
-    training, tests) open_clip imports as usual. Does nothing once open_clip is imported, skips only
-    what is not imported yet, and both stay importable afterwards for code that imports them itself
-    (open_clip's own Hugging Face text towers and timm towers are then unavailable in this process).
+    open_clip vision transformer only (``BackboneConfig.from_open_clip`` refuses timm towers), built from
+    its ``ModelConfig``, so neither is used, and the imports cost about 1.5 s and 0.3 s of CPU in every
+    process that builds a model: on a small machine they are part of the start-up of every scoring run
+    and every training worker (``docs/benchmarks.md``). The scoring actors call this first thing, and a
+    training worker before it builds a model from its configuration or an artifact; a worker that takes
+    the backbone's pretrained weights from open_clip (``from_pretrained_backbone``: the whole CLIP, whose
+    text tower may be a Hugging Face one) does not. Elsewhere (the driver, tests) open_clip imports as
+    usual. Does nothing once open_clip is imported, skips only what is not imported yet, and both stay
+    importable afterwards for code that imports them itself (open_clip's own Hugging Face text towers
+    and timm towers are then unavailable in this process).
     """
     if "open_clip" in sys.modules:
         return

@@ -33,9 +33,9 @@ def load_scorers(models: list[tuple[str, str, int | None]], options: dict | None
     """Every model (``(name, ref, model_batch)`` as ``ModelSpec.actor_args`` gives it) loaded once, as a
     model actor of the job or of ``add_scores`` starts. The run's storage options travel with the job:
     workers may hold no credentials of their own."""
-    from perceptclip.model.clip_lora import import_open_clip_for_scoring
+    from perceptclip.model.clip_lora import import_open_clip_for_vision_towers
 
-    import_open_clip_for_scoring()          # before anything imports open_clip: skips its transformers
+    import_open_clip_for_vision_towers()          # before anything imports open_clip: skips its transformers
     import torch
 
     from perceptclip.model.scorer import Scorer

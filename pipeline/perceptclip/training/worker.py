@@ -37,7 +37,7 @@ import torch
 
 from perceptclip.core.metrics import json_ready
 from perceptclip.model.artifact import ArtifactMeta, load_artifact, save_artifact
-from perceptclip.model.clip_lora import ClipLoraModel
+from perceptclip.model.clip_lora import ClipLoraModel, import_open_clip_for_vision_towers
 from perceptclip.model.config import ModelConfig
 from perceptclip.model.preprocess import normalize
 from perceptclip.model.reference import resolve_model
@@ -113,6 +113,8 @@ def build_model(cfg: ModelConfig, seed: int, init: str | None) -> ClipLoraModel:
     """The model every worker starts from: the ``init`` artifact (its heads copied to each training
     set's head), the pretrained backbone, or (``pretrained: null``) a seeded random backbone."""
     torch.manual_seed(seed)             # the same random heads and LoRA on every worker
+    if init or not cfg.backbone.pretrained:
+        import_open_clip_for_vision_towers()     # the model is built from configuration: the vision tower only
     if init:
         source, _ = load_artifact(resolve_model(init))
         model = ClipLoraModel(cfg)
