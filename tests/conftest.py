@@ -199,3 +199,4 @@ def ray_local():
     yield ray
     ray.shutdown()
 
+

@@ -1,8 +1,8 @@
 """The scoring job on a cluster of several nodes, on this machine (``ray.cluster_utils.Cluster``): a head
 without GPUs and two worker nodes that declare one GPU each (the models then run on this machine's
 CPU). The job needs no setting of its own there: one model actor per GPU, hence one per GPU node; the
-decode tasks spread over the nodes; and the tables are those of a run on the ordinary local cluster,
-row for row."""
+decode tasks spread over the nodes; and the tables are those the job's steps give in one process
+(``support.scoring.score_here``), row for row."""
 
 import json
 import os
@@ -15,9 +15,9 @@ import pytest
 
 from perceptclip.inputs.shards import write_shard
 from perceptclip.scoring.config import ScoreConfig
-from perceptclip.scoring.job import run_score
 from support.images import image_bytes, make_image
 from support.processes import kill_session, session_pids
+from support.scoring import score_here
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -94,8 +94,8 @@ def config(shards: dict, models: list[str], output: Path) -> ScoreConfig:
                        block_rows=2, batch_size=2, reader_memory_mb=256)
 
 
-def test_gpu_nodes_one_model_actor_each_and_the_tables_of_a_single_node_run(
-        shards, iqa_artifact, emotion_artifact, ray_local, tmp_path):
+def test_gpu_nodes_one_model_actor_each_and_the_tables_of_the_jobs_steps_in_one_process(
+        shards, iqa_artifact, emotion_artifact, tmp_path):
     models = [iqa_artifact, emotion_artifact]
     cfg = config(shards, models, tmp_path / "cluster")
     fields = {k: getattr(cfg, k) for k in ("input", "output", "models", "block_rows", "batch_size",
@@ -127,9 +127,9 @@ def test_gpu_nodes_one_model_actor_each_and_the_tables_of_a_single_node_run(
     decode_nodes = {t["node"] for t in tasks}
     assert len(decode_nodes) > 1 and decode_nodes <= set(outcome["gpu_nodes"]), outcome["tasks"]
 
-    # the same job on the ordinary local cluster (one node, no GPUs: one model actor): the same tables
-    reference = run_score(config(shards, models, tmp_path / "local")).to_dict()
-    assert reference["shards"]["done"] == SHARDS
+    # the job's own steps in this process, without Ray (as one model actor on one node): the same tables
+    results = score_here([str(shards["root"] / "shard-*.tar")], models, str(tmp_path / "local"), block_rows=2)
+    assert len(results) == SHARDS and sum(r.ok for r in results) == SHARDS * PER_SHARD - 1
     for name in shards["contents"]:
         cluster_rows = pq.read_table(tmp_path / "cluster" / f"{name}.parquet").to_pylist()
         local_rows = pq.read_table(tmp_path / "local" / f"{name}.parquet").to_pylist()

@@ -118,31 +118,82 @@ def markers(fs, out: str) -> set[str]:
     return {p.rsplit("/", 1)[-1].removesuffix(".json") for p in fs.glob(f"{out}/_markers/*.json")}
 
 
+# The images of shard_contents() also as loose files under a prefix on the store (a `files` input), PER_SHARD
+# to a virtual shard, so photos-000000 .. photos-000007 hold what the tars hold. The grouping is recorded
+# under the output by the first run; a rerun must keep it.
+
+def put_photos(s3_server, bucket: str) -> dict[str, list[dict]]:
+    """The images as files ``photos/SSS/II.jpg`` on ``bucket`` (written straight to moto): their keys by
+    virtual shard. Keys sort in shard order: one tar, one virtual shard."""
+    fs, contents = s3_server.filesystem(), {}
+    for s, samples in enumerate(shard_contents().values()):
+        contents[f"photos-{s:06d}"] = [{"__key__": f"{s:03d}/{i:02d}.jpg"} for i in range(len(samples))]
+        for sample, image in zip(contents[f"photos-{s:06d}"], samples):
+            fs.pipe_file(f"{bucket[5:]}/photos/{sample['__key__']}", image["jpg"])
+    return contents
+
+
+def upload_files(s3_server, iqa_artifact: str) -> tuple[str, dict, str]:
+    """The images as files and the model on a fresh bucket: (bucket, contents by virtual shard, model URI)."""
+    bucket = s3_server.bucket()
+    contents = put_photos(s3_server, bucket)
+    s3_server.filesystem().put(iqa_artifact, f"{bucket[5:]}/models/iqa", recursive=True)
+    return bucket, contents, f"{bucket}/models/iqa"
+
+
+def files_config(bucket: str, model: str, output: str, **extra) -> ScoreConfig:
+    """``score_config`` on the prefix. A fetch timeout longer than any hold: a held file arrives late, it
+    does not become an error row."""
+    return dataclasses.replace(score_config(bucket, model, output, **extra), input=[f"{bucket}/photos/"],
+                               input_kind="files", files_per_shard=PER_SHARD, fetch_timeout_s=300.0)
+
+
+def both_config(bucket: str, model: str, output: str, **extra) -> ScoreConfig:
+    """``files_config`` on the tars and the prefix in one run, each input's kind told by what it holds."""
+    return dataclasses.replace(files_config(bucket, model, output, **extra), input_kind="auto",
+                               input=[f"{bucket}/shards/*.tar", f"{bucket}/photos/"])
+
+
+def reconcile_files(fs, out: str, bucket: str, contents: dict[str, list[dict]]) -> dict:
+    """``reconcile``, and: each row says which file it was read from, and every run used the one grouping
+    the first recorded (no listing beside it)."""
+    counts = reconcile(fs, out, contents)
+    for name in contents:
+        table = pq.read_table(io.BytesIO(fs.cat_file(f"{out}/{name}.parquet")))
+        assert table["url"].to_pylist() == [f"{bucket}/photos/{key}" for key in table["key"].to_pylist()], name
+    listings = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{out}/_inputs/photos", detail=False)]
+    assert listings == ["listing-000000.parquet"]
+    return counts
+
+
 # ------------------------------------------------------------------------------------------ compute
 
 def test_a_killed_model_actor_is_restarted_and_every_shard_commits_once(proxy, s3_server, iqa_artifact,
                                                                         ray_local, tmp_path):
-    """SIGKILL of the model actor's process after the first commit, while the last shard is still being
-    fetched (held at the proxy): Ray restarts the actor and retries its tasks, the run completes, and
-    every table holds its shard's samples exactly once (the writer raises on any extra row)."""
+    """SIGKILL of the model actor's process after the first commit, while the last tar is still being
+    fetched (held at the proxy), in a run over both inputs (the tars and the image files under a prefix):
+    Ray restarts the actor and retries its tasks, the run completes, and every table holds its shard's
+    or its virtual shard's samples exactly once (the writer raises on any extra row)."""
     bucket, contents, _ = upload(s3_server, iqa_artifact)
+    photos = put_photos(s3_server, bucket)
     out = tmp_path / "scores"
     proxy.hold("GET", "/shards/shard-000007.tar")
-    cfg = score_config(bucket, iqa_artifact, str(out))
     result = {}
-    thread = threading.Thread(target=_run_into, args=(result, cfg))
+    thread = threading.Thread(target=_run_into, args=(result, both_config(bucket, iqa_artifact, str(out))))
     thread.start()
     wait_for(lambda: list(out.glob("_markers/*.json")), 240, "the first commit")
     raylet = raylet_pid()
     [actor] = wait_for(lambda: worker_pids(raylet, "ModelActor"), 30, "the model actor")
     os.kill(actor, signal.SIGKILL)
     wait_for(lambda: set(worker_pids(raylet, "ModelActor")) - {actor}, 120, "the restarted model actor")
+    assert "summary" not in result                      # the held shard kept the run going
     proxy.release()
     thread.join(timeout=240)
 
     assert "error" not in result, result.get("lines")
-    assert result["summary"]["shards"] == {"planned": SHARDS, "done": SHARDS, "skipped": 0, "failed": 0}
+    assert result["summary"]["shards"] == {"planned": 2 * SHARDS, "done": 2 * SHARDS, "skipped": 0, "failed": 0}
     reconcile(fsspec.filesystem("file"), str(out), contents)
+    reconcile_files(fsspec.filesystem("file"), str(out), bucket, photos)
 
 
 # A driver process of its own: the test process already holds the shared local cluster, and a second
@@ -307,32 +358,38 @@ def run_through_an_outage(proxy, cfg, fs, out: str) -> dict:
 def test_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_completes(
         proxy, s3_server, iqa_artifact, ray_local):
     """The store goes away while tables are being stored (after the first commit, every upload of a table
-    or marker is held at the proxy, then every connection dropped): the run stops with an error naming
-    the store and a shard it could not commit, keeps every committed shard, leaves no marker without its
-    whole table, and still says why when even its summary cannot be written; the next run, with the
-    store back, scores exactly the rest."""
+    or marker is held at the proxy, then every connection dropped), in a run over the tars and the image
+    files, the grouping and the scores all on that store: the run stops with an error naming the store and
+    a shard or virtual shard it could not commit, keeps every committed one, leaves no marker without its
+    whole table, and still says why when even its summary cannot be written; the next run, with the store
+    back, keeps the grouping and scores exactly the rest."""
     bucket, contents, model = upload(s3_server, iqa_artifact)
+    photos = put_photos(s3_server, bucket)
     out, fs = f"{bucket}/scores", s3_server.filesystem()
-    cfg = score_config(bucket, model, out, storage={"max_attempts": 1})
+    cfg = both_config(bucket, model, out, storage={"max_attempts": 1})
     result = run_through_an_outage(proxy, cfg, fs, out)
 
     error = result["error"]
     assert isinstance(error, StorageError)
-    failed = re.match(rf"{re.escape(out)}: cannot commit (shard-\d+): ", str(error))
+    failed = re.match(rf"{re.escape(out)}: cannot commit ((shard|photos)-\d+): ", str(error))
     assert failed and proxy.url in str(error), error
     assert SECRET not in str(error)
     committed = markers(fs, out[5:])
     lines = result["lines"]
     assert any("cannot write the run summary" in line for line in lines)    # said, not raised over the error
-    assert any(line.startswith(f"stopped with {len(committed)} of {SHARDS} shards committed") for line in lines)
+    assert any(line.startswith(f"stopped with {len(committed)} of {2 * SHARDS} shards committed") for line in lines)
     assert committed and failed[1] not in committed     # what was committed before the outage is kept
+    for name in committed:                              # no marker without its whole table
+        marker = json.loads(fs.cat_file(f"{out[5:]}/_markers/{name}.json"))
+        assert marker["sha256"] == hashlib.sha256(fs.cat_file(f"{out[5:]}/{name}.parquet")).hexdigest(), name
     assert not fs.exists(f"{out[5:]}/_runs")
 
     proxy.mode = "ok"
     again = run_score(cfg).to_dict()
-    assert again["shards"] == {"planned": SHARDS, "done": SHARDS - len(committed), "skipped": len(committed),
+    assert again["shards"] == {"planned": 2 * SHARDS, "done": 2 * SHARDS - len(committed), "skipped": len(committed),
                                "failed": 0}
     reconcile(fs, out[5:], contents)
+    reconcile_files(fs, out[5:], bucket, photos)
 
 
 def _run_into(result: dict, cfg: ScoreConfig) -> None:
@@ -471,96 +528,7 @@ def test_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_shard
     reconcile(fsspec.filesystem("file"), str(out), contents)
 
 
-# ------------------------------------------------------------------------------------------ image files under a prefix
-
-# The same faults on a `files` input: the images of shard_contents() as loose files under a prefix on the
-# store, PER_SHARD to a virtual shard, so photos-000000 .. photos-000007 hold what the tars hold. The
-# grouping is recorded under the output by the first run; the rerun must keep it.
-
-def upload_files(s3_server, iqa_artifact: str) -> tuple[str, dict, str]:
-    """The images as files ``photos/SSS/II.jpg`` and the model on a fresh bucket (written straight to moto):
-    (bucket, contents by virtual shard, model URI). Keys sort in shard order: one tar, one virtual shard."""
-    bucket, fs = s3_server.bucket(), s3_server.filesystem()
-    contents = {}
-    for s, samples in enumerate(shard_contents().values()):
-        contents[f"photos-{s:06d}"] = [{"__key__": f"{s:03d}/{i:02d}.jpg"} for i in range(len(samples))]
-        for sample, image in zip(contents[f"photos-{s:06d}"], samples):
-            fs.pipe_file(f"{bucket[5:]}/photos/{sample['__key__']}", image["jpg"])
-    fs.put(iqa_artifact, f"{bucket[5:]}/models/iqa", recursive=True)
-    return bucket, contents, f"{bucket}/models/iqa"
-
-
-def files_config(bucket: str, model: str, output: str, **extra) -> ScoreConfig:
-    """``score_config`` on the prefix. A fetch timeout longer than any hold: a held file arrives late, it
-    does not become an error row."""
-    return dataclasses.replace(score_config(bucket, model, output, **extra), input=[f"{bucket}/photos/"],
-                               input_kind="files", files_per_shard=PER_SHARD, fetch_timeout_s=300.0)
-
-
-def reconcile_files(fs, out: str, bucket: str, contents: dict[str, list[dict]]) -> dict:
-    """``reconcile``, and: each row says which file it was read from, and every run used the one grouping
-    the first recorded (no listing beside it)."""
-    counts = reconcile(fs, out, contents)
-    for name in contents:
-        table = pq.read_table(io.BytesIO(fs.cat_file(f"{out}/{name}.parquet")))
-        assert table["url"].to_pylist() == [f"{bucket}/photos/{key}" for key in table["key"].to_pylist()], name
-    listings = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{out}/_inputs/photos", detail=False)]
-    assert listings == ["listing-000000.parquet"]
-    return counts
-
-
-def test_files_a_killed_model_actor_is_restarted_and_every_virtual_shard_commits_once(
-        proxy, s3_server, iqa_artifact, ray_local, tmp_path):
-    """As for tars: SIGKILL of the model actor after the first commit, while a file of the last virtual
-    shard is held at the proxy; the run completes and reconciles image by image."""
-    bucket, contents, _ = upload_files(s3_server, iqa_artifact)
-    out = tmp_path / "scores"
-    proxy.hold("GET", "/photos/007/03.jpg")
-    result = {}
-    thread = threading.Thread(target=_run_into, args=(result, files_config(bucket, iqa_artifact, str(out))))
-    thread.start()
-    wait_for(lambda: list(out.glob("_markers/*.json")), 240, "the first commit")
-    raylet = raylet_pid()
-    [actor] = wait_for(lambda: worker_pids(raylet, "ModelActor"), 30, "the model actor")
-    os.kill(actor, signal.SIGKILL)
-    wait_for(lambda: set(worker_pids(raylet, "ModelActor")) - {actor}, 120, "the restarted model actor")
-    assert "summary" not in result                      # the held file kept the run going
-    proxy.release()
-    thread.join(timeout=240)
-
-    assert "error" not in result, result.get("lines")
-    assert result["summary"]["shards"] == {"planned": SHARDS, "done": SHARDS, "skipped": 0, "failed": 0}
-    reconcile_files(fsspec.filesystem("file"), str(out), bucket, contents)
-
-
-def test_files_a_store_outage_mid_run_stops_with_a_clear_error_and_a_rerun_completes(
-        proxy, s3_server, iqa_artifact, ray_local):
-    """As for tars, with the images, the grouping and the scores on the one store: it goes away while
-    tables are being stored; the run stops naming a virtual shard it could not commit, every marker it
-    leaves has its whole table, and the rerun keeps the grouping and scores exactly the rest."""
-    bucket, contents, model = upload_files(s3_server, iqa_artifact)
-    out, fs = f"{bucket}/scores", s3_server.filesystem()
-    cfg = files_config(bucket, model, out, storage={"max_attempts": 1})
-    result = run_through_an_outage(proxy, cfg, fs, out)
-
-    error = result["error"]
-    assert isinstance(error, StorageError)
-    failed = re.match(rf"{re.escape(out)}: cannot commit (photos-\d+): ", str(error))
-    assert failed and proxy.url in str(error) and SECRET not in str(error), error
-    committed = markers(fs, out[5:])
-    assert committed and failed[1] not in committed
-    assert any(line.startswith(f"stopped with {len(committed)} of {SHARDS} shards committed")
-               for line in result["lines"])
-    for name in committed:                              # no marker without its whole table
-        marker = json.loads(fs.cat_file(f"{out[5:]}/_markers/{name}.json"))
-        assert marker["sha256"] == hashlib.sha256(fs.cat_file(f"{out[5:]}/{name}.parquet")).hexdigest(), name
-
-    proxy.mode = "ok"
-    again = run_score(cfg).to_dict()
-    assert again["shards"] == {"planned": SHARDS, "done": SHARDS - len(committed), "skipped": len(committed),
-                               "failed": 0}
-    reconcile_files(fs, out[5:], bucket, contents)
-
+# ------------------------------------------------------------------------------------------ the driver, image files
 
 def test_files_a_killed_driver_then_the_same_command_redoes_only_the_uncommitted_virtual_shards(
         proxy, s3_server, iqa_artifact, ray_local, tmp_path):
