@@ -198,5 +198,3 @@ def ray_local():
                  _system_config={"num_workers_soft_limit": 16})
     yield ray
     ray.shutdown()
-
-

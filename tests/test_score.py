@@ -413,10 +413,16 @@ def test_the_model_actor_skips_importing_transformers_and_timm(iqa_artifact):
 
 @pytest.mark.slow
 def test_overwrite_uncommits_a_committed_shard_that_can_no_longer_be_read(tmp_path, iqa_artifact, ray_local):
+    """An output whose two shards are committed (by the job's steps in this process), then the job with
+    --overwrite after one shard was damaged: that shard fails and loses its marker, so a plain rerun
+    plans it again."""
+    from perceptclip.scoring.plan import plan_shards
+    from support.scoring import score_here
+
     for i in range(2):
         write_shard(str(tmp_path / "shards" / f"part-{i}.tar"), good_samples(20 + i, 3))
     cfg = dict(input=[str(tmp_path / "shards" / "*.tar")], output=str(tmp_path / "out"), models=[iqa_artifact])
-    assert run_score(ScoreConfig(**cfg)).ok
+    assert [r.ok for r in score_here(cfg["input"], cfg["models"], cfg["output"])] == [3, 3]
     damaged = tmp_path / "shards" / "part-1.tar"
     intact = damaged.read_bytes()
     damaged.write_bytes(intact[: len(intact) // 2])
@@ -425,8 +431,8 @@ def test_overwrite_uncommits_a_committed_shard_that_can_no_longer_be_read(tmp_pa
     # its old scores no longer describe the shard: uncommitted, so a plain rerun retries it
     assert sorted(p.name for p in (tmp_path / "out" / "_markers").glob("*.json")) == ["part-0.json"]
     damaged.write_bytes(intact)
-    again = run_score(ScoreConfig(**cfg)).to_dict()
-    assert again["shards"] == {"planned": 2, "done": 1, "skipped": 1, "failed": 0}
+    plan = plan_shards(ScoreConfig(**cfg), {})
+    assert (plan.todo, plan.skipped) == ([str(damaged)], [str(tmp_path / "shards" / "part-0.tar")])
 
 
 def test_an_output_that_holds_the_input_shards_is_refused_before_any_work(tmp_path, iqa_artifact):
