@@ -338,6 +338,29 @@ def test_a_throttling_store_is_retried_and_what_it_refuses_is_redone_by_the_next
     reconcile(fs, out[5:], contents)
 
 
+def test_a_shard_still_being_fetched_holds_back_no_other_shards_commit(proxy, s3_server, iqa_artifact, ray_local,
+                                                                       tmp_path):
+    """The driver commits each shard as soon as its rows arrive, whatever comes after it: with the last
+    shard's download held at the proxy, every other shard is committed (one row a model call, so nothing
+    but the driver could hold a shard's rows back)."""
+    bucket, contents, _ = upload(s3_server, iqa_artifact)
+    out = tmp_path / "scores"
+    proxy.hold("GET", "/shards/shard-000007.tar")
+    result = {}
+    thread = threading.Thread(target=_run_into, args=(result, score_config(bucket, iqa_artifact, str(out),
+                                                                           batch_size=1)))
+    thread.start()
+    try:
+        wait_for(lambda: len(list(out.glob("_markers/*.json"))) == SHARDS - 1 or not thread.is_alive(), 240,
+                 "every shard but the held one to commit")
+        assert "summary" not in result                  # the held shard kept the run going
+    finally:
+        proxy.release()
+        thread.join(timeout=240)
+    assert result["summary"]["shards"] == {"planned": SHARDS, "done": SHARDS, "skipped": 0, "failed": 0}
+    reconcile(fsspec.filesystem("file"), str(out), contents)
+
+
 def run_through_an_outage(proxy, cfg, fs, out: str) -> dict:
     """Run ``cfg`` in a thread; after its first commit, hold every upload of a table or marker at the proxy,
     then drop every connection. ``max_attempts: 1`` in ``cfg`` (s3fs adds a few tries of its own) makes the

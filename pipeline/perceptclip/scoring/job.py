@@ -136,7 +136,10 @@ def _execute(cfg: ScoreConfig, plan: Plan, models: list[ModelSpec], options: dic
         tally = ShardTally(console, len(plan.todo)) if console else None
         report = RunProgress(summary, len(plan.todo), started, tally.say if tally else progress, show=tally)
         try:
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            # prefetch_batches=0: each block as soon as it is ready. Prefetching, Ray Data hands a block over
+            # only once the next one has arrived, so a finished shard's commit (or its failure) waited on
+            # whatever shard came next: a slow or stuck read held back the report of every shard before it
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 if tally is not None:
                     tally.block(block["status"].to_pylist())
                 report(writer.add(block))
