@@ -84,16 +84,26 @@ def test_predict_gives_the_bits_of_a_one_thread_scorer(model, images):
 
 @pytest.mark.slow
 def test_the_job_and_add_scores_give_the_same_bits_at_any_actor_thread_count(model, images, tmp_path, ray_local):
+    """A model whose sums depend on the thread count (``make_thread_sensitive_artifact``): the job's actor on
+    4 threads, the job's steps on 1, and ``add_scores`` on the actor's default give the same bits."""
     import pyarrow.parquet as pq
 
     import perceptclip
     from perceptclip.scoring.config import ScoreConfig
     from perceptclip.scoring.job import run_score
+    from support.scoring import score_here
 
     folder = str(images[0].rsplit("/", 1)[0])
+    # the job's model actor on 4 threads; the job's steps in this process on 1
+    run_score(ScoreConfig(input=[folder], output=str(tmp_path / "out-4"), models=[model], torch_threads=4))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        score_here([folder], [model], str(tmp_path / "out-1"))
+    finally:
+        torch.set_num_threads(before)
     tables = []
     for n in (1, 4):
-        run_score(ScoreConfig(input=[folder], output=str(tmp_path / f"out-{n}"), models=[model], torch_threads=n))
         table = pq.read_table(tmp_path / f"out-{n}" / f"{folder.rsplit('/', 1)[1]}-000000.parquet")
         tables.append(dict(zip(table["key"].to_pylist(), table["memorability"].to_pylist())))
     assert tables[0] == tables[1]
