@@ -39,11 +39,11 @@ from perceptclip.core.config import Config, ConfigError, require
 from perceptclip.core.storage import filesystem
 from perceptclip.core.tasks import Task, resolve_task
 from perceptclip.model.config import ModelConfig
+from perceptclip.model.errors import ArtifactError
+from perceptclip.model.preprocess import PreprocessConfig
 
 if TYPE_CHECKING:      # torch: imported by what builds or loads a model, not by what reads a config
     from perceptclip.model.clip_lora import ClipLoraModel
-from perceptclip.model.errors import ArtifactError
-from perceptclip.model.preprocess import PreprocessConfig
 
 FORMAT = "perceptclip-model"
 FORMAT_VERSION = 2
