@@ -36,8 +36,8 @@ def make_wide_artifact(dest: str, task: str = "memorability", seed: int = 0, cro
 
 
 def make_thread_sensitive_artifact(dest: str, seed: int = 0) -> str:
-    """A ViT of width 256, 4 blocks, on 224 px crops (patch 14): wide enough that its matrix products split
-    their sums by thread, so 1, 2 and 4 intra-op threads give an image other float32 bits; a crop costs
+    """A ViT of width 256, 4 blocks, on 224 px crops (patch 14): wide enough that, on CPUs whose matrix
+    kernels split sums by thread, 1, 2 and 4 intra-op threads give an image other float32 bits; a crop costs
     about 2 GFLOP (tens of milliseconds on one core)."""
     torch.manual_seed(seed)
     backbone = BackboneConfig(name="debug-vit", pretrained=None, embed_dim=128, quick_gelu=True,
