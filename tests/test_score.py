@@ -385,10 +385,11 @@ def test_the_driver_reads_a_models_config_without_importing_torch(iqa_artifact):
 
 
 @pytest.mark.slow
-def test_the_model_actor_skips_importing_transformers_and_timm(iqa_artifact):
-    """open_clip imports transformers and timm whenever they are installed (seconds of a scoring run's
-    start-up); the actor loads its models without them, scores as a process that imported everything
-    does, and leaves both importable. (Slow: a fresh interpreter that imports torch, open_clip,
+def test_the_model_actor_skips_importing_transformers_timm_and_torchs_compiler(iqa_artifact):
+    """open_clip imports transformers and timm whenever they are installed, and torch's compiler through
+    torchvision (seconds of a scoring run's start-up); the actor loads its models without them, scores as
+    a process that imported everything does, and leaves all three importable and torchvision's stand-in
+    for the compiler's function working. (Slow: a fresh interpreter that imports torch, open_clip,
     transformers and timm.)"""
     from perceptclip.model.scorer import Scorer
 
@@ -398,12 +399,17 @@ def test_the_model_actor_skips_importing_transformers_and_timm(iqa_artifact):
         f"actor = ModelActor([('iqa', {iqa_artifact!r}, None)], [0], 1)\n"
         "crops = np.random.default_rng(0).integers(0, 256, (3, 1, 3, 32, 32), dtype=np.uint8)\n"
         "scores = actor.scorers[0].score(list(crops)).tolist()\n"
-        "skipped = [m for m in ('transformers', 'timm') if m not in sys.modules] if 'open_clip' in sys.modules else []\n"
+        "skipped = [m for m in ('transformers', 'timm', 'torch._dynamo') if m not in sys.modules]\n"
+        "skipped = skipped if 'open_clip' in sys.modules else []\n"
         "import transformers, timm\n"
-        "print(json.dumps({'skipped': skipped, 'scores': scores}))\n")
+        "supported = sys.modules['torchvision.ops.roi_align'].is_compile_supported('cpu')\n"
+        "import torch._dynamo.utils\n"
+        "print(json.dumps({'skipped': skipped, 'scores': scores, 'supported': supported,\n"
+        "                  'real': torch._dynamo.utils.is_compile_supported('cpu')}))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["skipped"] == ["transformers", "timm"]
+    assert out["skipped"] == ["transformers", "timm", "torch._dynamo"]
+    assert out["supported"] is out["real"] is True
     import open_clip  # noqa: F401  (this process imports it with transformers and timm, as the driver does)
 
     crops = np.random.default_rng(0).integers(0, 256, (3, 1, 3, 32, 32), dtype=np.uint8)

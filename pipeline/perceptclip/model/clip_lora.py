@@ -15,7 +15,9 @@ in ``ModelConfig`` (``perceptclip.model.config``); weights live apart, in artifa
 
 from __future__ import annotations
 
+import importlib
 import sys
+import types
 
 import torch
 from torch import nn
@@ -36,31 +38,69 @@ class MLPHead(nn.Sequential):
 
 
 def import_open_clip_for_vision_towers() -> None:
-    """Import open_clip as if Hugging Face ``transformers`` and ``timm`` were not installed.
+    """Import open_clip as if Hugging Face ``transformers`` and ``timm`` were not installed, and without
+    torch's compiler.
 
     open_clip's ``__init__`` imports ``transformers`` whenever it is installed, for the Hugging Face text
     towers of some CLIP variants, and ``timm``, for its timm vision towers. A PerceptCLIP model is an
     open_clip vision transformer only (``BackboneConfig.from_open_clip`` refuses timm towers), built from
     its ``ModelConfig``, so neither is used, and the imports cost about 1.5 s and 0.3 s of CPU in every
-    process that builds a model: on a small machine they are part of the start-up of every scoring run
-    and every training worker (``docs/benchmarks.md``). The scoring actors call this first thing, and a
-    training worker before it builds a model from its configuration or an artifact; a worker that takes
-    the backbone's pretrained weights from open_clip (``from_pretrained_backbone``: the whole CLIP, whose
-    text tower may be a Hugging Face one) does not. Elsewhere (the driver, tests) open_clip imports as
-    usual. Does nothing once open_clip is imported, skips only what is not imported yet, and both stay
-    importable afterwards for code that imports them itself (open_clip's own Hugging Face text towers
-    and timm towers are then unavailable in this process).
+    process that builds a model. open_clip also imports torchvision, whose ``ops.roi_align`` imports one
+    function from ``torch._dynamo.utils`` and with it torch's compiler stack (dynamo, inductor, sympy):
+    another 1 to 1.5 s, for a function a scoring process never calls. So that function is given as a
+    stand-in that imports the real one when called (``_DeferredDynamoUtils``), and torch's compiler is
+    imported only if something uses it (``Scorer(compile=True)`` does; so does a training worker's first
+    optimiser step, as torch's optimisers import it).
+
+    On a small machine these imports are part of the start-up of every scoring run and every training
+    worker (``docs/benchmarks.md``). The scoring actors call this first thing, and a training worker
+    before it builds a model from its configuration or an artifact; a worker that takes the backbone's
+    pretrained weights from open_clip (``from_pretrained_backbone``: the whole CLIP, whose text tower may
+    be a Hugging Face one) does not. Elsewhere (the driver, tests) open_clip imports as usual. Does
+    nothing once open_clip is imported, skips only what is not imported yet, and everything stays
+    importable afterwards for code that imports it itself (open_clip's own Hugging Face text towers and
+    timm towers are then unavailable in this process).
     """
     if "open_clip" in sys.modules:
         return
-    skipped = [name for name in ("transformers", "timm") if name not in sys.modules]
-    for name in skipped:
-        sys.modules[name] = None                # `import transformers` raises ImportError, as if absent
+    skipped: dict[str, object] = {name: None for name in ("transformers", "timm") if name not in sys.modules}
+    if not {"torchvision", "torch._dynamo", _DeferredDynamoUtils.NAME} & sys.modules.keys():
+        skipped[_DeferredDynamoUtils.NAME] = _DeferredDynamoUtils()
+    for name, stand_in in skipped.items():
+        sys.modules[name] = stand_in            # None: `import transformers` raises ImportError, as if absent
     try:
         import open_clip  # noqa: F401
     finally:
-        for name in skipped:
-            del sys.modules[name]
+        for name, stand_in in skipped.items():
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
+
+
+class _DeferredDynamoUtils(types.ModuleType):
+    """A stand-in for ``torch._dynamo.utils`` while open_clip (and with it torchvision) is imported: its
+    ``is_compile_supported`` imports the real module when first called; any other name imports the real
+    module at once (what a plain import would have cost) and is taken from it."""
+
+    NAME = "torch._dynamo.utils"
+
+    def __init__(self):
+        super().__init__(self.NAME)
+
+    @staticmethod
+    def real() -> types.ModuleType:
+        stand_in = sys.modules.get(_DeferredDynamoUtils.NAME)
+        if isinstance(stand_in, _DeferredDynamoUtils):
+            del sys.modules[_DeferredDynamoUtils.NAME]
+        return importlib.import_module(_DeferredDynamoUtils.NAME)
+
+    @staticmethod
+    def is_compile_supported(device_type):
+        return _DeferredDynamoUtils.real().is_compile_supported(device_type)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.real(), name)
 
 
 def build_vision_tower(cfg: BackboneConfig) -> nn.Module:
