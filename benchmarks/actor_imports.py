@@ -1,4 +1,4 @@
-"""What a model actor's or training worker's imports cost: a fresh interpreter that imports torch and
+"""What a scoring model actor's imports cost: a fresh interpreter that imports torch and
 open_clip, builds the debug model and scores one crop, three ways: open_clip imported as usual; by
 ``import_open_clip_for_vision_towers`` after torch's compiler was imported (transformers and timm
 skipped, the compiler as before); by the helper alone (torch's compiler deferred too).
