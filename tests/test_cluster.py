@@ -16,7 +16,7 @@ import pytest
 from perceptclip.inputs.shards import write_shard
 from perceptclip.scoring.config import ScoreConfig
 from support.images import image_bytes, make_image
-from support.processes import kill_session, session_pids
+from support.processes import kill_session, reported, session_pids
 from support.scoring import score_here
 from support.waiting import wait_for
 
@@ -29,7 +29,7 @@ SHARDS, PER_SHARD, GPU_NODES = 6, 4, 2
 # (ray_local), and a second ray.init beside it will not work. The head has no CPUs (nothing runs beside
 # the driver); each worker node has 2 CPUs and declares 1 GPU, so its model actor (1 GPU, 1 CPU: the
 # job's defaults) leaves it a CPU for a decode task. After the run the driver asks the cluster's GCS
-# where the model actors and the decode tasks ran and prints one line "outcome {...}" (Ray may print
+# where the model actors and the decode tasks ran and reports one line "outcome {...}" (Ray may print
 # lines of its own). ``ray.util.state`` would ask the dashboard, which ``ray[data]`` does not install:
 # the GCS's actor table and task events (``ray._private.state``, Ray 2.60) hold the same node ids.
 # It runs in the repository.
@@ -41,6 +41,8 @@ from ray.core.generated.common_pb2 import TaskStatus
 from ray.cluster_utils import Cluster
 from perceptclip.scoring.config import ScoreConfig
 from perceptclip.scoring.job import run_score
+sys.path.insert(0, "tests")
+from support.processes import report
 
 fields, gpu_nodes, shards = json.loads(sys.argv[1])
 cfg = ScoreConfig(**fields)
@@ -61,12 +63,12 @@ try:        # shutdown also removes the address file the Cluster wrote for plain
     deadline = time.monotonic() + 30     # task events reach the GCS a second or so after the tasks end
     while sum(t["finished"] for t in decode_tasks()) < shards and time.monotonic() < deadline:
         time.sleep(0.5)
-    print("outcome", json.dumps({
+    report("outcome", {
         "summary": summary, "gpu_nodes": [n.node_id for n in nodes],
         "actors": [{"class": a["ActorClassName"], "node": a["Address"]["NodeID"], "restarts": a["NumRestarts"]}
                    for a in actors().values()],
         "tasks": decode_tasks(),
-    }), flush=True)
+    })
 finally:
     ray.shutdown()
     cluster.shutdown()
@@ -112,9 +114,8 @@ def test_gpu_nodes_one_model_actor_each_and_the_tables_of_the_jobs_steps_in_one_
         wait_for(lambda: not session_pids(proc.pid), 20, "the cluster's processes to exit", every=0.5)
     finally:
         kill_session(proc)
-    lines = [line for line in stdout.read_text().splitlines() if line.startswith("outcome ")]
-    assert lines, stderr.read_text()[-3000:]
-    outcome = json.loads(lines[0].split(" ", 1)[1])
+    outcome = reported(stdout.read_text(), "outcome")
+    assert outcome, stderr.read_text()[-3000:]
     assert outcome["summary"]["shards"] == {"planned": SHARDS, "done": SHARDS, "skipped": 0, "failed": 0}
 
     # one model actor per GPU node, started once (none restarted or replaced), none on the head

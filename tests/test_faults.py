@@ -32,7 +32,7 @@ from perceptclip.inputs.shards import write_shard
 from perceptclip.scoring.config import ScoreConfig
 from perceptclip.scoring.job import run_score
 from support.images import image_bytes, make_image
-from support.processes import kill_session, raylet_pid, session_pids, worker_pids
+from support.processes import kill_session, raylet_pid, reported, session_pids, worker_pids
 from support.store_proxy import StoreProxy
 from support.waiting import wait_for
 
@@ -199,7 +199,7 @@ def test_a_killed_model_actor_is_restarted_and_every_shard_commits_once(proxy, s
 # A driver process of its own: the test process already holds the shared local cluster, and a second
 # ray.init beside it will not work. It starts a head (no CPUs: nothing runs beside the driver) and two
 # 2-CPU worker nodes, scores, removes the node of the model actor after the first commit, and prints
-# a line "removed {...}" then and a line "outcome {...}" at the end (Ray may print lines of its own).
+# a line "removed {...}" then and a line "outcome {...}" at the end (`support.processes.report`).
 # Anything that stops it first is a line "failed {...}", and it exits at once: the run's thread, waiting
 # on the held shard, would keep it alive. Its output goes to files: a pipe nobody reads would fill up and
 # stop it. It runs in the repository.
@@ -209,7 +209,7 @@ from ray.cluster_utils import Cluster
 from perceptclip.scoring.config import ScoreConfig
 from perceptclip.scoring.job import run_score
 sys.path.insert(0, "tests")
-from support.processes import raylet_pid, worker_pids
+from support.processes import raylet_pid, report, worker_pids
 
 cfg = ScoreConfig(**json.loads(sys.argv[1]))
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -239,11 +239,11 @@ try:        # shutdown also removes the address file the Cluster wrote for plain
             # "zombie processes left over": on a loaded machine one may take longer. It is killed all the same.
             if "zombie" not in str(e):
                 raise
-        print("removed", json.dumps({"nodes_left": len(cluster.list_all_nodes())}), flush=True)
+        report("removed", {"nodes_left": len(cluster.list_all_nodes())})
     thread.join()
-    print("outcome", json.dumps(result), flush=True)
+    report("outcome", result)
 except BaseException:
-    print("failed", json.dumps(traceback.format_exc()), flush=True)
+    report("failed", traceback.format_exc())
     cluster.shutdown()
     os._exit(1)
 finally:
@@ -268,8 +268,7 @@ def test_a_node_removed_mid_run_and_the_run_completes_on_the_rest(proxy, s3_serv
     stdout, stderr = tmp_path / "driver.out", tmp_path / "driver.err"
 
     def said(word: str) -> dict | None:
-        lines = [line for line in stdout.read_text().splitlines() if line.startswith(word + " ")]
-        return json.loads(lines[0].split(" ", 1)[1]) if lines else None
+        return reported(stdout.read_text(), word)
 
     with open(stdout, "w") as out_file, open(stderr, "w") as err_file:
         proc = subprocess.Popen([sys.executable, "-c", NODE_LOSS, json.dumps(fields)], cwd=REPO, env=env,

@@ -70,3 +70,24 @@ def ray_tmpdir_left_by_a_dead_cluster() -> str:
     with open(os.path.join(folder, "ray", "ray_current_cluster"), "w") as f:
         f.write("127.0.0.1:9\n")        # the discard port: nothing of Ray's listens there
     return folder
+
+
+# A driver script run by a test reports to it in lines "WORD {json}" on its stdout, where Ray may print
+# lines of its own from another thread: each report is one write, on a line of its own, so Ray's output
+# never lands inside it.
+
+def report(word: str, value) -> None:
+    """Print ``WORD {json}`` on a line of its own, in one write (for a driver script run by a test)."""
+    import json
+    import sys
+
+    sys.stdout.write(f"\n{word} {json.dumps(value)}\n")
+    sys.stdout.flush()
+
+
+def reported(text: str, word: str):
+    """The value of the first ``WORD {json}`` line of ``text`` (a driver script's stdout), or None."""
+    import json
+
+    lines = [line for line in text.splitlines() if line.startswith(word + " ")]
+    return json.loads(lines[0].split(" ", 1)[1]) if lines else None
